@@ -1,0 +1,1 @@
+"""Flax Linen networks of the method; sizes live in one table (sizes.py)."""
