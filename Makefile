@@ -1,0 +1,36 @@
+# Two commands: `make demo` runs the pipeline on the built-in phantom, `make test` runs the test suite.
+# Both create (or reuse) the local virtual environment .venv and install the project into it.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+DATA_DIR ?= $(CURDIR)/data
+
+.PHONY: setup demo test lint bench clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	SYNTH_DATA_DIR=$(DATA_DIR) $(PY) -m data_builders build phantom/demo --data_dir=$(DATA_DIR)
+	SYNTH_DATA_DIR=$(DATA_DIR) $(PY) launch.py --config configs/phantom.py:demo --workdir $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) -m benchmarks.input_pipeline
+	$(PY) -m benchmarks.loop_overhead
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

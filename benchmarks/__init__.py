@@ -1,0 +1,1 @@
+"""Benchmark scripts; results and how to read them are in BENCHMARKS.md."""

@@ -1,0 +1,120 @@
+"""Input pipeline: a TFDS array_record data source, read through grain, turned into global device arrays.
+
+Training batches come from an infinite, deterministically shuffled stream (seeded from the config, reshuffled
+every epoch). Each process reads only its own rows: the global batch `i` is the contiguous run of examples
+`[i·B, (i+1)·B)` of the shuffled stream, and process `p` reads the slice `[p·B/P, (p+1)·B/P)` of it, so
+one process with four devices and two processes with two devices each see the very same global batch.
+The iterator's state is a small dict saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+import data_builders
+
+log = logging.getLogger("synth")
+
+Example = dict[str, Any]
+Preprocess = Callable[[Example], Example]
+
+
+def open_source(data: ml_collections.ConfigDict, split: str):
+    """Opens `split` of `config.data`'s dataset as a random-access source, building it first if allowed.
+
+    Only the phantom can be built without a download; any other missing dataset raises an error that says
+    which dataset, where it was looked for and the command that builds it.
+    """
+    kwargs = dict(data_dir=data.data_dir, config=data.builder_config or None)
+    if not data_builders.is_built(data.name, **kwargs):
+        if not data.build_if_missing:
+            # data_source raises the explanatory FileNotFoundError.
+            return data_builders.data_source(data.name, split, **kwargs)
+        if jax.process_index() == 0:
+            log.info("Building dataset %s/%s into %s", data.name, data.builder_config, data.data_dir)
+            data_builders.build(data.name, **kwargs)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("synth_dataset_built")
+    return data_builders.data_source(data.name, split, **kwargs)
+
+
+def local_batch_size(global_batch_size: int) -> int:
+    """This process's share of a global batch; the global batch must split evenly over devices."""
+    devices = jax.device_count()
+    if global_batch_size % devices:
+        raise ValueError(
+            f"batch_size={global_batch_size} is not divisible by the {devices} devices of the mesh"
+        )
+    return global_batch_size // jax.process_count()
+
+
+def train_iterator(
+    source: Any,
+    *,
+    preprocess: Preprocess,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this process's rows of each global training batch.
+
+    Args:
+      source: random-access source (`len` and `__getitem__`), e.g. a TFDS array_record data source.
+      preprocess: numpy function from one decoded example to the dict of arrays a stage trains on.
+      batch_size: the global batch size.
+      seed: shuffling seed; the same seed gives the same order on every run and every process count.
+      num_workers: grain worker processes (0: read in this process).
+
+    Returns:
+      A grain iterator with `get_state()`/`set_state()`.
+    """
+    if len(source) == 0:
+        raise ValueError("The training split is empty")
+    local = local_batch_size(batch_size)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().map(preprocess)
+    # Batches of the local size, then every P-th one: process p gets rows [p·local, (p+1)·local) of
+    # each global batch (see the module docstring).
+    ds = ds.batch(local, drop_remainder=True)
+    ds = ds[jax.process_index() :: jax.process_count()]
+    iter_ds = ds.to_iter_dataset()
+    if num_workers > 0:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(iter_ds)
+
+
+def eval_batches(
+    source: Any,
+    *,
+    preprocess: Preprocess,
+    batch_size: int,
+    max_examples: int = 0,
+) -> Iterator[Example]:
+    """One ordered pass over `source` in global batches, padded at the end.
+
+    Every batch carries a boolean `valid` row mask; padding rows repeat the last example and have
+    `valid=False`, so evaluators must weight by it. Each process yields its own rows, as in training.
+    """
+    n = len(source) if max_examples <= 0 else min(len(source), max_examples)
+    if n == 0:
+        raise ValueError("The evaluation split is empty")
+    local = local_batch_size(batch_size)
+    padded = math.ceil(n / batch_size) * batch_size
+
+    def read(index: int) -> Example:
+        example = dict(preprocess(source[min(index, n - 1)]))
+        example["valid"] = np.asarray(index < n)
+        return example
+
+    ds = grain.MapDataset.range(padded).map(read).batch(local, drop_remainder=True)
+    ds = ds[jax.process_index() :: jax.process_count()]
+    return iter(ds)

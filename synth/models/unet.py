@@ -1,0 +1,168 @@
+"""Conditional U-Net of METHOD §4.1, used for G, G_t, G_m and the lesion segmentors.
+
+Layers for ``num_levels=3`` (the paper/code design). w = ``features`` = ngf; every conv is 3×3
+and followed by instance norm + activation unless noted; "++" is a channel concat; the code's
+layer names are in brackets::
+
+    level 0 (H)    enc0_conv0 w (C_nominal 1), enc0_conv1 w -> skip 0    [conv1, conv2]
+    level 1 (H/2)  down1 s2 w, enc1_conv0 2w, enc1_conv1 2w -> skip 1    [conv3, conv4, conv5]
+    level 2 (H/4)  down2 s2 2w, enc2_conv0 4w, enc2_conv1 4w -> skip 2   [conv6, conv7, conv8]
+    bottleneck     down3 s2 4w (raw: no IN/act), ++cond, bottleneck_conv 4w   [conv9, conv10]
+    level 2        up2 4w, ++skip 2 (8w), dec2_conv0 2w, dec2_conv1 2w   [row 11, add1_conv1/2]
+    level 1        up1 2w, ++skip 1 (4w), dec1_conv0 w, dec1_conv1 w     [row 13, add2_conv1/2]
+    level 0        up0 w, ++skip 0 (2w), dec0_conv0 w, dec0_conv1 w      [row 15, add3_conv1/2]
+    output         out_conv out_channels, IN if norm_output, sigmoid if out_activation [lastconv]
+
+In general level l has width ``features·2**l``; the stride-2 conv into a level keeps the width of
+the level above, and the decoder convs at level l output the width of level max(l−1, 0).
+
+Paper vs code choices (METHOD §1, §4.1, §11):
+
+* Activation: the paper says Leaky ReLU (0.2); the code uses a ReLU capped at 100 everywhere
+  except conv5, a plain ReLU. Default ``"leaky_relu"`` everywhere; ``activation="capped_relu"``
+  reproduces the code, including the plain ReLU on the last conv of level 1 (conv5).
+* Init: default N(0, 0.02); ``kernel_init="mean_filter"`` reproduces the code (conv1 uses
+  C_nominal = 1 and the bottleneck conv ignores the condition channels, as in the §4.1 table).
+* Up-sampling: nearest ×2 + 3×3 conv, as in the code (the thesis mentions deconvolutions; the
+  code has none).
+* Odd sizes: the code only runs sizes divisible by 8. Here stride-2 ``SAME`` convs give ceil(H/2)
+  and the up-sampled map is cropped (top-left) to the skip size, so any H, W works.
+* Output: instance norm before the output sigmoid is the code's (§11.18); kept as the default of
+  ``norm_output``, which the paper does not discuss.
+* Input dropout is active only with ``train=True`` (the TF-1 code keeps it on at inference,
+  §11.26).
+"""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from synth.models.layers import ConvBlock, UpConvBlock
+
+OUT_ACTIVATIONS = ("sigmoid", "none")
+
+
+def bottleneck_hw(image_hw: tuple[int, int], num_levels: int) -> tuple[int, int]:
+    """Compute the size after ``num_levels`` stride-2 ``SAME`` convs (ceil-halve each time).
+
+    Args:
+        image_hw: input (H, W).
+        num_levels: number of stride-2 steps.
+
+    Returns:
+        The bottleneck (H, W), e.g. (23, 18) for (184, 144) and 3 levels.
+    """
+    h, w = image_hw
+    for _ in range(num_levels):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+class UNet(nn.Module):
+    """Conditional U-Net (METHOD §4.1), generalised to ``num_levels`` down-sampling steps.
+
+    ``__call__`` sows the bottleneck activation (after the condition concat and
+    ``bottleneck_conv``) as ``intermediates/bottleneck``; read it with
+    ``apply(..., mutable=["intermediates"])``.
+
+    Input dropout: ``dropout_rate`` (= 1 − the code's ``keep_prob``) acts only when
+    ``train=True`` and then needs a ``"dropout"`` rng. The TF-1 code applies it at inference too
+    (§11.26). To reproduce that, a sampler can pass ``train=True`` plus a dropout rng at
+    generation time behind a config flag (e.g. ``sample.dropout_at_inference``); no module
+    attribute is needed, since instance norm behaves the same in training and evaluation.
+    """
+
+    features: int = 64  # Base width ngf: 64 for G, G_t, G_l in the paper/code; 32 for G_m.
+    out_channels: int = 1  # 1 for image generators, 5 for BRATS segmentors, 2 (TC: 6) for G_m.
+    num_levels: int = 3  # Stride-2 steps; 3 gives the paper's H/8 bottleneck (184×144 -> 23×18).
+    activation: str = "leaky_relu"  # Paper; "capped_relu" = code parity (see module docstring).
+    kernel_init: str = "normal"  # N(0, 0.02); "mean_filter" = code parity.
+    dropout_rate: float = 0.0  # Input dropout, train only; the code's keep_prob is 1 (G_m: 0.9).
+    out_activation: str = "sigmoid"  # "sigmoid" for images; "none" returns logits (segmentors).
+    norm_output: bool = True  # The code instance-normalises the output conv before the sigmoid.
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        """Run the U-Net.
+
+        Args:
+            x: input images (B, H, W, C_in), any H, W >= 1.
+            cond: optional condition: a vector (B, K) (e.g. a modality one-hot), tiled over the
+                bottleneck, or a map (B, h_b, w_b, K) of the bottleneck size. Concatenated to the
+                raw output of the last stride-2 conv, before ``bottleneck_conv`` (§4.1).
+            train: enables input dropout.
+
+        Returns:
+            (B, H, W, out_channels): sigmoid outputs, or logits if ``out_activation="none"``.
+        """
+        if self.num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {self.num_levels}.")
+        if self.out_activation not in OUT_ACTIVATIONS:
+            raise ValueError(f"Unknown out_activation {self.out_activation!r}; valid: {OUT_ACTIVATIONS}.")
+        if x.ndim != 4:
+            raise ValueError(f"Expected NHWC input, got shape {x.shape}.")
+
+        widths = [self.features * 2**level for level in range(self.num_levels)]
+        # Every conv shares the activation and init; the few exceptions override them per call.
+        conv = functools.partial(ConvBlock, activation=self.activation, kernel_init=self.kernel_init)
+
+        if self.dropout_rate > 0.0:
+            dropout = nn.Dropout(self.dropout_rate, deterministic=not train, name="input_dropout")
+            x = dropout(x)
+
+        h = x
+        skips = []
+        for level in range(self.num_levels):
+            if level > 0:
+                h = conv(widths[level - 1], strides=2, name=f"down{level}")(h)
+            # The code's conv1 uses C_nominal = 1 whatever the input channels (§4.1).
+            c_nominal = 1 if level == 0 else None
+            h = conv(widths[level], c_nominal=c_nominal, name=f"enc{level}_conv0")(h)
+            # Code parity: conv5 (last conv of level 1) is a plain ReLU in the code; the paper's
+            # Leaky ReLU design has no such exception.
+            act = "relu" if (level == 1 and self.activation == "capped_relu") else self.activation
+            h = conv(widths[level], activation=act, name=f"enc{level}_conv1")(h)
+            skips.append(h)
+
+        # The last stride-2 conv has no norm and no activation in the code (conv9, "raw").
+        h = conv(widths[-1], strides=2, norm=False, activation=None, name=f"down{self.num_levels}")(h)
+        if cond is not None:
+            h = jnp.concatenate([h, self._tile_cond(cond, h)], axis=-1)
+        # C_nominal excludes the condition channels, as in the code (conv10 uses 4ngf).
+        h = conv(widths[-1], c_nominal=widths[-1], name="bottleneck_conv")(h)
+        self.sow("intermediates", "bottleneck", h)
+
+        for level in reversed(range(self.num_levels)):
+            skip = skips[level]
+            h = UpConvBlock(
+                widths[level],
+                activation=self.activation,
+                kernel_init=self.kernel_init,
+                name=f"up{level}",
+            )(h, skip.shape[1:3])
+            h = jnp.concatenate([skip, h], axis=-1)  # Code order: [skip, up-sampled].
+            dec_width = widths[max(level - 1, 0)]
+            h = conv(dec_width, name=f"dec{level}_conv0")(h)
+            h = conv(dec_width, name=f"dec{level}_conv1")(h)
+
+        out = conv(self.out_channels, norm=self.norm_output, activation=None, name="out_conv")(h)
+        if self.out_activation == "sigmoid":
+            out = jax.nn.sigmoid(out)
+        return out
+
+    @staticmethod
+    def _tile_cond(cond: jax.Array, h: jax.Array) -> jax.Array:
+        """Tile a (B, K) condition over h's spatial size, or check a (B, h, w, K) map."""
+        batch, hb, wb = h.shape[:3]
+        if cond.ndim == 2:
+            cond = jnp.broadcast_to(cond[:, None, None, :], (cond.shape[0], hb, wb, cond.shape[1]))
+        elif cond.ndim != 4:
+            raise ValueError(f"cond must be (B, K) or (B, h, w, K), got shape {cond.shape}.")
+        if cond.shape[:3] != (batch, hb, wb):
+            raise ValueError(
+                f"cond shape {cond.shape} does not match the bottleneck (B, h, w) = {(batch, hb, wb)}."
+            )
+        return cond.astype(h.dtype)

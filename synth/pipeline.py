@@ -1,0 +1,72 @@
+"""`train_and_evaluate(config, workdir)`: runs the requested stage, or every built stage in order.
+
+Each stage reads what the ones before it left in the workdir and is skipped when already complete, so
+rerunning the same command resumes the pipeline where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+
+from synth import configlib, report, stages
+
+log = logging.getLogger("synth")
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at: int | None = None
+) -> list[str]:
+    """Runs `config.stage` (or all built stages for `all`) in `workdir`.
+
+    Args:
+      config: the resolved config.
+      workdir: the run directory; created if missing.
+      stop_at: passed to each stage's loop (stop early with a checkpoint; for notebooks and tests).
+
+    Returns:
+      The names of the stages that ran (complete ones included).
+    """
+    workdir = os.fspath(workdir)
+    stage = configlib.check_stage(config.stage)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        write_config(config, workdir)
+    if stage == "all":
+        names = []
+        for name in configlib.PIPELINE_STAGES:
+            if not stages.is_built(name):
+                log.info("Stage %r is not built yet: skipped by stage=all", name)
+                continue
+            names.append(name)
+    else:
+        stages.get(stage)  # Fails early, naming the stage, if it is not built.
+        names = [stage]
+    for name in names:
+        log.info("=== stage %s ===", name)
+        stages.get(name).run(config, workdir, stop_at=stop_at)
+    if jax.process_index() == 0:
+        path = report.write_report(workdir)
+        log.info("Report: %s", path)
+    return names
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the resolved config as `config.json`; keeps the previous one if it differs."""
+    path = os.path.join(workdir, "config.json")
+    text = json.dumps(configlib.to_dict(config), indent=2, sort_keys=True, default=str)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old != text:
+            backup = os.path.join(workdir, f"config.{int(os.path.getmtime(path))}.json")
+            os.replace(path, backup)
+            log.warning("Config differs from the previous run's; the old one is kept as %s", backup)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,73 @@
+"""Device mesh and shardings, written down once for every stage.
+
+The state is replicated (`P()`) and batches are split along the leading axis over the `data` mesh axis.
+Under `jax.jit` with these shardings, batch means and gradient averages are global automatically, so no
+stage ever calls `pmean` or names an axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str]) -> Mesh:
+    """Builds the device mesh from `config.mesh`; a -1 in `shape` takes all remaining devices.
+
+    Args:
+      shape: size of each mesh axis; at most one entry may be -1.
+      axes: the axis names; must include `data`.
+
+    Returns:
+      A mesh over all devices of all processes.
+    """
+    shape, axes = tuple(int(s) for s in shape), tuple(axes)
+    if len(shape) != len(axes):
+        raise ValueError(f"config.mesh.shape {shape} and config.mesh.axes {axes} differ in length")
+    if DATA_AXIS not in axes:
+        raise ValueError(f"config.mesh.axes {axes} must contain {DATA_AXIS!r}")
+    n = jax.device_count()
+    known = int(np.prod([s for s in shape if s != -1]))
+    if shape.count(-1) > 1 or n % known:
+        raise ValueError(f"config.mesh.shape {shape} does not fit {n} devices")
+    shape = tuple(n // known if s == -1 else s for s in shape)
+    used = int(np.prod(shape))
+    if used > n:
+        raise ValueError(f"config.mesh.shape {shape} needs {used} devices, but {n} are present")
+    if used < n and jax.process_count() > 1:
+        raise ValueError(f"config.mesh.shape {shape} must use all {n} devices of a multi-process run")
+    # Auto axes: stage code is written for global arrays and needs no sharding annotations inside models.
+    axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
+    # A mesh smaller than the machine uses its first devices (e.g. shape=(1,) to compare with 1 device).
+    return jax.make_mesh(shape, axes, axis_types=axis_types, devices=jax.devices()[:used])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of the state, the rng and the metrics: a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch: the leading axis split over the `data` mesh axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape[DATA_AXIS]
+
+
+def to_global(local_batch: Any, sharding: NamedSharding) -> Any:
+    """Turns this process's numpy batch into one global `jax.Array` per leaf.
+
+    Each process passes only its own rows; the global batch is their concatenation in process order.
+    """
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )

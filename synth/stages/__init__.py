@@ -1,0 +1,51 @@
+"""The pipeline's stages, by name, in the order `stage=all` runs them.
+
+Each built stage is a module with `run(config, workdir, *, stop_at=None)`. The mapping is explicit (no
+registration by import side effects); a stage that is named but not built yet raises a clear error.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from synth.configlib import PIPELINE_STAGES
+
+# Stage name -> module. Stages of the method that are not listed here are not built yet.
+BUILT_STAGES = {
+    "segmentor": "synth.stages.segmentor",
+}
+
+# Where each unbuilt stage is tracked, for the error message.
+_PLANNED = {
+    "structure": "stage A: structure maps and organ masks (issue #3)",
+    "translator": "stage B: modality translator (issue #4)",
+    "synthesis": "stage B: conditional multimodal generator (issue #4)",
+    "dataset": "stage C: synthetic dataset generation (issue #5)",
+    "verify": "stage D: downstream verification (issue #6)",
+}
+
+
+class StageNotBuiltError(RuntimeError):
+    """A stage of the method that this version of synth does not implement yet."""
+
+
+def is_built(name: str) -> bool:
+    return name in BUILT_STAGES
+
+
+def get(name: str) -> ModuleType:
+    """Imports the module of stage `name`.
+
+    Raises:
+      ValueError: `name` is not a stage of the pipeline.
+      StageNotBuiltError: `name` is a stage of the method that is not built yet.
+    """
+    if name not in PIPELINE_STAGES:
+        raise ValueError(f"Unknown stage {name!r}; the stages are: {', '.join(PIPELINE_STAGES)}")
+    if name not in BUILT_STAGES:
+        raise StageNotBuiltError(
+            f"Stage {name!r} ({_PLANNED.get(name, name)}) is not built yet. "
+            f"Built stages: {', '.join(BUILT_STAGES)}; stage=all runs those."
+        )
+    return importlib.import_module(BUILT_STAGES[name])

@@ -1,0 +1,246 @@
+"""The one training loop every stage runs through.
+
+A stage supplies a `StageSpec`: its state pytree (initialiser), its pure `train_step(state, batch, rng)`,
+its preprocessing and its evaluator. This module supplies everything else: the mesh, a single `jax.jit`
+of the step with `NamedSharding`s and donation, global batches from per-process data, per-step randomness
+as `fold_in(rng, step)`, logging every `log_every` steps, periodic evaluation and sample grids, orbax
+checkpoints with the grain iterator state, automatic resume, and a guard that stops on NaN/Inf without
+ever saving a poisoned state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from synth import checkpoint as checkpoint_lib
+from synth import input_pipeline, sharding
+from synth import writer as writer_lib
+
+log = logging.getLogger("synth")
+
+State = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# (state, step) -> (scalars, images); runs on every process, writes nothing itself.
+Evaluator = Callable[[State, int], tuple[Mapping[str, float], Mapping[str, np.ndarray]]]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, metric or parameter became NaN or Inf; the run stopped without saving it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """What a stage hands to the loop.
+
+    Attributes:
+      name: stage name; its files go to `<workdir>/<name>/`.
+      train: the stage's loop settings (`configlib.loop_config`).
+      source: random-access training source.
+      preprocess: numpy function from one decoded example to the arrays the step consumes.
+      init_state: `(rng, batch) -> state`; `state.step` must be an int32 scalar.
+      train_step: pure `(state, batch, rng) -> (state, metrics)`; metrics are scalars.
+      evaluate: optional evaluator, called every `eval_every` steps and at the end.
+    """
+
+    name: str
+    train: ml_collections.ConfigDict
+    source: Any
+    preprocess: input_pipeline.Preprocess
+    init_state: Callable[[jax.Array, Batch], State]
+    train_step: Callable[[State, Batch, jax.Array], tuple[State, Metrics]]
+    evaluate: Evaluator | None = None
+
+
+def stage_dir(workdir: str | os.PathLike, name: str) -> str:
+    return os.path.join(os.fspath(workdir), name)
+
+
+def is_complete(workdir: str | os.PathLike, name: str, num_steps: int) -> bool:
+    """True when the stage has a `done.json` for at least `num_steps` steps."""
+    path = os.path.join(stage_dir(workdir, name), "done.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("step", -1) >= num_steps
+
+
+def _loop_rngs(*, seed: int, salt: int):
+    """The stage's init and loop keys (one root key per seed and stage), and a zeroed NaN counter."""
+    init_rng, loop_rng = jax.random.split(jax.random.fold_in(jax.random.key(seed), salt))
+    return init_rng, loop_rng, jnp.zeros((), jnp.int32)
+
+
+def _loop_step(state, batch, loop_rng, nonfinite, *, train_step):
+    """The jitted body: per-step rng, the stage's step, and a sticky on-device NaN/Inf counter."""
+    rng = jax.random.fold_in(loop_rng, state.step)
+    new_state, metrics = train_step(state, batch, rng)
+    # One scalar that is finite iff every float in the metrics and the new state is finite, so the guard
+    # never needs a host sync between log steps.
+    total = sum(
+        jnp.sum(x.astype(jnp.float32))
+        for x in jax.tree.leaves((metrics, new_state))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    )
+    nonfinite = nonfinite + jnp.logical_not(jnp.isfinite(total)).astype(jnp.int32)
+    return new_state, metrics, nonfinite
+
+
+def run_stage(
+    spec: StageSpec,
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    stop_at: int | None = None,
+) -> State:
+    """Trains one stage to `spec.train.num_steps`, resuming from `<workdir>/<stage>/checkpoints`.
+
+    Args:
+      spec: the stage.
+      config: the whole config (reads `seed`, `mesh`, `data.num_workers`).
+      workdir: the run's directory.
+      stop_at: stop (with a checkpoint) once this step is reached, before `num_steps`: used to run a few
+        steps from a notebook, or to cut a long job into pieces.
+
+    Returns:
+      The trained state (replicated global arrays).
+
+    Raises:
+      NonFiniteError: a NaN/Inf appeared; no checkpoint was written after the last good one.
+    """
+    train = spec.train
+    num_steps = int(train.num_steps)
+    out_dir = stage_dir(workdir, spec.name)
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+    data_iter = input_pipeline.train_iterator(
+        spec.source,
+        preprocess=spec.preprocess,
+        batch_size=train.batch_size,
+        seed=config.seed,
+        num_workers=config.data.num_workers,
+    )
+
+    with jax.set_mesh(mesh):
+        # Made under jit with a replicated output sharding: this works on a mesh that spans processes,
+        # where device_put of a host value would not.
+        init_rng, loop_rng, nonfinite = jax.jit(
+            functools.partial(_loop_rngs, seed=config.seed, salt=_stable_hash(spec.name)),
+            out_shardings=repl,
+        )()
+        init = jax.jit(spec.init_state, out_shardings=repl)
+        abstract = jax.eval_shape(init, init_rng, example)
+        abstract = checkpoint_lib.abstract_like(abstract, repl)
+        ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train.keep_checkpoints)
+        if ckpt.latest_step() is not None:
+            state, data_state = ckpt.restore(abstract)
+            if data_state is not None:
+                data_iter.set_state(data_state)
+            log.info("[%s] resumed from step %d in %s", spec.name, ckpt.latest_step(), ckpt.directory)
+        else:
+            state = init(init_rng, example)
+        step = int(jax.device_get(state.step))
+
+        step_fn = jax.jit(
+            functools.partial(_loop_step, train_step=spec.train_step),
+            in_shardings=(repl, batch_sh, repl, repl),
+            out_shardings=(repl, repl, repl),
+            donate_argnums=(0,),
+        )
+        writer = writer_lib.MetricWriter(out_dir)
+        progress = writer_lib.Progress(spec.name, step, num_steps)
+        last_good = step
+        end = num_steps if stop_at is None else min(num_steps, stop_at)
+        try:
+            while step < end:
+                batch = sharding.to_global(next(data_iter), batch_sh)
+                state, metrics, nonfinite = step_fn(state, batch, loop_rng, nonfinite)
+                step += 1
+                final = step == end
+                if step % train.log_every == 0 or final:
+                    fetched, bad = jax.device_get((metrics, nonfinite))
+                    _check_finite(spec.name, bad, fetched, last_good, ckpt.directory)
+                    scalars = {f"train/{k}": float(v) for k, v in fetched.items()}
+                    scalars["train/steps_per_s"] = progress.rate(step)
+                    writer.write_scalars(step, scalars)
+                    log.info(progress.line(step, scalars["train/steps_per_s"], fetched))
+                if step % train.checkpoint_every == 0 or final:
+                    _check_finite(spec.name, jax.device_get(nonfinite), {}, last_good, ckpt.directory)
+                    ckpt.save(step, state, data_iter.get_state())
+                    last_good = step
+                if spec.evaluate is not None and (step % train.eval_every == 0 or step == num_steps):
+                    _evaluate(spec, state, step, writer)
+            resumed_at_end = progress.start_step == num_steps
+            if resumed_at_end and spec.evaluate is not None and not _evaluated_at(out_dir, step):
+                # The last run stopped after its final checkpoint but before its final evaluation.
+                # (Only decided when no step ran here: the file is then not being written, so every
+                # process reads the same answer and they all evaluate together, or none does.)
+                _evaluate(spec, state, step, writer)
+        finally:
+            ckpt.close()
+            writer.close()
+    if step >= num_steps and jax.process_index() == 0:
+        _write_json(os.path.join(out_dir, "done.json"), {"step": step, "finished": time.time()})
+    return state
+
+
+def _check_finite(name, nonfinite, metrics, last_good, ckpt_dir) -> None:
+    if int(nonfinite) == 0:
+        return
+    shown = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()))
+    raise NonFiniteError(
+        f"[{name}] NaN or Inf in the loss, metrics or parameters after step {last_good} ({shown}). "
+        f"Stopped without saving; the last good checkpoint (step {last_good}) in {ckpt_dir} is intact. "
+        "Lower the learning rate, clip gradients (optim.grad_clip_norm) or check the data."
+    )
+
+
+def _evaluate(spec: StageSpec, state: State, step: int, writer: writer_lib.MetricWriter) -> None:
+    t0 = time.perf_counter()
+    scalars, images = spec.evaluate(state, step)
+    scalars = {f"eval/{k}": float(v) for k, v in scalars.items()}
+    scalars["eval/seconds"] = time.perf_counter() - t0
+    writer.write_scalars(step, scalars)
+    writer.write_images(step, images)
+    if jax.process_index() == 0:
+        _write_json(os.path.join(writer.logdir, "last_eval.json"), {"step": step, **scalars})
+    log.info("[%s] eval at step %d: %s", spec.name, step, _fmt(scalars))
+
+
+def _evaluated_at(out_dir: str, step: int) -> bool:
+    path = os.path.join(out_dir, "last_eval.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("step") == step
+
+
+def _write_json(path: str, payload: dict) -> None:
+    """Writes atomically: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _fmt(scalars: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
+
+
+def _stable_hash(name: str) -> int:
+    """A small deterministic integer per stage name (Python's hash() is salted per process)."""
+    return int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "little") & 0x7FFFFFFF

@@ -1,0 +1,165 @@
+"""The shared training loop: sharding equivalence, deterministic resume, NaN guard, logging artefacts."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from distributed_worker import equivalence_config
+
+from synth import checkpoint as checkpoint_lib
+from synth import train
+from synth.stages import segmentor
+
+NUM_STEPS = 4
+
+
+def _run(data_dir, workdir, *, mesh_shape=(-1,), stop_at=None):
+    config = equivalence_config(data_dir, NUM_STEPS)
+    config.mesh.shape = mesh_shape
+    return train.run_stage(segmentor.build(config), config, workdir, stop_at=stop_at)
+
+
+def _params(state):
+    return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+@pytest.fixture(scope="module")
+def runs(phantom_data_dir, tmp_path_factory):
+    """Four runs of the real segmentor step, shared by the tests below (compiles are the cost)."""
+    root = tmp_path_factory.mktemp("runs")
+    sharded = _run(phantom_data_dir, root / "sharded")
+    single = _run(phantom_data_dir, root / "single", mesh_shape=(1,))
+    stopped = _run(phantom_data_dir, root / "resumed", stop_at=2)
+    resumed = _run(phantom_data_dir, root / "resumed")
+    return dict(
+        root=root,
+        sharded=_params(sharded),
+        single=_params(single),
+        stopped_step=int(stopped.step),
+        resumed=_params(resumed),
+        resumed_step=int(resumed.step),
+    )
+
+
+def test_four_devices_match_one_device(runs):
+    assert jax.device_count() == 4
+    flat4, flat1 = jax.tree.leaves(runs["sharded"]), jax.tree.leaves(runs["single"])
+    assert len(flat4) == len(flat1) > 0
+    for a, b in zip(flat4, flat1):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_training_changes_parameters(runs, tiny_config):
+    # Guards the equality tests against passing trivially on untrained parameters.
+    spec = segmentor.build(tiny_config)
+    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+    init = spec.init_state(jax.random.key(0), example)
+    moved = [
+        np.abs(a - np.asarray(b)).max()
+        for a, b in zip(jax.tree.leaves(runs["sharded"]), jax.tree.leaves(init.params))
+    ]
+    assert max(moved) > 1e-4
+
+
+def test_resume_matches_uninterrupted_run(runs):
+    assert runs["stopped_step"] == 2 and runs["resumed_step"] == NUM_STEPS
+    for a, b in zip(jax.tree.leaves(runs["sharded"]), jax.tree.leaves(runs["resumed"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_run_leaves_logs_checkpoints_and_samples(runs):
+    out = runs["root"] / "sharded" / "segmentor"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    assert all(np.isfinite(r["train/loss"]) for r in train_rows)
+    assert any("eval/dice_whole/mean" in r for r in rows)
+    assert list((out / "samples").glob("segmentation_*.png"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((out / "done.json").read_text())["step"] == NUM_STEPS
+    assert checkpoint_lib.Checkpointer(out / "checkpoints").latest_step() == NUM_STEPS
+
+
+def test_complete_stage_is_not_rerun(runs, tiny_config):
+    tiny_config.segmentor.train.num_steps = NUM_STEPS
+    workdir = runs["root"] / "sharded"
+    before = (workdir / "segmentor" / "metrics.jsonl").read_text()
+    assert segmentor.run(tiny_config, workdir) is None
+    assert (workdir / "segmentor" / "metrics.jsonl").read_text() == before
+
+
+def test_nan_stops_run_and_keeps_last_checkpoint(tiny_config, tmp_path):
+    tiny_config.segmentor.train.num_steps = 6
+    spec = segmentor.build(tiny_config)
+    real_step = spec.train_step
+
+    def poisoned_step(state, batch, rng):
+        state, metrics = real_step(state, batch, rng)
+        # From the third step on the loss is NaN, as after a blow-up.
+        metrics["loss"] = jnp.where(state.step >= 3, jnp.nan, metrics["loss"])
+        return state, metrics
+
+    spec = dataclasses.replace(spec, train_step=poisoned_step, evaluate=None)
+    with pytest.raises(train.NonFiniteError, match=r"NaN or Inf.*last good checkpoint \(step 2\)"):
+        train.run_stage(spec, tiny_config, tmp_path)
+    ckpt_dir = tmp_path / "segmentor" / "checkpoints"
+    with checkpoint_lib.Checkpointer(ckpt_dir) as ckpt:
+        assert ckpt.all_steps() == [2]
+    assert not (tmp_path / "segmentor" / "done.json").exists()
+    # The kept checkpoint is whole and finite: the run resumes from it.
+    spec_ok = dataclasses.replace(spec, train_step=real_step)
+    state = train.run_stage(spec_ok, tiny_config, tmp_path, stop_at=3)
+    assert int(state.step) == 3
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_batch_must_split_over_devices(tiny_config, tmp_path):
+    tiny_config.segmentor.train.batch_size = 6
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 devices"):
+        train.run_stage(segmentor.build(tiny_config), tiny_config, tmp_path)
+    assert not os.path.exists(tmp_path / "segmentor" / "done.json")
+
+
+def test_two_processes_match_one_process(runs, phantom_data_dir, tmp_path):
+    """jax.distributed on localhost: 2 processes × 2 CPU devices reach the 1-process parameters."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+    out = tmp_path / "params.npz"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                worker,
+                str(pid),
+                str(port),
+                phantom_data_dir,
+                str(tmp_path / "run"),
+                str(out),
+                str(NUM_STEPS),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for pid in (0, 1)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    saved = np.load(out)
+    ref = jax.tree.leaves(runs["sharded"])
+    assert len(saved.files) == len(ref)
+    for i, b in enumerate(ref):
+        np.testing.assert_allclose(saved[f"arr_{i}"], b, rtol=2e-4, atol=2e-5)

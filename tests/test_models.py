@@ -1,0 +1,235 @@
+"""Shape, parameter-count, init and behaviour tests: shared layers, U-Net, sizes table."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from synth.models import SIZES, UNet, bottleneck_hw, layers, unet_kwargs, variant_sizes
+
+
+def _init_shapes(model, x, cond=None):
+    """Abstract init: parameter shapes without compiling or running anything."""
+    return jax.eval_shape(functools.partial(model.init, jax.random.key(0)), x, cond)
+
+
+def _count(tree) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(tree))
+
+
+def _expected_unet_params(
+    features: int, num_levels: int, c_in: int, out_ch: int, cond_ch: int = 0, norm_out: bool = True
+) -> int:
+    """Parameter count from the METHOD §4.1 layer table, written out independently of unet.py."""
+    w = [features * 2**level for level in range(num_levels)]
+    convs = []  # (in channels, out channels, followed by instance norm)
+    for level in range(num_levels):
+        if level > 0:
+            convs.append((w[level - 1], w[level - 1], True))  # stride-2 conv keeps the width
+        convs.append((c_in if level == 0 else w[level - 1], w[level], True))
+        convs.append((w[level], w[level], True))
+    convs.append((w[-1], w[-1], False))  # raw stride-2 conv into the bottleneck
+    convs.append((w[-1] + cond_ch, w[-1], True))  # bottleneck conv after the condition concat
+    prev = w[-1]
+    for level in reversed(range(num_levels)):
+        convs.append((prev, w[level], True))  # up-sampling conv
+        dec = w[max(level - 1, 0)]
+        convs += [(2 * w[level], dec, True), (dec, dec, True)]  # after the skip concat
+        prev = dec
+    convs.append((prev, out_ch, norm_out))
+    # 3×3 kernel, plus either scale and offset of the instance norm or (no norm) a bias.
+    return sum(9 * ci * co + (2 * co if norm else co) for ci, co, norm in convs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes
+
+
+def test_bottleneck_hw():
+    assert bottleneck_hw((184, 144), 3) == (23, 18)
+    assert bottleneck_hw((512, 512), 3) == (64, 64)
+    assert bottleneck_hw((23, 17), 3) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "variant,hw,c_in",
+    [("base", (184, 144), 1), ("tiny", (32, 32), 4), ("tiny", (16, 16), 2), ("tiny", (23, 17), 1)],
+)
+def test_unet_output_and_bottleneck_shapes(variant, hw, c_in):
+    kw = unet_kwargs(variant, hw)
+    model = UNet(out_channels=5, **kw)
+    x = jnp.zeros((2, *hw, c_in))
+    cond = jnp.zeros((2, 4))
+    params = _init_shapes(model, x, cond)
+    out, state = jax.eval_shape(functools.partial(model.apply, mutable=["intermediates"]), params, x, cond)
+    assert out.shape == (2, *hw, 5)
+    (bottleneck,) = state["intermediates"]["bottleneck"]
+    width = kw["features"] * 2 ** (kw["num_levels"] - 1)
+    assert bottleneck.shape == (2, *bottleneck_hw(hw, kw["num_levels"]), width)
+    if hw == (184, 144):
+        assert bottleneck.shape[1:3] == (23, 18)
+
+
+@pytest.mark.parametrize("variant", sorted(SIZES))
+def test_param_count_matches_table(variant):
+    kw = variant_sizes(variant, "unet")
+    model = UNet(out_channels=5, **unet_kwargs(variant, (32, 32)))
+    params = _init_shapes(model, jnp.zeros((1, 32, 32, 4)), jnp.zeros((1, 4)))
+    assert _count(params) == _expected_unet_params(
+        kw["features"], kw["num_levels"], c_in=4, out_ch=5, cond_ch=4
+    )
+
+
+def test_param_count_without_output_norm():
+    model = UNet(features=4, num_levels=2, out_channels=2, norm_output=False)
+    params = _init_shapes(model, jnp.zeros((1, 16, 16, 3)))
+    assert _count(params) == _expected_unet_params(4, 2, c_in=3, out_ch=2, norm_out=False)
+
+
+def test_sizes_unknown_variant_and_small_image():
+    with pytest.raises(ValueError, match=r"'huge'.*base.*small.*tiny"):
+        unet_kwargs("huge", (32, 32))
+    with pytest.raises(ValueError, match="too small"):
+        unet_kwargs("tiny", (4, 32))
+    with pytest.raises(ValueError, match="no sizes for network"):
+        variant_sizes("tiny", "not_a_network")
+    # A returned dict is a copy: editing it must not change the table.
+    kw = unet_kwargs("tiny", (32, 32))
+    kw["features"] = -1
+    assert SIZES["tiny"]["unet"]["features"] != -1
+
+
+def test_unet_rejects_bad_options_and_cond():
+    x = jnp.zeros((1, 16, 16, 1))
+    with pytest.raises(ValueError, match="out_activation"):
+        _init_shapes(UNet(features=2, out_activation="tanh"), x)
+    with pytest.raises(ValueError, match="cond"):
+        _init_shapes(UNet(features=2), x, jnp.zeros((1, 3, 3, 4)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Behaviour (real compiled runs on a tiny model; three compiles in all)
+
+
+@pytest.fixture(scope="module")
+def tiny_dropout_unet():
+    model = UNet(**unet_kwargs("tiny", (16, 16)), out_channels=2, dropout_rate=0.5)
+    x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 1))
+    cond = jnp.eye(4)[:2]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.repeat(x, 2, axis=0), cond)
+    apply = jax.jit(model.apply, static_argnames="train")
+    return apply, params, jnp.repeat(x, 2, axis=0), cond
+
+
+def test_cond_changes_output(tiny_dropout_unet):
+    apply, params, x, cond = tiny_dropout_unet
+    # Same image, two conditions in one batch: instance norm keeps samples independent.
+    out = apply(params, x, cond)
+    assert out.shape == (2, 16, 16, 2)
+    assert bool(jnp.all((out > 0) & (out < 1)))  # sigmoid output
+    assert float(jnp.max(jnp.abs(out[0] - out[1]))) > 1e-4
+    # A pre-tiled condition map is equivalent to the vector.
+    cond_map = jnp.broadcast_to(cond[:, None, None, :], (2, 2, 2, 4))
+    np.testing.assert_allclose(apply(params, x, cond_map), out, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_only_in_training(tiny_dropout_unet):
+    apply, params, x, cond = tiny_dropout_unet
+    # Eval needs no dropout rng and is deterministic.
+    eval_a = apply(params, x, cond)
+    eval_b = apply(params, x, cond, train=False)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = apply(params, x, cond, train=True, rngs={"dropout": jax.random.key(1)})
+    train_b = apply(params, x, cond, train=True, rngs={"dropout": jax.random.key(2)})
+    assert float(jnp.max(jnp.abs(train_a - eval_a))) > 1e-4
+    assert float(jnp.max(jnp.abs(train_a - train_b))) > 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+
+
+def test_activations():
+    x = jnp.array([-10.0, -1.0, 0.0, 0.5, 50.0, 150.0])
+    np.testing.assert_allclose(layers.activation("capped_relu")(x), [0, 0, 0, 0.5, 50, 100])
+    np.testing.assert_allclose(layers.activation("relu")(x), [0, 0, 0, 0.5, 50, 150])
+    np.testing.assert_allclose(layers.activation("leaky_relu")(x), [-2, -0.2, 0, 0.5, 50, 150], rtol=1e-6)
+    with pytest.raises(ValueError, match="'swish'"):
+        layers.activation("swish")
+    with pytest.raises(ValueError, match="'xavier'"):
+        layers.kernel_init("xavier", c_nominal=1)
+
+
+def test_mean_filter_init_uses_nominal_channels():
+    c_in, cond_ch = 4, 4
+    model = UNet(features=4, num_levels=2, kernel_init="mean_filter", out_channels=2)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, c_in)), jnp.zeros((1, cond_ch)))
+    flat = {
+        "/".join(str(k.key) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params["params"])
+    }
+    kernels = {name: k for name, k in flat.items() if name.endswith("kernel")}
+    assert len(kernels) == 6 * 2 + 2  # 6 convs per level, plus bottleneck and output convs
+    for name, kernel in kernels.items():
+        if name.startswith("enc0_conv0"):
+            c_nominal = 1  # The code's conv1 ignores the real input channel count.
+        elif name.startswith("bottleneck_conv"):
+            c_nominal = kernel.shape[2] - cond_ch  # Condition channels are not counted.
+        else:
+            c_nominal = kernel.shape[2]
+        np.testing.assert_allclose(jnp.mean(kernel), 1.0 / (9 * c_nominal), rtol=1e-4, err_msg=name)
+        assert float(jnp.std(kernel)) < 1e-5, name
+    # Only a conv without a following instance norm (here the raw stride-2 one) keeps a bias.
+    assert [n for n in flat if n.endswith("conv/bias")] == ["down2/conv/bias"]
+    for name, leaf in flat.items():
+        if name.endswith("/bias"):
+            np.testing.assert_array_equal(leaf, 0.0, err_msg=name)
+    scales = jnp.concatenate([v for n, v in flat.items() if n.endswith("norm/scale")])
+    assert abs(float(jnp.mean(scales)) - 1.0) < 0.01
+    assert 0.01 < float(jnp.std(scales)) < 0.03
+
+
+def test_capped_relu_unet_uses_plain_relu_on_conv5():
+    model = UNet(features=2, num_levels=2, activation="capped_relu")
+    x = jax.random.uniform(jax.random.key(0), (1, 8, 8, 1))
+    params = jax.jit(model.init)(jax.random.key(1), x)
+    # Blow up the instance-norm scales so pre-activations exceed the cap of 100.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v * 1e4 if path[-1].key == "scale" else v, params
+    )
+    _, state = jax.jit(functools.partial(model.apply, capture_intermediates=True))(params, x)
+    acts = state["intermediates"]
+    assert float(jnp.max(acts["enc1_conv0"]["__call__"][0])) == pytest.approx(100.0)
+    # The code's conv5 (last conv of level 1) is a plain, uncapped ReLU.
+    conv5 = acts["enc1_conv1"]["__call__"][0]
+    assert float(jnp.max(conv5)) > 100.0
+    assert float(jnp.min(conv5)) >= 0.0
+
+
+def test_normal_init_stddev():
+    kernel = layers.kernel_init("normal", c_nominal=1)(jax.random.key(0), (3, 3, 64, 64))
+    assert abs(float(jnp.mean(kernel))) < 2e-3
+    np.testing.assert_allclose(jnp.std(kernel), 0.02, rtol=0.05)
+
+
+def test_instance_norm_is_per_sample_per_channel():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3)) * jnp.array([1.0, 10.0, 100.0]) + 7.0
+    norm = layers.InstanceNorm()
+    variables = norm.init(jax.random.key(1), x)
+    scale, offset = variables["params"]["scale"], variables["params"]["bias"]
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+    expected = (x - mean) / jnp.sqrt(var + 1e-5) * scale + offset
+    np.testing.assert_allclose(norm.apply(variables, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_upsample_and_crop():
+    x = jnp.arange(6.0).reshape(1, 2, 3, 1)
+    up = layers.upsample_nearest(x)
+    assert up.shape == (1, 4, 6, 1)
+    np.testing.assert_array_equal(up[0, :, :, 0], [[0, 0, 1, 1, 2, 2]] * 2 + [[3, 3, 4, 4, 5, 5]] * 2)
+    np.testing.assert_array_equal(layers.crop_to(up, (3, 5))[0, :, :, 0], up[0, :3, :5, 0])
+    with pytest.raises(ValueError):
+        layers.crop_to(x, (3, 3))
