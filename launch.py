@@ -8,9 +8,9 @@ the same workdir resumes. On a cluster, `--distributed` (or the usual cluster en
 
 import logging
 import os
-import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,7 +41,8 @@ def main(argv):
 
     if distributed:
         jax.distributed.initialize()
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s")
+    # Our progress at INFO; the libraries' (orbax logs every checkpoint at length) at WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("synth").setLevel(logging.INFO)
     from synth import pipeline
 

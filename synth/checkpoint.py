@@ -25,7 +25,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.directory = os.fspath(directory)
+        self.directory = os.path.abspath(os.fspath(directory))  # orbax requires absolute paths
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

@@ -31,7 +31,7 @@ def train_and_evaluate(
     Returns:
       The names of the stages that ran (complete ones included).
     """
-    workdir = os.fspath(workdir)
+    workdir = os.path.abspath(os.fspath(workdir))
     stage = configlib.check_stage(config.stage)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)

@@ -126,8 +126,7 @@ class Progress:
 
     def __init__(self, name: str, start_step: int, num_steps: int):
         self.name, self.start_step, self.num_steps = name, start_step, num_steps
-        self._t0 = time.perf_counter()
-        self._last_t, self._last_step = self._t0, start_step
+        self._last_t, self._last_step = time.perf_counter(), start_step
 
     def rate(self, step: int) -> float:
         """Steps per second since the previous call."""
@@ -137,8 +136,8 @@ class Progress:
         return rate
 
     def line(self, step: int, rate: float, metrics: Mapping[str, float]) -> str:
-        done = (step - self.start_step) / max(time.perf_counter() - self._t0, 1e-9)
-        eta = (self.num_steps - step) / done if done > 0 else float("inf")
+        # The recent rate, not the average since start: that one includes compilation.
+        eta = (self.num_steps - step) / rate if rate > 0 else float("inf")
         shown = " ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()))
         pct = 100.0 * step / max(self.num_steps, 1)
         return (

@@ -17,10 +17,19 @@ from synth.stages import segmentor
 NUM_STEPS = 4
 
 
-def _run(data_dir, workdir, *, mesh_shape=(-1,), stop_at=None):
+def _run(data_dir, workdir, *, mesh_shape=(-1,), stop_at=None, traces=None):
     config = equivalence_config(data_dir, NUM_STEPS)
     config.mesh.shape = mesh_shape
-    return train.run_stage(segmentor.build(config), config, workdir, stop_at=stop_at)
+    spec = segmentor.build(config)
+    if traces is not None:
+        real_step = spec.train_step
+
+        def counted_step(state, batch, rng):
+            traces.append(1)  # Runs once per trace, not per step.
+            return real_step(state, batch, rng)
+
+        spec = dataclasses.replace(spec, train_step=counted_step)
+    return train.run_stage(spec, config, workdir, stop_at=stop_at)
 
 
 def _params(state):
@@ -31,7 +40,8 @@ def _params(state):
 def runs(phantom_data_dir, tmp_path_factory):
     """Four runs of the real segmentor step, shared by the tests below (compiles are the cost)."""
     root = tmp_path_factory.mktemp("runs")
-    sharded = _run(phantom_data_dir, root / "sharded")
+    traces = []
+    sharded = _run(phantom_data_dir, root / "sharded", traces=traces)
     single = _run(phantom_data_dir, root / "single", mesh_shape=(1,))
     stopped = _run(phantom_data_dir, root / "resumed", stop_at=2)
     resumed = _run(phantom_data_dir, root / "resumed")
@@ -42,7 +52,12 @@ def runs(phantom_data_dir, tmp_path_factory):
         stopped_step=int(stopped.step),
         resumed=_params(resumed),
         resumed_step=int(resumed.step),
+        traces=len(traces),
     )
+
+
+def test_step_is_compiled_once(runs):
+    assert runs["traces"] == 1
 
 
 def test_four_devices_match_one_device(runs):

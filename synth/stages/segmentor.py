@@ -3,7 +3,7 @@
 They are frozen later and score lesions in synthetic images (stage B's lesion loss, stage C's Dice filter).
 Variants, by `config.segmentor.variant`:
   n_seg    one U-Net per modality (the paper's recommendation); their parameters are stacked on a leading
-           modality axis and applied with `jax.vmap`, never as a Python loop of copies;
+           modality axis and applied by `synth.models.stacked.map_stacked` (one `vmap`ped call on GPU);
   one_seg  one shared U-Net applied to every modality.
 (The third variant of §6.3, one shared encoder with N decoders, is not built yet.)
 """
@@ -24,7 +24,7 @@ import optax
 from synth import checkpoint as checkpoint_lib
 from synth import input_pipeline, losses, metrics, optim, sharding, train
 from synth import writer as writer_lib
-from synth.models import sizes
+from synth.models import sizes, stacked
 from synth.models.unet import UNet
 
 NAME = "segmentor"
@@ -76,16 +76,23 @@ def init_params(rng: jax.Array, images: jax.Array, *, model: UNet, variant: str)
 
 
 def predict_logits(
-    params: Any, images: jax.Array, *, model: UNet, variant: str, rng=None, train_mode=False
+    params: Any,
+    images: jax.Array,
+    *,
+    model: UNet,
+    variant: str,
+    stacking: str = "auto",
+    rng=None,
+    train_mode=False,
 ) -> jax.Array:
-    """Logits (K, B, H, W, classes) of every modality's segmentor, in one batched call."""
+    """Logits (K, B, H, W, classes) of every modality's segmentor, from stacked (or shared) parameters."""
     x = _by_modality(images)
     keys = jax.random.split(rng if rng is not None else jax.random.key(0), x.shape[0])
 
     def apply(p, xi, key):
         return model.apply(p, xi, train=train_mode, rngs={"dropout": key} if train_mode else None)
 
-    return jax.vmap(apply, in_axes=(None if _shared(variant) else 0, 0, 0))(params, x, keys)
+    return stacked.map_stacked(apply, params, x, keys, shared_params=_shared(variant), mode=stacking)
 
 
 def init_state(rng, batch, *, model: UNet, variant: str, tx: optax.GradientTransformation):
@@ -93,12 +100,18 @@ def init_state(rng, batch, *, model: UNet, variant: str, tx: optax.GradientTrans
     return SegmentorState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def train_step(state: SegmentorState, batch, rng, *, model, variant, tx, loss_config, num_classes):
+def train_step(state: SegmentorState, batch, rng, *, model, variant, stacking, tx, loss_config, num_classes):
     """One optimisation step of every modality's segmentor on a batch of real slices."""
 
     def loss_fn(params):
         logits = predict_logits(
-            params, batch["image"], model=model, variant=variant, rng=rng, train_mode=True
+            params,
+            batch["image"],
+            model=model,
+            variant=variant,
+            stacking=stacking,
+            rng=rng,
+            train_mode=True,
         )
         per_modality = jax.vmap(
             lambda lg: losses.segmentation_loss(
@@ -158,7 +171,7 @@ def _region_scores(pred, label, valid):
     return dice_sum, count, jnp.stack(inter), jnp.stack(total)
 
 
-def make_evaluator(config, *, model, variant, mesh, modalities):
+def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
     """Dice of each BRATS region and modality on the eval split, plus a sample grid."""
     data = config.data
     source = input_pipeline.open_source(data, data.eval_split)
@@ -167,7 +180,8 @@ def make_evaluator(config, *, model, variant, mesh, modalities):
     # Predictions replicated: a few small label maps, and every process can then draw the grid rows.
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def predict(params, images):
-        return jnp.argmax(predict_logits(params, images, model=model, variant=variant), axis=-1)
+        logits = predict_logits(params, images, model=model, variant=variant, stacking=stacking)
+        return jnp.argmax(logits, axis=-1)
 
     scores = jax.jit(_region_scores)
 
@@ -242,12 +256,18 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
             train_step,
             model=model,
             variant=seg.variant,
+            stacking=seg.stacking,
             tx=tx,
             loss_config=seg.loss,
             num_classes=config.data.num_classes,
         ),
         evaluate=make_evaluator(
-            config, model=model, variant=seg.variant, mesh=mesh, modalities=config.data.modalities
+            config,
+            model=model,
+            variant=seg.variant,
+            stacking=seg.stacking,
+            mesh=mesh,
+            modalities=config.data.modalities,
         ),
     )
 
