@@ -183,7 +183,11 @@ def get_builder(
     builder_config = _resolve_config(cls, dataset, config, config_overrides)
     kwargs: dict[str, Any] = {"data_dir": os.fspath(data_dir) if data_dir is not None else None}
     if builder_config is not None:
-        kwargs["config"] = builder_config
+        # A registered config goes by name: a builder (or data source) pickled into grain's worker
+        # processes is rebuilt from these kwargs, and TFDS refuses a config object named like a
+        # registered one.
+        registered = any(builder_config is c for c in cls.BUILDER_CONFIGS)
+        kwargs["config"] = builder_config.name if registered else builder_config
     return cls(file_format=FILE_FORMAT, **kwargs)
 
 

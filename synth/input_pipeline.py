@@ -18,6 +18,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 import data_builders
 
@@ -88,6 +89,9 @@ def train_iterator(
     ds = ds[jax.process_index() :: jax.process_count()]
     iter_ds = ds.to_iter_dataset()
     if num_workers > 0:
+        # Grain's workers read absl flags; outside `absl.app.run` (notebooks, scripts) nothing parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(iter_ds)
 
