@@ -1,4 +1,4 @@
-"""The input pipeline: deterministic order, per-process rows that add up to the global batch, workers, eval."""
+"""The input pipeline: deterministic order, per-process rows forming the global batch, workers, eval."""
 
 import jax
 import numpy as np
