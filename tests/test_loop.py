@@ -15,6 +15,10 @@ from synth import train
 from synth.stages import segmentor
 
 NUM_STEPS = 4
+# Summation order differs between meshes; differences from it stay ~1e-5 after 4 steps, while a real
+# difference (a wrong row, a missing gradient average) moves parameters by the training updates (checked
+# below to be far larger).
+ATOL = 1e-4
 
 
 def _run(data_dir, workdir, *, mesh_shape=(-1,), stop_at=None, traces=None):
@@ -65,7 +69,7 @@ def test_four_devices_match_one_device(runs):
     flat4, flat1 = jax.tree.leaves(runs["sharded"]), jax.tree.leaves(runs["single"])
     assert len(flat4) == len(flat1) > 0
     for a, b in zip(flat4, flat1):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=ATOL)
 
 
 def test_training_changes_parameters(runs, tiny_config):
@@ -77,7 +81,7 @@ def test_training_changes_parameters(runs, tiny_config):
         np.abs(a - np.asarray(b)).max()
         for a, b in zip(jax.tree.leaves(runs["sharded"]), jax.tree.leaves(init.params))
     ]
-    assert max(moved) > 1e-4
+    assert max(moved) > 20 * ATOL
 
 
 def test_resume_matches_uninterrupted_run(runs):
@@ -177,4 +181,4 @@ def test_two_processes_match_one_process(runs, phantom_data_dir, tmp_path):
     ref = jax.tree.leaves(runs["sharded"])
     assert len(saved.files) == len(ref)
     for i, b in enumerate(ref):
-        np.testing.assert_allclose(saved[f"arr_{i}"], b, rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(saved[f"arr_{i}"], b, rtol=1e-3, atol=ATOL)
