@@ -43,7 +43,8 @@ def main(argv):
         jax.distributed.initialize()
     # Our progress at INFO; the libraries' (orbax logs every checkpoint at length) at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("synth").setLevel(logging.INFO)
+    # Progress from process 0 only; the others report warnings and errors.
+    logging.getLogger("synth").setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     from synth import pipeline
 
     pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

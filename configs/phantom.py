@@ -9,17 +9,18 @@ Options (after the colon, comma separated):
   stage=all|structure|segmentor|translator|synthesis|dataset|verify   which stage(s) to run (default all)
   demo        64² phantom and step counts chosen so `make demo` stays well under 15 minutes on 2 CPU cores
   runlocal    32² phantom, tiny models, a handful of steps: exercises every real code path in seconds
+  paper_weights  stage A with the paper's unit loss weights instead of the code's (METHOD.md §5.2)
 Everything else is an override, e.g. `--config.segmentor.train.num_steps=2000`.
 """
 
 import ml_collections
 
-from synth import configlib
+from synth import configlib, losses
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the phantom config; see the module docstring for the options in `arg`."""
-    options = configlib.parse_arg(arg, stage="all", demo=False, runlocal=False)
+    options = configlib.parse_arg(arg, stage="all", demo=False, runlocal=False, paper_weights=False)
     configlib.check_stage(options.stage)
 
     config = ml_collections.ConfigDict()
@@ -45,6 +46,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.shape = (-1,)
     config.mesh.axes = ("data",)
 
+    # Stage A (§5): structure maps and organ masks from noise.
+    config.structure = ml_collections.ConfigDict()
+    # Extraction parameters: a dataset's row of synth.extraction.DATASET_EXTRACTION, any field overridable.
+    config.structure.extraction = ml_collections.ConfigDict(dict(dataset="phantom"))
+    config.structure.remove_lesions = True  # §3.4: the tumour's own edges are not anatomy.
+    config.structure.model = ml_collections.ConfigDict(
+        dict(
+            size="small",
+            activation="leaky_relu",
+            kernel_init="normal",
+            encoder_dropout=0.15,  # The code's keep_prob 0.85 (E_s input).
+            disc_dropout=0.15,  # D_s input, keep_prob 0.85.
+            mask_dropout=0.1,  # G_m input, keep_prob 0.9.
+        )
+    )
+    weights = losses.STAGE_A_PAPER_WEIGHTS if options.paper_weights else losses.STAGE_A_CODE_WEIGHTS
+    config.structure.loss = ml_collections.ConfigDict(
+        dict(weights=dict(weights), parity=False)  # parity: the authors' mask-exclusion term (§11.10).
+    )
+    config.structure.update_mode = "simultaneous"  # The authors'; or "alternating".
+    config.structure.optim = ml_collections.ConfigDict(
+        dict(g=configlib.adam_config(1e-4), d=configlib.adam_config(1e-4))
+    )
+    config.structure.filter = ml_collections.ConfigDict(dict(min_j_s=0.55, mae=0.05, max_count=50))
+    config.structure.eval = ml_collections.ConfigDict(dict(num_examples=8, num_samples=16))
+    config.structure.train = configlib.loop_config(num_steps=5000, batch_size=8)
+
     # Lesion processors (§6.3), trained on real data and frozen for synthesis.
     config.segmentor = ml_collections.ConfigDict()
     config.segmentor.variant = "n_seg"  # n_seg: one U-Net per modality; one_seg: one shared U-Net
@@ -64,6 +92,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if options.demo:
         config.data.builder_config = "demo"
+        config.structure.model.size = "tiny"
+        config.structure.optim.g.learning_rate = config.structure.optim.d.learning_rate = 5e-4
+        config.structure.filter.max_count = 5
+        config.structure.train = configlib.loop_config(
+            num_steps=400, batch_size=8, log_every=25, checkpoint_every=200, eval_every=200
+        )
         config.segmentor.model.size = "tiny"
         config.segmentor.optim.learning_rate = 1e-3
         config.segmentor.train = configlib.loop_config(
@@ -71,6 +105,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     if options.runlocal:
         config.data.builder_config = "tiny"
+        config.structure.model.size = "tiny"
+        config.structure.optim.g.learning_rate = config.structure.optim.d.learning_rate = 5e-4
+        config.structure.filter.max_count = 2
+        config.structure.eval = ml_collections.ConfigDict(dict(num_examples=4, num_samples=4))
+        config.structure.train = configlib.loop_config(
+            num_steps=4, batch_size=4, log_every=2, checkpoint_every=2, eval_every=4
+        )
         config.data.eval_max_examples = 8
         config.segmentor.model.size = "tiny"
         config.segmentor.optim.learning_rate = 1e-3

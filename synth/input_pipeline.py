@@ -21,6 +21,7 @@ import numpy as np
 from absl import flags
 
 import data_builders
+from synth import sharding
 
 log = logging.getLogger("synth")
 
@@ -35,7 +36,7 @@ def open_source(data: ml_collections.ConfigDict, split: str):
     which dataset, where it was looked for and the command that builds it.
     """
     kwargs = dict(data_dir=data.data_dir, config=data.builder_config or None)
-    if not data_builders.is_built(data.name, **kwargs):
+    if not sharding.agree(data_builders.is_built(data.name, **kwargs)):
         if not data.build_if_missing:
             # data_source raises the explanatory FileNotFoundError.
             return data_builders.data_source(data.name, split, **kwargs)
@@ -43,18 +44,25 @@ def open_source(data: ml_collections.ConfigDict, split: str):
             log.info("Building dataset %s/%s into %s", data.name, data.builder_config, data.data_dir)
             data_builders.build(data.name, **kwargs)
         if jax.process_count() > 1:
+            # Every process took this branch (the decision above is process 0's), so all reach it.
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("synth_dataset_built")
     return data_builders.data_source(data.name, split, **kwargs)
 
 
-def local_batch_size(global_batch_size: int) -> int:
-    """This process's share of a global batch; the global batch must split evenly over devices."""
-    devices = jax.device_count()
-    if global_batch_size % devices:
+def local_batch_size(global_batch_size: int, data_parallel: int | None = None) -> int:
+    """This process's share of a global batch, which must split evenly over the mesh's `data` axis.
+
+    Args:
+      global_batch_size: the configured batch size.
+      data_parallel: size of the mesh's `data` axis (default: all devices).
+    """
+    devices = jax.device_count() if data_parallel is None else data_parallel
+    if global_batch_size % devices or global_batch_size % jax.process_count():
         raise ValueError(
-            f"batch_size={global_batch_size} is not divisible by the {devices} devices of the mesh"
+            f"batch_size={global_batch_size} is not divisible by the {devices} devices of the mesh's "
+            "data axis"
         )
     return global_batch_size // jax.process_count()
 
@@ -66,6 +74,7 @@ def train_iterator(
     batch_size: int,
     seed: int,
     num_workers: int = 0,
+    data_parallel: int | None = None,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's rows of each global training batch.
 
@@ -75,13 +84,14 @@ def train_iterator(
       batch_size: the global batch size.
       seed: shuffling seed; the same seed gives the same order on every run and every process count.
       num_workers: grain worker processes (0: read in this process).
+      data_parallel: size of the mesh's `data` axis, which the batch must split over (default: all devices).
 
     Returns:
       A grain iterator with `get_state()`/`set_state()`.
     """
     if len(source) == 0:
         raise ValueError("The training split is empty")
-    local = local_batch_size(batch_size)
+    local = local_batch_size(batch_size, data_parallel)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().map(preprocess)
     # Batches of the local size, then every P-th one: process p gets rows [p·local, (p+1)·local) of
     # each global batch (see the module docstring).

@@ -33,9 +33,6 @@ def train_and_evaluate(
     """
     workdir = os.path.abspath(os.fspath(workdir))
     stage = configlib.check_stage(config.stage)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        write_config(config, workdir)
     if stage == "all":
         names = []
         for name in configlib.PIPELINE_STAGES:
@@ -46,6 +43,10 @@ def train_and_evaluate(
     else:
         stages.get(stage)  # Fails early, naming the stage, if it is not built.
         names = [stage]
+    # Written only once the request is known to be valid, so a bad one leaves the workdir untouched.
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        write_config(config, workdir)
     for name in names:
         log.info("=== stage %s ===", name)
         stages.get(name).run(config, workdir, stop_at=stop_at)

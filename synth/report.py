@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 from synth.configlib import PIPELINE_STAGES
+from synth.writer import read_jsonl
 
 
 def _last_rows(path: str) -> tuple[dict, dict]:
     """The last training row and the last evaluation row of a `metrics.jsonl`."""
     train, evaluation = {}, {}
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if any(k.startswith("train/") for k in row):
-                train = row
-            if any(k.startswith("eval/") for k in row):
-                evaluation = row
+    for row in read_jsonl(path):
+        if any(k.startswith("train/") for k in row):
+            train = row
+        if any(k.startswith("eval/") for k in row):
+            evaluation = row
     return train, evaluation
 
 

@@ -71,3 +71,16 @@ def to_global(local_batch: Any, sharding: NamedSharding) -> Any:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's value of `flag` on every process.
+
+    For decisions read from files (is a stage complete, is a dataset built) that gate collective work:
+    if processes decided apart, some would wait forever in a collective the others skip.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,17 +70,23 @@ def stage_dir(workdir: str | os.PathLike, name: str) -> str:
 
 
 def is_complete(workdir: str | os.PathLike, name: str, num_steps: int) -> bool:
-    """True when the stage has a `done.json` for at least `num_steps` steps."""
+    """True when the stage has a `done.json` for at least `num_steps` steps (process 0 decides for all)."""
     path = os.path.join(stage_dir(workdir, name), "done.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("step", -1) >= num_steps
+    done = False
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f).get("step", -1) >= num_steps
+    return sharding.agree(done)
 
 
-def _loop_rngs(*, seed: int, salt: int):
-    """The stage's init and loop keys (one root key per seed and stage), and a zeroed NaN counter."""
-    init_rng, loop_rng = jax.random.split(jax.random.fold_in(jax.random.key(seed), salt))
+def stage_rngs(seed: int, name: str) -> tuple[jax.Array, jax.Array]:
+    """The init and loop keys of stage `name`: one root key per seed and stage."""
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), _stable_hash(name))))
+
+
+def _loop_rngs(*, seed: int, name: str):
+    """The stage's keys and a zeroed NaN counter, made under jit so they can be replicated on any mesh."""
+    init_rng, loop_rng = stage_rngs(seed, name)
     return init_rng, loop_rng, jnp.zeros((), jnp.int32)
 
 
@@ -121,6 +128,7 @@ def run_stage(
       NonFiniteError: a NaN/Inf appeared; no checkpoint was written after the last good one.
     """
     train = spec.train
+    _check_loop_config(spec.name, train)
     num_steps = int(train.num_steps)
     out_dir = stage_dir(workdir, spec.name)
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
@@ -133,26 +141,33 @@ def run_stage(
         batch_size=train.batch_size,
         seed=config.seed,
         num_workers=config.data.num_workers,
+        data_parallel=sharding.data_parallel_size(mesh),
     )
 
     with jax.set_mesh(mesh):
         # Made under jit with a replicated output sharding: this works on a mesh that spans processes,
         # where device_put of a host value would not.
         init_rng, loop_rng, nonfinite = jax.jit(
-            functools.partial(_loop_rngs, seed=config.seed, salt=_stable_hash(spec.name)),
+            functools.partial(_loop_rngs, seed=config.seed, name=spec.name),
             out_shardings=repl,
         )()
         init = jax.jit(spec.init_state, out_shardings=repl)
         abstract = jax.eval_shape(init, init_rng, example)
         abstract = checkpoint_lib.abstract_like(abstract, repl)
         ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train.keep_checkpoints)
-        if ckpt.latest_step() is not None:
+        resumed = ckpt.latest_step() is not None
+        fingerprint = _fingerprint(spec.name, config)
+        if resumed:
+            _check_same_config(spec.name, out_dir, fingerprint)
             state, data_state = ckpt.restore(abstract)
             if data_state is not None:
-                data_iter.set_state(data_state)
+                _restore_iterator(data_iter, data_state, config.data.num_workers)
             log.info("[%s] resumed from step %d in %s", spec.name, ckpt.latest_step(), ckpt.directory)
         else:
             state = init(init_rng, example)
+            if jax.process_index() == 0:
+                os.makedirs(out_dir, exist_ok=True)
+                _write_json(os.path.join(out_dir, "stage_config.json"), fingerprint)
         step = int(jax.device_get(state.step))
 
         step_fn = jax.jit(
@@ -161,7 +176,8 @@ def run_stage(
             out_shardings=(repl, repl, repl),
             donate_argnums=(0,),
         )
-        writer = writer_lib.MetricWriter(out_dir)
+        # On resume, rows logged after the restored checkpoint are dropped, so nothing is logged twice.
+        writer = writer_lib.MetricWriter(out_dir, resume_step=step if resumed else None)
         progress = writer_lib.Progress(spec.name, step, num_steps)
         last_good = step
         end = num_steps if stop_at is None else min(num_steps, stop_at)
@@ -173,22 +189,31 @@ def run_stage(
                 final = step == end
                 if step % train.log_every == 0 or final:
                     fetched, bad = jax.device_get((metrics, nonfinite))
-                    _check_finite(spec.name, bad, fetched, last_good, ckpt.directory)
+                    _check_finite(spec.name, bad, fetched, last_good, ckpt)
                     scalars = {f"train/{k}": float(v) for k, v in fetched.items()}
                     scalars["train/steps_per_s"] = progress.rate(step)
                     writer.write_scalars(step, scalars)
                     log.info(progress.line(step, scalars["train/steps_per_s"], fetched))
                 if step % train.checkpoint_every == 0 or final:
-                    _check_finite(spec.name, jax.device_get(nonfinite), {}, last_good, ckpt.directory)
-                    ckpt.save(step, state, data_iter.get_state())
+                    _check_finite(spec.name, jax.device_get(nonfinite), {}, last_good, ckpt)
+                    ckpt.save(
+                        step,
+                        state,
+                        {"num_workers": config.data.num_workers, "iterator": data_iter.get_state()},
+                    )
                     last_good = step
                 if spec.evaluate is not None and (step % train.eval_every == 0 or step == num_steps):
+                    # Never evaluate (and draw samples from) a state the guard has not seen.
+                    _check_finite(spec.name, jax.device_get(nonfinite), {}, last_good, ckpt)
                     _evaluate(spec, state, step, writer)
             resumed_at_end = progress.start_step == num_steps
-            if resumed_at_end and spec.evaluate is not None and not _evaluated_at(out_dir, step):
+            if (
+                resumed_at_end
+                and spec.evaluate is not None
+                and not sharding.agree(_evaluated_at(out_dir, step))
+            ):
                 # The last run stopped after its final checkpoint but before its final evaluation.
-                # (Only decided when no step ran here: the file is then not being written, so every
-                # process reads the same answer and they all evaluate together, or none does.)
+                # Process 0's answer is broadcast, so all processes evaluate together or none does.
                 _evaluate(spec, state, step, writer)
         finally:
             ckpt.close()
@@ -198,15 +223,75 @@ def run_stage(
     return state
 
 
-def _check_finite(name, nonfinite, metrics, last_good, ckpt_dir) -> None:
+def _check_finite(name, nonfinite, metrics, last_good, ckpt) -> None:
     if int(nonfinite) == 0:
         return
     shown = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()))
+    shown = f" (latest metrics: {shown})" if shown else ""
+    if ckpt.latest_step() is None:
+        kept = "No checkpoint had been written yet."
+    else:
+        kept = f"The last good checkpoint (step {last_good}) in {ckpt.directory} is intact."
     raise NonFiniteError(
-        f"[{name}] NaN or Inf in the loss, metrics or parameters after step {last_good} ({shown}). "
-        f"Stopped without saving; the last good checkpoint (step {last_good}) in {ckpt_dir} is intact. "
+        f"[{name}] NaN or Inf in the loss, metrics or parameters after step {last_good}{shown}. "
+        f"Stopped without saving. {kept} "
         "Lower the learning rate, clip gradients (optim.grad_clip_norm) or check the data."
     )
+
+
+_LOOP_KEYS = ("num_steps", "batch_size", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints")
+# Keys that may change between a run and its resume; everything else in the stage's config must not.
+_RESUMABLE_KEYS = ("num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints")
+
+
+def _check_loop_config(name: str, loop: ml_collections.ConfigDict) -> None:
+    for key in _LOOP_KEYS:
+        value = loop.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config.{name}.train.{key} must be a positive integer, got {value!r}")
+
+
+def _fingerprint(name: str, config: ml_collections.ConfigDict) -> dict:
+    """What a checkpoint of stage `name` depends on: its config section, the data and the seed."""
+    section = config[name].to_dict() if name in config else {}
+    for key in _RESUMABLE_KEYS:
+        section.get("train", {}).pop(key, None)
+    data = {k: config.data[k] for k in ("name", "builder_config", "train_split")}
+    return json.loads(json.dumps({"seed": config.seed, "data": data, name: section}, default=str))
+
+
+def _check_same_config(name: str, out_dir: str, fingerprint: dict) -> None:
+    path = os.path.join(out_dir, "stage_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    diffs = sorted(_diff(saved, fingerprint))
+    if diffs:
+        raise ValueError(
+            f"[{name}] the config differs from the one its checkpoints in {out_dir} were trained with: "
+            + "; ".join(diffs)
+            + ". Resume with the same settings, or use a new --workdir."
+        )
+
+
+def _diff(old, new, prefix="config") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{prefix}.{key}")
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def _restore_iterator(data_iter, data_state: dict, num_workers: int) -> None:
+    saved_workers = data_state.get("num_workers", num_workers)
+    if saved_workers != num_workers:
+        raise ValueError(
+            f"config.data.num_workers={num_workers}, but the checkpoint's input-pipeline state was saved "
+            f"with num_workers={saved_workers}; resume with --config.data.num_workers={saved_workers}"
+        )
+    data_iter.set_state(data_state.get("iterator", data_state))
 
 
 def _evaluate(spec: StageSpec, state: State, step: int, writer: writer_lib.MetricWriter) -> None:
@@ -242,5 +327,5 @@ def _fmt(scalars: Mapping[str, float]) -> str:
 
 
 def _stable_hash(name: str) -> int:
-    """A small deterministic integer per stage name (Python's hash() is salted per process)."""
-    return int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "little") & 0x7FFFFFFF
+    """A deterministic integer per stage name (Python's hash() is salted per process)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF

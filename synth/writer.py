@@ -23,16 +23,31 @@ log = logging.getLogger("synth")
 class MetricWriter:
     """Writes scalars to `metrics.jsonl` and TensorBoard, images to PNG files and TensorBoard."""
 
-    def __init__(self, logdir: str | os.PathLike, *, enabled: bool | None = None):
+    def __init__(
+        self, logdir: str | os.PathLike, *, enabled: bool | None = None, resume_step: int | None = None
+    ):
+        """Opens the writer.
+
+        Args:
+          logdir: directory for `metrics.jsonl`, `tensorboard/` and `samples/`.
+          enabled: write at all (default: on process 0 only).
+          resume_step: the step a resumed run restarts from: rows logged after it (by a run that died
+            before its next checkpoint) are dropped from the JSONL and hidden in TensorBoard.
+        """
         self.logdir = os.fspath(logdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
         if self.enabled:
             os.makedirs(self.logdir, exist_ok=True)
+            if resume_step is not None:
+                _truncate_jsonl(os.path.join(self.logdir, "metrics.jsonl"), resume_step)
             # Imported here so that processes other than 0 never open event files.
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=os.path.join(self.logdir, "tensorboard"))
+            self._tb = SummaryWriter(
+                logdir=os.path.join(self.logdir, "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Appends one JSON line `{"step": step, ...}` and one TensorBoard scalar per entry."""
@@ -69,6 +84,29 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a `metrics.jsonl`, skipping a last line cut short by a killed process."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Keeps the rows of steps <= last_step (atomically)."""
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
 
 
 def _json_number(value: float) -> float | str:

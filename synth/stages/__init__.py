@@ -13,12 +13,12 @@ from synth.configlib import PIPELINE_STAGES
 
 # Stage name -> module. Stages of the method that are not listed here are not built yet.
 BUILT_STAGES = {
+    "structure": "synth.stages.structure",
     "segmentor": "synth.stages.segmentor",
 }
 
 # Where each unbuilt stage is tracked, for the error message.
 _PLANNED = {
-    "structure": "stage A: structure maps and organ masks (issue #3)",
     "translator": "stage B: modality translator (issue #4)",
     "synthesis": "stage B: conditional multimodal generator (issue #4)",
     "dataset": "stage C: synthetic dataset generation (issue #5)",
