@@ -21,7 +21,7 @@ def test_quickstart_notebook_executes(phantom_data_dir, monkeypatch):
     )
     client.execute()
     text = "".join(out.get("text", "") for c in nb.cells if c.cell_type == "code" for out in c.outputs)
-    assert "stages run: ['segmentor']" in text
+    assert "stages run: ['structure', 'segmentor']" in text
     assert any(
         "image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs
     )
