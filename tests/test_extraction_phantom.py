@@ -1,4 +1,4 @@
-"""On phantom anatomy, the structure map follows the (label-free) tissue boundaries and the mask covers the head."""
+"""On phantom anatomy, structure maps follow the (label-free) tissue boundaries; the mask covers the head."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +9,7 @@ from synth import extraction
 
 
 def test_structure_map_follows_tissue_boundaries_and_mask_covers_head():
-    subject = anatomy.make_subject(seed=11, image_size=64, num_slices=4, has_tumour=False)
+    subject = anatomy.make_subject(seed=11, image_size=128, num_slices=4, has_tumour=False)
     tissue = subject["tissue"]  # (S, H, W): 0 outside the head.
     x = jnp.asarray(subject["image"])
     s, organ = extraction.extract(
