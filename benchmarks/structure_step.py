@@ -1,0 +1,104 @@
+"""Stage-A throughput: training examples/s and extraction images/s, with XLA's FLOP and byte counts.
+
+Usage: python -m benchmarks.structure_step [--sizes 128,512] [--model small] [--batch 4] [--steps 3]
+
+Images are phantom slices made at each size directly (no dataset build). One training example is one
+image: extraction of its structure map and mask, then the full §5.1 forward pass and both sides' updates.
+"""
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from configs import phantom
+from data_builders.phantom import anatomy
+from synth import extraction, optim
+from synth.stages import structure
+
+
+def _timed(fn, *args, steps):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def _cost(jitted, *args):
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="128,512")
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    config = phantom.get_config()
+    config.structure.model.size = args.model
+    params = extraction.DATASET_EXTRACTION["phantom"]
+    train_rows, extract_rows = [], []
+    for size in (int(s) for s in args.sizes.split(",")):
+        subject = anatomy.make_subject(seed=0, image_size=size, num_slices=args.batch)
+        batch = {"image": jnp.asarray(subject["image"]), "label": jnp.asarray(subject["label"], jnp.int32)}
+        extract = jax.jit(functools.partial(structure.real_structures, params=params, remove_lesions=True))
+        ex_s = _timed(extract, batch, steps=args.steps)
+        ex_flops, ex_bytes = _cost(extract, batch)
+        extract_rows.append((size, args.batch / ex_s, ex_flops / args.batch, ex_bytes / args.batch))
+
+        models = structure.make_models(config, (size, size))
+        g_tx, d_tx = (
+            optim.make_optimizer(config.structure.optim.g),
+            optim.make_optimizer(config.structure.optim.d),
+        )
+        init = jax.jit(
+            functools.partial(structure.init_state, models=models, extract_fn=extract, g_tx=g_tx, d_tx=d_tx)
+        )
+        state = init(jax.random.key(0), batch)
+        step = jax.jit(
+            functools.partial(
+                structure.train_step,
+                models=models,
+                extract_fn=extract,
+                g_tx=g_tx,
+                d_tx=d_tx,
+                weights=dict(config.structure.loss.weights),
+                parity=False,
+                update="simultaneous",
+            )
+        )
+        flops, nbytes = _cost(step, state, batch, jax.random.key(1))
+        seconds = _timed(step, state, batch, jax.random.key(1), steps=args.steps)
+        params_count = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
+        train_rows.append(
+            (size, seconds, args.batch / seconds, flops / args.batch, nbytes / args.batch, params_count)
+        )
+        del state
+
+    common.header(f"Stage A, model size {args.model}, batch {args.batch}")
+    print("| image | parameters (G+D) | s/step | examples/s | GFLOP/example | GB/example | GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size, s, rate, flops, nbytes, n in train_rows:
+        print(
+            f"| {size}² | {n / 1e6:.1f} M | {s:.2f} | {rate:.2f} | {flops / 1e9:.2f} | {nbytes / 1e9:.2f} | "
+            f"{rate * flops / 1e9:.1f} |"
+        )
+    print("\n| extraction, image | images/s | MFLOP/image | MB/image |")
+    print("| --- | --- | --- | --- |")
+    for size, rate, flops, nbytes in extract_rows:
+        print(f"| {size}² | {rate:.0f} | {flops / 1e6:.1f} | {nbytes / 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
