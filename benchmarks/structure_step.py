@@ -1,6 +1,9 @@
 """Stage-A throughput: training examples/s and extraction images/s, with XLA's FLOP and byte counts.
 
-Usage: python -m benchmarks.structure_step [--sizes 128,512] [--model small] [--batch 4] [--steps 3]
+Usage: python -m benchmarks.structure_step [--sizes 128,512] [--models small,base] [--batch 4] [--steps 3]
+
+The VAE's dense layers grow with the square of its bottleneck area, so each image size needs its variant
+(small at 128², the paper's base at 512²).
 
 Images are phantom slices made at each size directly (no dataset build). One training example is one
 image: extraction of its structure map and mask, then the full §5.1 forward pass and both sides' updates.
@@ -40,15 +43,15 @@ def _cost(jitted, *args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="128,512")
-    parser.add_argument("--model", default="small")
+    parser.add_argument("--models", default="small,base", help="one size variant per image size")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     config = phantom.get_config()
-    config.structure.model.size = args.model
     params = extraction.DATASET_EXTRACTION["phantom"]
     train_rows, extract_rows = [], []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size, model in zip((int(s) for s in args.sizes.split(",")), args.models.split(","), strict=True):
+        config.structure.model.size = model
         subject = anatomy.make_subject(seed=0, image_size=size, num_slices=args.batch)
         batch = {"image": jnp.asarray(subject["image"]), "label": jnp.asarray(subject["label"], jnp.int32)}
         extract = jax.jit(functools.partial(structure.real_structures, params=params, remove_lesions=True))
@@ -85,12 +88,12 @@ def main() -> None:
         )
         del state
 
-    common.header(f"Stage A, model size {args.model}, batch {args.batch}")
-    print("| image | parameters (G+D) | s/step | examples/s | GFLOP/example | GB/example | GFLOP/s |")
+    common.header(f"Stage A, batch {args.batch}")
+    print("| image, model | parameters (G+D) | s/step | examples/s | GFLOP/example | GB/example | GFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for size, s, rate, flops, nbytes, n in train_rows:
         print(
-            f"| {size}² | {n / 1e6:.1f} M | {s:.2f} | {rate:.2f} | {flops / 1e9:.2f} | {nbytes / 1e9:.2f} | "
+            f"| {size} | {n / 1e6:.1f} M | {s:.2f} | {rate:.2f} | {flops / 1e9:.2f} | {nbytes / 1e9:.2f} | "
             f"{rate * flops / 1e9:.1f} |"
         )
     print("\n| extraction, image | images/s | MFLOP/image | MB/image |")
