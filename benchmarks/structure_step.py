@@ -84,7 +84,14 @@ def main() -> None:
         seconds = _timed(step, state, batch, jax.random.key(1), steps=args.steps)
         params_count = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
         train_rows.append(
-            (size, seconds, args.batch / seconds, flops / args.batch, nbytes / args.batch, params_count)
+            (
+                f"{size}², {model}",
+                seconds,
+                args.batch / seconds,
+                flops / args.batch,
+                nbytes / args.batch,
+                params_count,
+            )
         )
         del state
 
