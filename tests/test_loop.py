@@ -207,9 +207,18 @@ def test_two_processes_match_one_process(runs, phantom_data_dir, tmp_path):
         )
         for pid in (0, 1)
     ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:  # A hung worker must not outlive the test.
+            if p.poll() is None:
+                p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
+    # Only process 0 writes: one row per log step and one TensorBoard event file.
+    stage_out = tmp_path / "run" / "segmentor"
+    assert [r["step"] for r in _rows(stage_out) if "train/loss" in r] == [2, 4]
+    assert len(list((stage_out / "tensorboard").glob("events.out.tfevents.*"))) == 1
     saved = np.load(out)
     two_process = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     assert_same_training(jax.tree.leaves(runs["sharded"]), two_process, jax.tree.leaves(runs["init"]))
