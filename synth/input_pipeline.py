@@ -51,6 +51,14 @@ def open_source(data: ml_collections.ConfigDict, split: str):
     return data_builders.data_source(data.name, split, **kwargs)
 
 
+def image_and_label(example: Example) -> Example:
+    """The preprocessing of stages that train on real BRATS-like slices: float32 image, int32 label."""
+    return {
+        "image": np.asarray(example["image"], np.float32),
+        "label": np.asarray(example["label"], np.int32),
+    }
+
+
 def local_batch_size(global_batch_size: int, data_parallel: int | None = None) -> int:
     """This process's share of a global batch, which must split evenly over the mesh's `data` axis.
 

@@ -329,3 +329,39 @@ def _fmt(scalars: Mapping[str, float]) -> str:
 def _stable_hash(name: str) -> int:
     """A deterministic integer per stage name (Python's hash() is salted per process)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def run_unless_complete(
+    name: str,
+    build: Callable[[ml_collections.ConfigDict], StageSpec],
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    stop_at: int | None = None,
+) -> State | None:
+    """Builds and trains stage `name` unless its `done.json` says it is complete (then returns None)."""
+    if is_complete(workdir, name, config[name].train.num_steps):
+        log.info("[%s] complete: nothing to do", name)
+        return None
+    return run_stage(build(config), config, workdir, stop_at=stop_at)
+
+
+def load_trained_state(
+    spec: StageSpec, config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> State:
+    """The latest checkpointed state of `spec`'s stage in `workdir`, replicated on the config's mesh.
+
+    Raises:
+      FileNotFoundError: the stage has no checkpoint in `workdir`, naming the stage to run first.
+    """
+    repl = sharding.replicated(sharding.make_mesh(config.mesh.shape, config.mesh.axes))
+    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+    abstract = jax.eval_shape(spec.init_state, jax.random.key(0), example)
+    directory = os.path.join(stage_dir(workdir, spec.name), "checkpoints")
+    with checkpoint_lib.Checkpointer(directory) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(
+                f"No trained {spec.name} stage in {workdir}: run stage={spec.name} with this workdir first"
+            )
+        state, _ = ckpt.restore(checkpoint_lib.abstract_like(abstract, repl))
+    return state

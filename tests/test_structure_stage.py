@@ -89,3 +89,12 @@ def test_unknown_update_mode_is_named(tiny_config):
     tiny_config.structure.update_mode = "sequential"
     with pytest.raises(ValueError, match="update_mode 'sequential'"):
         structure.build(tiny_config)
+
+
+def test_load_state_restores_the_trained_state(trained, tmp_path):
+    config, _, state, workdir = trained
+    loaded = structure.load_state(config, workdir)
+    for a, b in zip(jax.tree.leaves(state.g_params), jax.tree.leaves(loaded.g_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="run stage=structure"):
+        structure.load_state(config, tmp_path)

@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from synth import checkpoint as checkpoint_lib
 from synth import input_pipeline, losses, metrics, optim, sharding, train
 from synth import writer as writer_lib
 from synth.models import sizes, stacked
@@ -138,12 +137,8 @@ def train_step(state: SegmentorState, batch, rng, *, model, variant, stacking, t
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
 
-def preprocess(example: dict) -> dict:
-    """Decoded phantom/BRATS-like example -> the arrays this stage consumes."""
-    return {
-        "image": np.asarray(example["image"], np.float32),
-        "label": np.asarray(example["label"], np.int32),
-    }
+# Decoded BRATS-like example -> the arrays this stage consumes.
+preprocess = input_pipeline.image_and_label
 
 
 def _region_scores(pred, label, valid):
@@ -274,25 +269,9 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at=None):
     """Trains the segmentors in `workdir/segmentor` unless already complete."""
-    if train.is_complete(workdir, NAME, config.segmentor.train.num_steps):
-        import logging
-
-        logging.getLogger("synth").info("[%s] complete: nothing to do", NAME)
-        return None
-    return train.run_stage(build(config), config, workdir, stop_at=stop_at)
+    return train.run_unless_complete(NAME, build, config, workdir, stop_at=stop_at)
 
 
 def load_state(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> SegmentorState:
     """The latest trained segmentor state of a run, for stages that use the frozen segmentors."""
-    spec = build(config)
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-    repl = sharding.replicated(mesh)
-    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
-    abstract = jax.eval_shape(spec.init_state, jax.random.key(0), example)
-    with checkpoint_lib.Checkpointer(os.path.join(train.stage_dir(workdir, NAME), "checkpoints")) as c:
-        if c.latest_step() is None:
-            raise FileNotFoundError(
-                f"No trained segmentor in {workdir}: run stage=segmentor with this workdir first"
-            )
-        state, _ = c.restore(checkpoint_lib.abstract_like(abstract, repl))
-    return state
+    return train.load_trained_state(build(config), config, workdir)

@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from synth import checkpoint as checkpoint_lib
 from synth import extraction, input_pipeline, losses, optim, sharding, structure_filter, train
 from synth import writer as writer_lib
 from synth.models import sizes, vae
@@ -249,11 +248,8 @@ def sample_structures(
     )
 
 
-def preprocess(example: dict) -> dict:
-    return {
-        "image": np.asarray(example["image"], np.float32),
-        "label": np.asarray(example["label"], np.int32),
-    }
+# Decoded BRATS-like example -> the arrays this stage consumes.
+preprocess = input_pipeline.image_and_label
 
 
 def make_evaluator(config, *, models: Models, extract_fn, mesh):
@@ -352,20 +348,9 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at=None):
     """Trains stage A in `workdir/structure` unless already complete."""
-    if train.is_complete(workdir, NAME, config.structure.train.num_steps):
-        log.info("[%s] complete: nothing to do", NAME)
-        return None
-    return train.run_stage(build(config), config, workdir, stop_at=stop_at)
+    return train.run_unless_complete(NAME, build, config, workdir, stop_at=stop_at)
 
 
 def load_state(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> StructureState:
     """The latest trained stage-A state of a run, for stage C's sampling."""
-    spec = build(config)
-    repl = sharding.replicated(sharding.make_mesh(config.mesh.shape, config.mesh.axes))
-    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
-    abstract = jax.eval_shape(spec.init_state, jax.random.key(0), example)
-    with checkpoint_lib.Checkpointer(os.path.join(train.stage_dir(workdir, NAME), "checkpoints")) as c:
-        if c.latest_step() is None:
-            raise FileNotFoundError(f"No trained structure stage in {workdir}: run stage=structure first")
-        state, _ = c.restore(checkpoint_lib.abstract_like(abstract, repl))
-    return state
+    return train.load_trained_state(build(config), config, workdir)
