@@ -1,4 +1,4 @@
-"""Evaluation metrics as jittable ``jax.numpy`` functions; every reduction names its axes.
+"""Segmentation metrics as jittable ``jax.numpy`` functions; every reduction names its axes.
 
 Segmentation metrics take integer label maps ``pred`` and ``target`` of shape (B, H, W), where
 the prediction is the argmax of the segmentor's outputs. Two families (METHOD §9.4):
@@ -13,7 +13,7 @@ the prediction is the argmax of the segmentor's outputs. Two families (METHOD §
 * **Code parity** (:func:`parity_dice`, :func:`parity_mse`): the authors' numbers, for
   comparability with their tables only.
 
-Image-quality metrics (PSNR, SSIM, MS-SSIM, FID) will join this module.
+The other metric families live beside this module in :mod:`synth.metrics`.
 """
 
 import jax
