@@ -33,6 +33,7 @@ Paper vs code choices (METHOD §1, §4.1, §11):
   §11.26).
 """
 
+import dataclasses
 import functools
 import math
 
@@ -61,18 +62,14 @@ def bottleneck_hw(image_hw: tuple[int, int], num_levels: int) -> tuple[int, int]
     return h, w
 
 
-class UNet(nn.Module):
-    """Conditional U-Net (METHOD §4.1), generalised to ``num_levels`` down-sampling steps.
+class _UNetLayers(nn.Module):
+    """The U-Net's attributes and layers, shared by :class:`UNet` and its two halves.
 
-    ``__call__`` sows the bottleneck activation (after the condition concat and
-    ``bottleneck_conv``) as ``intermediates/bottleneck``; read it with
-    ``apply(..., mutable=["intermediates"])``.
-
-    Input dropout: ``dropout_rate`` (= 1 − the code's ``keep_prob``) acts only when
-    ``train=True`` and then needs a ``"dropout"`` rng. The TF-1 code applies it at inference too
-    (§11.26). To reproduce that, a sampler can pass ``train=True`` plus a dropout rng at
-    generation time behind a config flag (e.g. ``sample.dropout_at_inference``); no module
-    attribute is needed, since instance norm behaves the same in training and evaluation.
+    ``_encode`` and ``_decode`` create their layers inline, so they must run inside a subclass's
+    ``@nn.compact`` ``__call__``; the layers then sit directly under the calling module with the
+    names of the module docstring. This is what keeps :class:`UNet`'s parameter tree flat (other
+    stages' checkpoints depend on it) while :class:`UNetEncoder` and :class:`UNetDecoder` hold
+    exactly the encoder's and the decoder's part of that tree.
     """
 
     features: int = 64  # Base width ngf: 64 for G, G_t, G_l in the paper/code; 32 for G_m.
@@ -84,20 +81,7 @@ class UNet(nn.Module):
     out_activation: str = "sigmoid"  # "sigmoid" for images; "none" returns logits (segmentors).
     norm_output: bool = True  # The code instance-normalises the output conv before the sigmoid.
 
-    @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-        """Run the U-Net.
-
-        Args:
-            x: input images (B, H, W, C_in), any H, W >= 1.
-            cond: optional condition: a vector (B, K) (e.g. a modality one-hot), tiled over the
-                bottleneck, or a map (B, h_b, w_b, K) of the bottleneck size. Concatenated to the
-                raw output of the last stride-2 conv, before ``bottleneck_conv`` (§4.1).
-            train: enables input dropout.
-
-        Returns:
-            (B, H, W, out_channels): sigmoid outputs, or logits if ``out_activation="none"``.
-        """
+    def _check(self, x: jax.Array) -> None:
         if self.num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {self.num_levels}.")
         if self.out_activation not in OUT_ACTIVATIONS:
@@ -105,9 +89,19 @@ class UNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"Expected NHWC input, got shape {x.shape}.")
 
-        widths = [self.features * 2**level for level in range(self.num_levels)]
+    def _widths(self) -> list[int]:
+        return [self.features * 2**level for level in range(self.num_levels)]
+
+    def _conv(self) -> functools.partial:
         # Every conv shares the activation and init; the few exceptions override them per call.
-        conv = functools.partial(ConvBlock, activation=self.activation, kernel_init=self.kernel_init)
+        return functools.partial(ConvBlock, activation=self.activation, kernel_init=self.kernel_init)
+
+    def _encode(
+        self, x: jax.Array, cond: jax.Array | None, train: bool
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Input dropout, the encoder levels and the bottleneck: returns (bottleneck, skips)."""
+        widths = self._widths()
+        conv = self._conv()
 
         if self.dropout_rate > 0.0:
             dropout = nn.Dropout(self.dropout_rate, deterministic=not train, name="input_dropout")
@@ -134,7 +128,14 @@ class UNet(nn.Module):
         # C_nominal excludes the condition channels, as in the code (conv10 uses 4ngf).
         h = conv(widths[-1], c_nominal=widths[-1], name="bottleneck_conv")(h)
         self.sow("intermediates", "bottleneck", h)
+        return h, tuple(skips)
 
+    def _decode(self, h: jax.Array, skips: tuple[jax.Array, ...]) -> jax.Array:
+        """The decoder levels and the output conv (plus the output sigmoid, if any)."""
+        widths = self._widths()
+        conv = self._conv()
+        if len(skips) != self.num_levels:
+            raise ValueError(f"Expected {self.num_levels} skips, got {len(skips)}.")
         for level in reversed(range(self.num_levels)):
             skip = skips[level]
             h = UpConvBlock(
@@ -166,3 +167,104 @@ class UNet(nn.Module):
                 f"cond shape {cond.shape} does not match the bottleneck (B, h, w) = {(batch, hb, wb)}."
             )
         return cond.astype(h.dtype)
+
+
+class UNet(_UNetLayers):
+    """Conditional U-Net (METHOD §4.1), generalised to ``num_levels`` down-sampling steps.
+
+    ``__call__`` sows the bottleneck activation (after the condition concat and
+    ``bottleneck_conv``) as ``intermediates/bottleneck``; read it with
+    ``apply(..., mutable=["intermediates"])``.
+
+    Input dropout: ``dropout_rate`` (= 1 − the code's ``keep_prob``) acts only when
+    ``train=True`` and then needs a ``"dropout"`` rng. The TF-1 code applies it at inference too
+    (§11.26). To reproduce that, a sampler can pass ``train=True`` plus a dropout rng at
+    generation time behind a config flag (e.g. ``sample.dropout_at_inference``); no module
+    attribute is needed, since instance norm behaves the same in training and evaluation.
+
+    The same network in two halves, for designs that share one of them: :class:`UNetEncoder`
+    and :class:`UNetDecoder` (built with :func:`split_unet`); their parameter trees are disjoint
+    and together are exactly this module's.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        """Run the U-Net.
+
+        Args:
+            x: input images (B, H, W, C_in), any H, W >= 1.
+            cond: optional condition: a vector (B, K) (e.g. a modality one-hot), tiled over the
+                bottleneck, or a map (B, h_b, w_b, K) of the bottleneck size. Concatenated to the
+                raw output of the last stride-2 conv, before ``bottleneck_conv`` (§4.1).
+            train: enables input dropout.
+
+        Returns:
+            (B, H, W, out_channels): sigmoid outputs, or logits if ``out_activation="none"``.
+        """
+        self._check(x)
+        h, skips = self._encode(x, cond, train)
+        return self._decode(h, skips)
+
+
+class UNetEncoder(_UNetLayers):
+    """The encoder half of :class:`UNet`: input dropout, the encoder levels and the bottleneck.
+
+    Its parameters are the U-Net's ``enc*``, ``down*`` and ``bottleneck_conv`` entries, under the
+    same names. Like the U-Net it sows ``intermediates/bottleneck``.
+    """
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, cond: jax.Array | None = None, *, train: bool = False
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Encode images.
+
+        Args:
+            x: input images (B, H, W, C_in).
+            cond: optional condition, as for :meth:`UNet.__call__`.
+            train: enables input dropout.
+
+        Returns:
+            ``(bottleneck, skips)``: the bottleneck activation (B, h_b, w_b, w·2**(L−1)) and the
+            ``num_levels`` skip activations, level 0 (full size) first.
+        """
+        self._check(x)
+        return self._encode(x, cond, train)
+
+
+class UNetDecoder(_UNetLayers):
+    """The decoder half of :class:`UNet`: up-sampling levels with skips, and the output conv.
+
+    Its parameters are the U-Net's ``up*``, ``dec*`` and ``out_conv`` entries, under the same names.
+    """
+
+    @nn.compact
+    def __call__(self, h: jax.Array, skips: tuple[jax.Array, ...]) -> jax.Array:
+        """Decode an encoder's output.
+
+        Args:
+            h: the bottleneck activation from :class:`UNetEncoder`.
+            skips: the encoder's skip activations, level 0 first.
+
+        Returns:
+            (B, H, W, out_channels), as :meth:`UNet.__call__` returns.
+        """
+        self._check(h)
+        return self._decode(h, tuple(skips))
+
+
+def split_unet(unet: UNet) -> tuple[UNetEncoder, UNetDecoder]:
+    """Build the encoder and decoder halves of ``unet``, with all its attributes.
+
+    ``decoder.apply(dp, *encoder.apply(ep, x))`` equals ``unet.apply(p, x)`` when ``p["params"]``
+    is the union of ``ep["params"]`` and ``dp["params"]``.
+
+    Args:
+        unet: the full network.
+
+    Returns:
+        ``(encoder, decoder)``.
+    """
+    attrs = {f.name: getattr(unet, f.name) for f in dataclasses.fields(_UNetLayers) if f.init}
+    attrs = {k: v for k, v in attrs.items() if k not in ("parent", "name")}
+    return UNetEncoder(**attrs), UNetDecoder(**attrs)

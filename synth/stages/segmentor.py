@@ -1,11 +1,17 @@
 """Stage `segmentor`: lesion processors trained on real images (METHOD.md §6.3).
 
 They are frozen later and score lesions in synthetic images (stage B's lesion loss, stage C's Dice filter).
-Variants, by `config.segmentor.variant`:
-  n_seg    one U-Net per modality (the paper's recommendation); their parameters are stacked on a leading
-           modality axis and applied by `synth.models.stacked.map_stacked` (one `vmap`ped call on GPU);
-  one_seg  one shared U-Net applied to every modality.
-(The third variant of §6.3, one shared encoder with N decoders, is not built yet.)
+Variants, by `config.segmentor.variant` (all built from the one U-Net design of `synth.models.unet`):
+  n_seg           one U-Net per modality (the paper's recommendation); their parameters are stacked on a
+                  leading modality axis and applied by `synth.models.stacked.map_stacked` (one `vmap`ped
+                  call on GPU);
+  one_seg         one shared U-Net applied to every modality;
+  shared_encoder  one shared encoder (skips included) and one U-Net decoder per modality ("1 E_l + N D_l",
+                  `synth.models.shared_encoder`): the encoder runs once over all modalities' images and
+                  the stacked decoders are applied like n_seg's U-Nets.
+Whatever the variant, `predict_logits` returns (K, B, H, W, classes): modality k's image scored by its
+segmentor. The evaluator reports the standard BRATS region Dice and, for comparison with the paper's
+tables, the authors' Dice and MSE on class indices (§9.4, §11.27).
 """
 
 from __future__ import annotations
@@ -23,11 +29,11 @@ import optax
 
 from synth import input_pipeline, losses, metrics, optim, sharding, train
 from synth import writer as writer_lib
-from synth.models import sizes, stacked
+from synth.models import shared_encoder, sizes, stacked
 from synth.models.unet import UNet
 
 NAME = "segmentor"
-VARIANTS = ("n_seg", "one_seg")
+VARIANTS = ("n_seg", "one_seg", "shared_encoder")
 REGIONS = ("whole", "core", "enhancing")
 
 
@@ -36,7 +42,9 @@ class SegmentorState:
     """All mutable state of the stage: one pytree."""
 
     step: jax.Array
-    params: Any  # n_seg: every leaf has a leading modality axis of size K.
+    # n_seg: every leaf has a leading modality axis of size K; shared_encoder: {"encoder": ..., "decoders":
+    # ...} with that axis on the decoders only; one_seg: one U-Net's variables.
+    params: Any
     opt_state: Any
 
 
@@ -59,17 +67,31 @@ def _by_modality(images: jax.Array) -> jax.Array:
     return jnp.moveaxis(images, -1, 0)[..., None]
 
 
-def _shared(variant: str) -> bool:
+def _check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"Unknown config.segmentor.variant {variant!r}; choose one of {VARIANTS}")
-    return variant == "one_seg"
+    return variant
 
 
 def init_params(rng: jax.Array, images: jax.Array, *, model: UNet, variant: str) -> Any:
-    """Parameters for all modalities: stacked (n_seg) or one shared set (one_seg)."""
+    """Parameters for all modalities: stacked, shared, or a shared encoder with stacked decoders.
+
+    Args:
+      rng: init key.
+      images: (B, H, W, K) example batch; only its shape matters.
+      model: the U-Net of one modality (`make_model`).
+      variant: one of `VARIANTS`.
+
+    Returns:
+      n_seg: one U-Net's variables stacked K times; one_seg: one U-Net's variables; shared_encoder:
+      `{"encoder": ..., "decoders": ...}` with the decoders stacked K times.
+    """
     x = _by_modality(images)
-    if _shared(variant):
+    variant = _check_variant(variant)
+    if variant == "one_seg":
         return model.init(rng, x[0])
+    if variant == "shared_encoder":
+        return shared_encoder.init(rng, x[0], unet=model, num_members=x.shape[0])
     keys = jax.random.split(rng, x.shape[0])
     return jax.vmap(lambda k, xi: model.init(k, xi))(keys, x)
 
@@ -84,14 +106,28 @@ def predict_logits(
     rng=None,
     train_mode=False,
 ) -> jax.Array:
-    """Logits (K, B, H, W, classes) of every modality's segmentor, from stacked (or shared) parameters."""
+    """Logits (K, B, H, W, classes) of every modality's segmentor on that modality's images.
+
+    Args:
+      params: from `init_params` with the same `variant`.
+      images: (B, H, W, K) co-registered slices, modalities in `config.data.modalities` order.
+      model: the U-Net of one modality (`make_model`).
+      variant: one of `VARIANTS`.
+      stacking: how stacked parameters are applied (`synth.models.stacked.MODES`).
+      rng: dropout key when `train_mode`.
+      train_mode: enables input dropout.
+    """
     x = _by_modality(images)
-    keys = jax.random.split(rng if rng is not None else jax.random.key(0), x.shape[0])
+    variant = _check_variant(variant)
+    rng = rng if rng is not None else jax.random.key(0)
+    if variant == "shared_encoder":
+        return shared_encoder.apply(params, x, unet=model, mode=stacking, rng=rng, train=train_mode)
+    keys = jax.random.split(rng, x.shape[0])
 
     def apply(p, xi, key):
         return model.apply(p, xi, train=train_mode, rngs={"dropout": key} if train_mode else None)
 
-    return stacked.map_stacked(apply, params, x, keys, shared_params=_shared(variant), mode=stacking)
+    return stacked.map_stacked(apply, params, x, keys, shared_params=variant == "one_seg", mode=stacking)
 
 
 def init_state(rng, batch, *, model: UNet, variant: str, tx: optax.GradientTransformation):
@@ -166,8 +202,38 @@ def _region_scores(pred, label, valid):
     return dice_sum, count, jnp.stack(inter), jnp.stack(total)
 
 
+def _parity_scores(pred, label, valid):
+    """Per-modality sums of the authors' per-image Dice and MSE (§9.4) over the valid images.
+
+    Args:
+      pred: (K, B, H, W) predicted labels; label: (B, H, W); valid: (B,) False on padding rows.
+
+    Returns:
+      `(dice_sum, mse_sum, count)`: (K,), (K,) and the number of valid images. Both metrics are means
+      over images of per-image values, so sums and a count merge exactly across batches.
+    """
+
+    def per_image(p, t):
+        # `metrics.parity_*` average over a batch axis; a batch of one gives the per-image value.
+        return metrics.parity_dice(p[None], t[None]), metrics.parity_mse(p[None], t[None])
+
+    dice, mse = jax.vmap(jax.vmap(per_image), in_axes=(0, None))(pred, label)
+    weight = valid.astype(jnp.float32)
+    return jnp.sum(dice * weight, axis=1), jnp.sum(mse * weight, axis=1), jnp.sum(weight)
+
+
+def _batch_scores(pred, label, valid):
+    return _region_scores(pred, label, valid) + _parity_scores(pred, label, valid)
+
+
 def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
-    """Dice of each BRATS region and modality on the eval split, plus a sample grid."""
+    """Metrics of every modality's segmentor on the eval split, plus a sample grid.
+
+    Scalars: `dice_<region>/<modality>` and `/mean` (standard BRATS region Dice, mean over the images
+    with the region), `global_dice_<region>/mean` (pooled over the split), and the authors' numbers
+    `parity_dice/<modality>`, `parity_mse/<modality>` and their `/mean` (§9.4: on class indices, per image,
+    averaged over all images; only comparable with the paper's tables, not with the standard Dice).
+    """
     data = config.data
     source = input_pipeline.open_source(data, data.eval_split)
     batch_sh = sharding.batch_sharding(mesh)
@@ -178,7 +244,7 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
         logits = predict_logits(params, images, model=model, variant=variant, stacking=stacking)
         return jnp.argmax(logits, axis=-1)
 
-    scores = jax.jit(_region_scores)
+    scores = jax.jit(_batch_scores)
 
     def evaluate(state: SegmentorState, step: int):
         sums = None
@@ -196,7 +262,9 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
             sums = out if sums is None else [a + b for a, b in zip(sums, out)]
             if not grid_rows:
                 grid_rows = _grid_rows(local, np.asarray(jax.device_get(pred)), data.num_classes)
-        dice_sum, count, inter, total = (np.asarray(x, np.float64) for x in sums)
+        dice_sum, count, inter, total, parity_dice, parity_mse, parity_count = (
+            np.asarray(x, np.float64) for x in sums
+        )
         # Standard: mean per-image Dice over images with the region; global: 2·Σ|P∩T| / Σ(|P|+|T|).
         dice = dice_sum / np.maximum(count, 1)
         global_dice = 2.0 * inter / np.maximum(total, 1)
@@ -206,6 +274,14 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
                 scalars[f"dice_{region}/{name}"] = dice[r, k]
             scalars[f"dice_{region}/mean"] = dice[r].mean()
             scalars[f"global_dice_{region}/mean"] = global_dice[r].mean()
+        parity = {
+            "parity_dice": parity_dice / max(parity_count, 1),
+            "parity_mse": parity_mse / max(parity_count, 1),
+        }
+        for metric, values in parity.items():
+            for k, name in enumerate(modalities):
+                scalars[f"{metric}/{name}"] = values[k]
+            scalars[f"{metric}/mean"] = values.mean()
         images = {"segmentation": writer_lib.image_grid(grid_rows)} if grid_rows else {}
         return scalars, images
 
@@ -239,7 +315,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
         )
     model = make_model(config, image_hw)
     tx = optim.make_optimizer(seg.optim)
-    _shared(seg.variant)  # Validates the variant name early.
+    _check_variant(seg.variant)  # A mistyped variant fails here, before anything compiles.
     mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     return train.StageSpec(
         name=NAME,
