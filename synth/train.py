@@ -54,6 +54,11 @@ class StageSpec:
       init_state: `(rng, batch) -> state`; `state.step` must be an int32 scalar.
       train_step: pure `(state, batch, rng) -> (state, metrics)`; metrics are scalars.
       evaluate: optional evaluator, called every `eval_every` steps and at the end.
+      frozen: optional pytree of arrays from earlier stages (e.g. a frozen segmentor's parameters). The
+        loop passes it to `train_step` as a fourth argument, replicated, never donated and never
+        checkpointed with this stage: it is reloaded from the earlier stages on resume.
+      provenance: what `frozen` was loaded from (e.g. checkpoint steps); part of the stage's
+        fingerprint, so a resume after an earlier stage was retrained is refused.
     """
 
     name: str
@@ -63,6 +68,8 @@ class StageSpec:
     init_state: Callable[[jax.Array, Batch], State]
     train_step: Callable[[State, Batch, jax.Array], tuple[State, Metrics]]
     evaluate: Evaluator | None = None
+    frozen: Any = None
+    provenance: Mapping[str, Any] | None = None
 
 
 def stage_dir(workdir: str | os.PathLike, name: str) -> str:
@@ -90,10 +97,13 @@ def _loop_rngs(*, seed: int, name: str):
     return init_rng, loop_rng, jnp.zeros((), jnp.int32)
 
 
-def _loop_step(state, batch, loop_rng, nonfinite, *, train_step):
+def _loop_step(state, batch, loop_rng, nonfinite, frozen, *, train_step):
     """The jitted body: per-step rng, the stage's step, and a sticky on-device NaN/Inf counter."""
     rng = jax.random.fold_in(loop_rng, state.step)
-    new_state, metrics = train_step(state, batch, rng)
+    if frozen is None:
+        new_state, metrics = train_step(state, batch, rng)
+    else:
+        new_state, metrics = train_step(state, batch, rng, frozen)
     # One scalar that is finite iff every float in the metrics and the new state is finite, so the guard
     # never needs a host sync between log steps.
     total = sum(
@@ -156,7 +166,7 @@ def run_stage(
         abstract = checkpoint_lib.abstract_like(abstract, repl)
         ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train.keep_checkpoints)
         resumed = ckpt.latest_step() is not None
-        fingerprint = _fingerprint(spec.name, config)
+        fingerprint = _fingerprint(spec.name, config, spec.provenance)
         if resumed:
             _check_same_config(spec.name, out_dir, fingerprint)
             state, data_state = ckpt.restore(abstract)
@@ -172,7 +182,7 @@ def run_stage(
 
         step_fn = jax.jit(
             functools.partial(_loop_step, train_step=spec.train_step),
-            in_shardings=(repl, batch_sh, repl, repl),
+            in_shardings=(repl, batch_sh, repl, repl, repl),
             out_shardings=(repl, repl, repl),
             donate_argnums=(0,),
         )
@@ -184,7 +194,7 @@ def run_stage(
         try:
             while step < end:
                 batch = sharding.to_global(next(data_iter), batch_sh)
-                state, metrics, nonfinite = step_fn(state, batch, loop_rng, nonfinite)
+                state, metrics, nonfinite = step_fn(state, batch, loop_rng, nonfinite, spec.frozen)
                 step += 1
                 final = step == end
                 if step % train.log_every == 0 or final:
@@ -251,13 +261,19 @@ def _check_loop_config(name: str, loop: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{name}.train.{key} must be a positive integer, got {value!r}")
 
 
-def _fingerprint(name: str, config: ml_collections.ConfigDict) -> dict:
-    """What a checkpoint of stage `name` depends on: its config section, the data and the seed."""
+def _fingerprint(name: str, config: ml_collections.ConfigDict, provenance=None) -> dict:
+    """What a checkpoint of stage `name` depends on.
+
+    That is its config section, the data, the seed and the earlier stages it froze.
+    """
     section = config[name].to_dict() if name in config else {}
     for key in _RESUMABLE_KEYS:
         section.get("train", {}).pop(key, None)
     data = {k: config.data[k] for k in ("name", "builder_config", "train_split")}
-    return json.loads(json.dumps({"seed": config.seed, "data": data, name: section}, default=str))
+    fingerprint = {"seed": config.seed, "data": data, name: section}
+    if provenance:
+        fingerprint["frozen"] = dict(provenance)
+    return json.loads(json.dumps(fingerprint, default=str))
 
 
 def _check_same_config(name: str, out_dir: str, fingerprint: dict) -> None:

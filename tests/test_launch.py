@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _launch(*args, data_dir=None):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # As in-process tests: compile fast, semantics unchanged.
     if data_dir:
         env["SYNTH_DATA_DIR"] = data_dir
     return subprocess.run(
@@ -48,8 +49,8 @@ def test_bad_options_name_the_problem(arg, message):
 
 
 def test_unbuilt_stage_says_so(tmp_path):
-    config = phantom.get_config("stage=translator")
-    with pytest.raises(stages.StageNotBuiltError, match="'translator'.*not built yet"):
+    config = phantom.get_config("stage=dataset")
+    with pytest.raises(stages.StageNotBuiltError, match="'dataset'.*not built yet"):
         pipeline.train_and_evaluate(config, tmp_path)
 
 

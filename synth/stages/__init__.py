@@ -15,12 +15,12 @@ from synth.configlib import PIPELINE_STAGES
 BUILT_STAGES = {
     "structure": "synth.stages.structure",
     "segmentor": "synth.stages.segmentor",
+    "translator": "synth.stages.translator",
+    "synthesis": "synth.stages.synthesis",
 }
 
 # Where each unbuilt stage is tracked, for the error message.
 _PLANNED = {
-    "translator": "stage B: modality translator (issue #4)",
-    "synthesis": "stage B: conditional multimodal generator (issue #4)",
     "dataset": "stage C: synthetic dataset generation (issue #5)",
     "verify": "stage D: downstream verification (issue #6)",
 }

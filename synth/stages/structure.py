@@ -183,11 +183,12 @@ def _apply(tx, grads, opt_state, params):
     return optax.apply_updates(params, updates), opt_state, updates
 
 
-def generate(g_params, d_params, key, n: int, *, models: Models, code_shape):
-    """Draws n structure maps and masks from noise, with D_s's score of each (§5.4 step 1).
+def generate_maps(g_params, key, n: int, *, models: Models, code_shape):
+    """Draws n structure maps and their organ masks from noise, unfiltered (G_s, then G_m on the map).
 
     Returns:
-      `(maps, masks, scores)`: maps and masks (n, H, W) int32 in {0, 1} (masks: 1 = organ), scores (n,).
+      `(maps, masks, map_probs)`: maps and masks (n, H, W) int32 in {0, 1} (masks: 1 = organ), and the
+      map's soft paired one-hot (n, H, W, 2).
     """
     prior = jax.random.normal(key, (n, *code_shape))
     probs = models.decoder.apply(g_params["decoder"], prior)
@@ -195,7 +196,16 @@ def generate(g_params, d_params, key, n: int, *, models: Models, code_shape):
     mask_probs = models.mask.apply(
         g_params["mask"], losses.paired_one_hot(maps[..., None].astype(jnp.float32))
     )
-    masks = jnp.argmax(mask_probs, axis=-1)
+    return maps, jnp.argmax(mask_probs, axis=-1), probs
+
+
+def generate(g_params, d_params, key, n: int, *, models: Models, code_shape):
+    """Draws n structure maps and masks from noise, with D_s's score of each (§5.4 step 1).
+
+    Returns:
+      `(maps, masks, scores)`: maps and masks (n, H, W) int32 in {0, 1} (masks: 1 = organ), scores (n,).
+    """
+    maps, masks, probs = generate_maps(g_params, key, n, models=models, code_shape=code_shape)
     # The authors score the soft map (dropout on); ours is deterministic: D_s in inference mode.
     scores = jnp.mean(models.map_disc.apply(d_params["map"], probs), axis=(1, 2, 3))
     return maps, masks, scores

@@ -1,0 +1,171 @@
+"""Stage B wiring with random networks: pairs, losses, label draws, shapes, frozen-network gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from synth import input_pipeline, optim, registration
+from synth.models import sizes
+from synth.stages import segmentor, synthesis, translator
+
+
+def test_pairs_are_grouped_by_target_and_translated_in_one_call():
+    pairs = registration.ordered_pairs(4)
+    assert len(pairs) == 12 and len(set(pairs)) == 12 and all(i != j for i, j in pairs)
+    x = jnp.arange(4.0)[:, None, None, None, None] * jnp.ones((4, 2, 3, 3, 1))  # x_i == i everywhere
+    calls = []
+
+    def translate(images, targets):  # "Translate" = 10·source + target.
+        calls.append(images.shape)
+        return 10 * images + jnp.argmax(targets, -1)[:, None, None, None]
+
+    out = registration.translate_pairs(translate, x)
+    assert out.shape == (4, 3, 2, 3, 3, 1) and calls == [(24, 3, 3, 1)]
+    sources = registration.pair_sources(4)
+    for j in range(4):
+        for n in range(3):
+            np.testing.assert_allclose(out[j, n], 10 * sources[j, n] + j)
+
+    def set_to_target(images, targets):
+        return jnp.broadcast_to(
+            jnp.argmax(targets, -1)[:, None, None, None].astype(images.dtype), images.shape
+        )
+
+    # Every cycle i -> j -> i comes back to i, each counted once (§11.16's mis-wiring would not).
+    cycled = registration.translate_back(set_to_target, registration.translate_pairs(set_to_target, x))
+    assert float(registration.cycle_loss(x, cycled)) == 0.0
+    assert float(registration.registration_loss(x, registration.translate_pairs(set_to_target, x))) == 0.0
+
+
+def test_registration_and_agreement_losses_match_loops():
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 2, 5, 5, 1)).astype(np.float32)
+    t = rng.random((4, 3, 2, 5, 5, 1)).astype(np.float32)
+    reg = sum(np.mean((t[j, n] - x[j]) ** 2) for j in range(4) for n in range(3))
+    agree = sum(
+        np.mean((t[j, a] - t[j, b]) ** 2) for j in range(4) for a in range(3) for b in range(a + 1, 3)
+    )
+    np.testing.assert_allclose(registration.registration_loss(x, t), reg, rtol=1e-5)
+    np.testing.assert_allclose(registration.agreement_loss(t), agree, rtol=1e-5)
+
+
+def test_category_loss_kinds():
+    maps = jnp.full((2, 3, 3, 1), 2.0)
+    assert float(registration.category_loss(maps, 2, kind="index_mse", num_modalities=4)) == 0.0
+    assert float(registration.category_loss(maps, 0, kind="index_mse", num_modalities=4)) == 4.0
+    logits = jnp.zeros((2, 3, 3, 4)).at[..., 1].set(20.0)
+    assert float(registration.category_loss(logits, 1, kind="cross_entropy", num_modalities=4)) < 1e-6
+    assert registration.predicted_category(logits, kind="cross_entropy").tolist() == [1, 1]
+    with pytest.raises(ValueError, match="category loss kind 'hinge'"):
+        registration.category_loss(maps, 0, kind="hinge", num_modalities=4)
+
+
+def test_labels_are_drawn_to_fit_the_organ():
+    organ = np.zeros((3, 4, 4, 1), np.float32)
+    organ[0] = 1.0  # all organ
+    organ[1, :, :2] = 1.0  # left half
+    labels = np.zeros((3, 4, 4), np.int32)
+    labels[0, :, 3] = 2  # right edge
+    labels[1, :, 0] = 1  # left edge
+    label, fitted = synthesis.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="code")
+    np.testing.assert_array_equal(label[0], labels[1])  # The next slice's label fits anywhere.
+    np.testing.assert_array_equal(label[1], labels[2])  # The empty label fits (code rule)…
+    np.testing.assert_array_equal(label[2], 0)  # …and is the fallback when nothing fits.
+    assert fitted.tolist() == [True, True, False]
+    label, fitted = synthesis.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="paper")
+    assert fitted.tolist() == [True, False, False]  # Paper rule: an empty label does not fit.
+    np.testing.assert_array_equal(label[1], labels[0])  # The last draw is kept.
+
+
+@pytest.mark.parametrize(
+    "image_hw, bottleneck, patches", [((184, 144), (23, 18), (12, 9)), ((512, 512), (64, 64), (32, 32))]
+)
+def test_generator_and_discriminator_shapes(tiny_config, image_hw, bottleneck, patches):
+    tiny_config.synthesis.model.size = "base"
+    models = synthesis.make_models(tiny_config, image_hw)
+    g_input = jax.ShapeDtypeStruct((2, *image_hw, 6), jnp.float32)  # s' + five one-hot label channels.
+    cond = jax.ShapeDtypeStruct((2, 4), jnp.float32)
+    params = jax.eval_shape(models.generator.init, jax.random.key(0), g_input, cond)
+    out, inter = jax.eval_shape(
+        lambda p, x, c: models.generator.apply(p, x, c, mutable=["intermediates"]), params, g_input, cond
+    )
+    assert out.shape == (2, *image_hw, 1)
+    assert inter["intermediates"]["bottleneck"][0].shape[1:3] == bottleneck
+    image = jax.ShapeDtypeStruct((2, *image_hw, 1), jnp.float32)
+    d_params = jax.eval_shape(models.discriminator.init, jax.random.key(0), image)
+    d, c = jax.eval_shape(models.discriminator.apply, d_params, image)
+    assert d.shape[1:3] == c.shape[1:3] == patches
+    assert sizes.unet_kwargs("base", image_hw)["features"] == 64
+
+
+@pytest.fixture(scope="module")
+def random_stage_b(phantom_data_dir):
+    """Synthesis with all four modalities' frozen networks at random init: enough for wiring checks."""
+    from configs import phantom
+
+    config = phantom.get_config("runlocal")
+    config.data.data_dir = phantom_data_dir
+    models = synthesis.make_models(config, (32, 32))
+    source = input_pipeline.open_source(config.data, "train")
+    batch = jax.tree.map(lambda *x: np.stack(x), *[synthesis.preprocess(source[i]) for i in range(2)])
+    keys = jax.random.split(jax.random.key(1), 4)
+    tr_state = translator.init_state(
+        keys[0],
+        batch,
+        models=translator.make_models(config, (32, 32)),
+        g_tx=optim.make_optimizer(config.translator.optim.g),
+        d_tx=optim.make_optimizer(config.translator.optim.d),
+    )
+    seg_params = segmentor.init_params(
+        keys[1], batch["image"], model=segmentor.make_model(config, (32, 32)), variant="n_seg"
+    )
+    tx = optim.make_optimizer(config.synthesis.optim.g)
+    state = synthesis.init_state(keys[2], batch, models=models, config=config, g_tx=tx, d_tx=tx)
+    frozen = {"translator": tr_state.g_params, "lesion": seg_params}
+    return config, models, batch, state, frozen, keys[3]
+
+
+def test_frozen_networks_take_no_gradient_but_pass_it_on(random_stage_b):
+    config, models, batch, state, frozen, key = random_stage_b
+    terms = ("registration", "agreement", "lesion")
+
+    def term_values(g_params, frozen):
+        _, (values, _, _) = synthesis.generator_loss(
+            g_params, state.d_params, frozen, batch, key, jnp.asarray(10**6), models=models, config=config
+        )
+        return jnp.stack([values[t] for t in terms])
+
+    g_jac, frozen_jac = jax.jit(jax.jacrev(term_values, argnums=(0, 1)))(state.g_params, frozen)
+    for k, name in enumerate(terms):
+        g_norm = max(float(jnp.abs(leaf[k]).max()) for leaf in jax.tree.leaves(g_jac))
+        frozen_norm = max(float(jnp.abs(leaf[k]).max()) for leaf in jax.tree.leaves(frozen_jac))
+        assert g_norm > 0.0, f"{name} gives G no gradient"
+        assert frozen_norm == 0.0, f"{name} gives a frozen network gradient"
+
+
+def test_translator_fakes_are_translations_and_g_gets_adversarial_gradient(random_stage_b):
+    config, _, batch, _, _, key = random_stage_b
+    models = translator.make_models(config, (32, 32))
+    tx = optim.make_optimizer(config.translator.optim.g)
+    state = translator.init_state(key, batch, models=models, g_tx=tx, d_tx=tx)
+    loss_config = config.translator.loss
+
+    @jax.jit
+    def check(g_params, d_params):
+        adversarial = lambda g: translator.generator_loss(  # noqa: E731
+            g, d_params, batch["image"], models=models, loss_config=loss_config
+        )[1][0]["g_adversarial"]
+        grads = jax.grad(adversarial)(g_params)
+        _, (_, fakes) = translator.generator_loss(
+            g_params, d_params, batch["image"], models=models, loss_config=loss_config
+        )
+        d_on = lambda t: translator.discriminator_loss(  # noqa: E731
+            d_params, batch["image"], t, models=models, loss_config=loss_config
+        )[1]["d_fake"]
+        return optax.global_norm(grads), d_on(fakes), d_on(jnp.zeros_like(fakes))
+
+    grad_norm, d_fake, d_zero = check(state.g_params, state.d_params)
+    assert float(grad_norm) > 0.0
+    assert float(d_fake) != float(d_zero)  # D's fake term scores the translations it is given.
