@@ -1,5 +1,7 @@
 """Stage B wiring with random networks: pairs, losses, label draws, shapes, frozen-network gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,18 +113,19 @@ def random_stage_b(phantom_data_dir):
     source = input_pipeline.open_source(config.data, "train")
     batch = jax.tree.map(lambda *x: np.stack(x), *[synthesis.preprocess(source[i]) for i in range(2)])
     keys = jax.random.split(jax.random.key(1), 4)
-    tr_state = translator.init_state(
+    tr_state = jax.jit(translator.init_state, static_argnames=("models", "g_tx", "d_tx"))(
         keys[0],
         batch,
         models=translator.make_models(config, (32, 32)),
         g_tx=optim.make_optimizer(config.translator.optim.g),
         d_tx=optim.make_optimizer(config.translator.optim.d),
     )
-    seg_params = segmentor.init_params(
+    seg_params = jax.jit(segmentor.init_params, static_argnames=("model", "variant"))(
         keys[1], batch["image"], model=segmentor.make_model(config, (32, 32)), variant="n_seg"
     )
     tx = optim.make_optimizer(config.synthesis.optim.g)
-    state = synthesis.init_state(keys[2], batch, models=models, config=config, g_tx=tx, d_tx=tx)
+    init = functools.partial(synthesis.init_state, models=models, config=config, g_tx=tx, d_tx=tx)
+    state = jax.jit(init)(keys[2], batch)
     frozen = {"translator": tr_state.g_params, "lesion": seg_params}
     return config, models, batch, state, frozen, keys[3]
 
@@ -169,3 +172,26 @@ def test_translator_fakes_are_translations_and_g_gets_adversarial_gradient(rando
     grad_norm, d_fake, d_zero = check(state.g_params, state.d_params)
     assert float(grad_norm) > 0.0
     assert float(d_fake) != float(d_zero)  # D's fake term scores the translations it is given.
+
+
+def test_single_modality_families_use_the_same_trainer(random_stage_b):
+    """K = 1 (X-ray, lung CT, retina, TC): no modality code, no registration terms, a one-head D."""
+    config, _, batch, _, _, key = random_stage_b
+    config = config.copy_and_resolve_references()
+    config.data.modalities = ("t1",)
+    config.synthesis.label_fusion = "concat_onehot_plus_0.1"  # The X-ray/TC form (§3.6).
+    one = {"image": batch["image"][..., :1], "label": batch["label"]}
+    models = synthesis.make_models(config, (32, 32))
+    assert models.translator is None and models.discriminator.heads == 1
+    tx = optim.make_optimizer(config.synthesis.optim.g)
+    state = synthesis.init_state(key, one, models=models, config=config, g_tx=tx, d_tx=tx)
+    seg = segmentor.init_params(
+        key, one["image"], model=segmentor.make_model(config, (32, 32)), variant="n_seg"
+    )
+    step = jax.jit(
+        lambda s, b, r, f: synthesis.train_step(s, b, r, f, models=models, config=config, g_tx=tx, d_tx=tx)
+    )
+    new, metrics = step(state, one, key, {"lesion": seg})
+    assert int(new.step) == 1 and np.isfinite(float(metrics["g_loss"]))
+    assert float(metrics["registration"]) == float(metrics["g_category"]) == 0.0
+    assert float(metrics["lesion"]) > 0.0
