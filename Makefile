@@ -22,8 +22,11 @@ demo: setup
 	SYNTH_DATA_DIR=$(DATA_DIR) $(PY) -m data_builders build phantom/demo --data_dir=$(DATA_DIR)
 	SYNTH_DATA_DIR=$(DATA_DIR) $(PY) launch.py --config configs/phantom.py:demo --workdir $(DEMO_DIR)
 
+# A persistent compilation cache for the run: tests, subprocesses and the notebook kernel compile many
+# identical programs, and each is then compiled once. Fresh per run, removed afterwards.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	@cache=$$(mktemp -d); JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
+	  $(PY) -m pytest -q -n 2 --dist loadfile; status=$$?; rm -rf $$cache; exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

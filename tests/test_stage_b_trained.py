@@ -18,11 +18,10 @@ from equivalence import assert_same_training
 from synth import configlib, extraction, input_pipeline, train
 from synth.stages import segmentor, synthesis
 
-# Thresholds of the trained checks, and what 100-150 segmentor and 200-300 synthesis steps at 32² gave when
-# they were set (2026-11-25, four runs): segmentor whole-tumour Dice 0.42-0.48 on real images; lesion Dice
-# on synthetic images 0.27-0.45 against a chance level (another sample's lesion) of 0.05-0.12 (ratio 2.4-8;
-# 80/160 steps gave the 2.4); structure
-# agreement between the synthetic modalities 0.67-0.98, between the real ones 0.81.
+# Thresholds of the trained checks, and what 80-150 segmentor and 160-300 synthesis steps at 32² gave when
+# they were set (2026-11-25, five runs): segmentor whole-tumour Dice 0.42-0.48 on real images; lesion Dice
+# on synthetic images 0.27-0.45 against a chance level (another sample's lesion) of 0.05-0.12, a ratio of
+# 2.4-8; structure agreement between the synthetic modalities 0.67-0.98, between the real ones 0.81.
 MIN_REAL_WHOLE_DICE = 0.3
 MIN_SYNTHETIC_LESION_DICE = 0.2
 MIN_LESION_OVER_CHANCE = 2.0
