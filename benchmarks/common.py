@@ -4,6 +4,7 @@ import datetime
 import os
 import platform
 import subprocess
+import time
 
 import jax
 
@@ -36,3 +37,20 @@ def header(title: str) -> None:
     print(f"## {title}\n")
     print(f"- machine: {machine()}")
     print(f"- date: {datetime.date.today().isoformat()}, commit {commit()}\n")
+
+
+def timed(fn, *args, steps: int) -> float:
+    """Seconds per call of `fn(*args)` after one warm-up call (compile excluded), device work included."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def xla_cost(jitted, *args) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) XLA counts for one call of a jitted function."""
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)

@@ -11,7 +11,6 @@ image: extraction of its structure map and mask, then the full §5.1 forward pas
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,22 +21,6 @@ from configs import phantom
 from data_builders.phantom import anatomy
 from synth import extraction, optim
 from synth.stages import structure
-
-
-def _timed(fn, *args, steps):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / steps
-
-
-def _cost(jitted, *args):
-    cost = jitted.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
 
 
 def main() -> None:
@@ -55,8 +38,8 @@ def main() -> None:
         subject = anatomy.make_subject(seed=0, image_size=size, num_slices=args.batch)
         batch = {"image": jnp.asarray(subject["image"]), "label": jnp.asarray(subject["label"], jnp.int32)}
         extract = jax.jit(functools.partial(structure.real_structures, params=params, remove_lesions=True))
-        ex_s = _timed(extract, batch, steps=args.steps)
-        ex_flops, ex_bytes = _cost(extract, batch)
+        ex_s = common.timed(extract, batch, steps=args.steps)
+        ex_flops, ex_bytes = common.xla_cost(extract, batch)
         extract_rows.append((size, args.batch / ex_s, ex_flops / args.batch, ex_bytes / args.batch))
 
         models = structure.make_models(config, (size, size))
@@ -80,8 +63,8 @@ def main() -> None:
                 update="simultaneous",
             )
         )
-        flops, nbytes = _cost(step, state, batch, jax.random.key(1))
-        seconds = _timed(step, state, batch, jax.random.key(1), steps=args.steps)
+        flops, nbytes = common.xla_cost(step, state, batch, jax.random.key(1))
+        seconds = common.timed(step, state, batch, jax.random.key(1), steps=args.steps)
         params_count = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
         train_rows.append(
             (

@@ -12,7 +12,6 @@ their weights. `--dtype bfloat16` casts parameters and inputs of the generation 
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,21 +22,6 @@ from configs import phantom
 from data_builders.phantom import anatomy
 from synth import optim
 from synth.stages import segmentor, synthesis, translator
-
-
-def _timed(fn, *args, steps):
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / steps
-
-
-def _cost(jitted, *args):
-    cost = jitted.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
 
 
 def _batch(shape, n):
@@ -99,8 +83,8 @@ def main() -> None:
             functools.partial(synthesis.train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
         )
         key = jax.random.key(1)
-        flops, nbytes = _cost(step, state, batch, key, frozen)
-        seconds = _timed(step, state, batch, key, frozen, steps=args.steps)
+        flops, nbytes = common.xla_cost(step, state, batch, key, frozen)
+        seconds = common.timed(step, state, batch, key, frozen, steps=args.steps)
         n_params = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
         train_rows.append((f"{shape_text}, {size}", n_params, seconds, args.batch / seconds, flops, nbytes))
 
@@ -109,8 +93,8 @@ def main() -> None:
         gen = jax.jit(functools.partial(_generate, models=models, config=config, dtype=dtype))
         for n in (int(v) for v in args.gen_batches.split(",")):
             gen_batch = _batch(shape, n)
-            g_flops, g_bytes = _cost(gen, g_params, gen_batch, key)
-            g_seconds = _timed(gen, g_params, gen_batch, key, steps=args.steps)
+            g_flops, g_bytes = common.xla_cost(gen, g_params, gen_batch, key)
+            g_seconds = common.timed(gen, g_params, gen_batch, key, steps=args.steps)
             gen_rows.append((f"{shape_text}, {size}", n, n / g_seconds, g_flops / n, g_bytes / n))
         del state
 

@@ -751,6 +751,20 @@ def extraction_params(dataset: str, **overrides: Any) -> ExtractionParams:
     return dataclasses.replace(DATASET_EXTRACTION[dataset], **overrides)
 
 
+def structure_map_with(x: jax.Array, organ: jax.Array | None, params: ExtractionParams) -> jax.Array:
+    """`structure_map` of x (B, H, W, C) at its own size, with a dataset's `ExtractionParams`."""
+    return structure_map(
+        x,
+        organ,
+        alpha=params.alpha,
+        sigma1=params.sigma1,
+        sigma2=params.sigma2,
+        beta=params.beta,
+        median_size=params.median_s,
+        blur_kind=params.blur_kind,
+    )
+
+
 def extract(
     x: jax.Array,
     label: jax.Array | None,
@@ -789,16 +803,7 @@ def extract(
     organ = organ_mask(
         x, gamma=params.gamma, expand=params.expand, median_size=params.median_m, border=params.mask_border
     )
-    s = structure_map(
-        x,
-        organ,
-        alpha=params.alpha,
-        sigma1=params.sigma1,
-        sigma2=params.sigma2,
-        beta=params.beta,
-        median_size=params.median_s,
-        blur_kind=params.blur_kind,
-    )
+    s = structure_map_with(x, organ, params)
     if params.size is not None:
         s = resize_nearest_tf(s, (h, w))
         organ = resize_nearest_tf(organ, (h, w))

@@ -27,3 +27,9 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
     if optim.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
     return tx
+
+
+def apply(tx: optax.GradientTransformation, grads, opt_state, params):
+    """One optimiser update: returns `(new_params, new_opt_state, updates)`."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, updates

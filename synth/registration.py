@@ -17,8 +17,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from synth import losses
+from synth import losses, optim
 
 CATEGORY_KINDS = ("index_mse", "cross_entropy")
 
@@ -144,3 +145,41 @@ def predicted_category(category_out: jax.Array, *, kind: str) -> jax.Array:
     if kind == "index_mse":
         return jnp.round(jnp.mean(category_out, axis=(1, 2, 3))).astype(jnp.int32)
     return jnp.argmax(jnp.mean(category_out, axis=(1, 2)), axis=-1).astype(jnp.int32)
+
+
+def flat(x: jax.Array) -> jax.Array:
+    """Merges every leading axis before (H, W, C) into one batch axis."""
+    return x.reshape((-1,) + x.shape[-3:])
+
+
+def per_modality_mse(out: jax.Array, value: float) -> jax.Array:
+    """Σ_j mse(out[j], value) for outputs (K, …) grouped by modality, e.g. LSGAN targets of D maps."""
+    return jnp.sum(jnp.mean(jnp.square(out - value), axis=tuple(range(1, out.ndim))))
+
+
+def category_sum(category: jax.Array | None, *, kind: str, num_modalities: int) -> jax.Array:
+    """Σ_j category_loss(category[j], j) for category maps (K, N, h, w, c); 0 without a category head."""
+    if category is None:
+        return jnp.zeros((), jnp.float32)
+    return sum(
+        category_loss(category[j], j, kind=kind, num_modalities=num_modalities) for j in range(num_modalities)
+    )
+
+
+def check_loss_weights(section: str, weights, terms: tuple[str, ...]) -> None:
+    """Raises a ValueError naming `config.<section>.loss.weights` if its terms differ from `terms`."""
+    unknown, missing = sorted(set(weights) - set(terms)), sorted(set(terms) - set(weights))
+    if unknown or missing:
+        raise ValueError(
+            f"config.{section}.loss.weights: unknown terms {unknown}, missing terms {missing}; "
+            f"the terms are {terms}"
+        )
+
+
+def gan_update(state, g_grads, d_grads, *, g_tx, d_tx):
+    """Both sides' optimiser updates of a GAN state (fields g_params, d_params, g_opt, d_opt, step)."""
+    g_params, g_opt, _ = optim.apply(g_tx, g_grads, state.g_opt, state.g_params)
+    d_params, d_opt, _ = optim.apply(d_tx, d_grads, state.d_opt, state.d_params)
+    norms = {"g_grad_norm": optax.global_norm(g_grads), "d_grad_norm": optax.global_norm(d_grads)}
+    new = state.replace(step=state.step + 1, g_params=g_params, d_params=d_params, g_opt=g_opt, d_opt=d_opt)
+    return new, norms

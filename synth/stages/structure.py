@@ -151,11 +151,11 @@ def train_step(state: StructureState, batch, rng, *, models, extract_fn, g_tx, d
         (g_loss, d_loss), vjp, terms = jax.vjp(forward, state.g_params, state.d_params, has_aux=True)
         g_grads, _ = vjp((jnp.ones_like(g_loss), jnp.zeros_like(d_loss)))
         _, d_grads = vjp((jnp.zeros_like(g_loss), jnp.ones_like(d_loss)))
-        d_params, d_opt, d_updates = _apply(d_tx, d_grads, state.d_opt, state.d_params)
+        d_params, d_opt, d_updates = optim.apply(d_tx, d_grads, state.d_opt, state.d_params)
     elif update == "alternating":
         # D first, then G against the updated D (two forward passes).
         d_grads = jax.grad(lambda dp: forward(state.g_params, dp)[0][1])(state.d_params)
-        d_params, d_opt, d_updates = _apply(d_tx, d_grads, state.d_opt, state.d_params)
+        d_params, d_opt, d_updates = optim.apply(d_tx, d_grads, state.d_opt, state.d_params)
 
         def g_objective(gp):
             (g_loss, _), terms = forward(gp, d_params)
@@ -164,7 +164,7 @@ def train_step(state: StructureState, batch, rng, *, models, extract_fn, g_tx, d
         g_grads, terms = jax.grad(g_objective, has_aux=True)(state.g_params)
     else:
         raise ValueError(f"Unknown config.structure.update_mode {update!r}; choose one of {UPDATE_MODES}")
-    g_params, g_opt, g_updates = _apply(g_tx, g_grads, state.g_opt, state.g_params)
+    g_params, g_opt, g_updates = optim.apply(g_tx, g_grads, state.g_opt, state.g_params)
     metrics = dict(terms)
     metrics.update(
         g_grad_norm=optax.global_norm(g_grads),
@@ -176,11 +176,6 @@ def train_step(state: StructureState, batch, rng, *, models, extract_fn, g_tx, d
     )
     new = state.replace(step=state.step + 1, g_params=g_params, d_params=d_params, g_opt=g_opt, d_opt=d_opt)
     return new, metrics
-
-
-def _apply(tx, grads, opt_state, params):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, updates
 
 
 def generate_maps(g_params, key, n: int, *, models: Models, code_shape):

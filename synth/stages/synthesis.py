@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from synth import extraction, input_pipeline, losses, metrics, optim, registration, sharding, train
 from synth import writer as writer_lib
@@ -278,30 +277,16 @@ def make_inputs(batch, rng, frozen, *, models: Models, config, pretraining) -> I
     return Inputs(s, organ, label, generator_input(noise_key, s, organ, label, config=config))
 
 
-def _flat(x: jax.Array) -> jax.Array:
-    return x.reshape((-1,) + x.shape[-3:])
-
-
 def _discriminate(models: Models, d_params, images: jax.Array, rng=None):
     """D's (real/fake, category or None) maps for images (K, B, H, W, C), keeping the leading axes."""
     train_mode = rng is not None and models.discriminator.dropout_rate > 0
     out = models.discriminator.apply(
-        d_params, _flat(images), train=train_mode, rngs={"dropout": rng} if train_mode else None
+        d_params, registration.flat(images), train=train_mode, rngs={"dropout": rng} if train_mode else None
     )
     d, c = out if isinstance(out, tuple) else (out, None)
     lead = images.shape[:-3]
     reshape = lambda a: None if a is None else a.reshape(lead + a.shape[1:])  # noqa: E731
     return reshape(d), reshape(c)
-
-
-def _per_modality_mse(out: jax.Array, value: float) -> jax.Array:
-    return jnp.sum(jnp.mean(jnp.square(out - value), axis=tuple(range(1, out.ndim))))
-
-
-def _category_sum(category, *, kind: str, k: int) -> jax.Array:
-    if category is None:
-        return jnp.zeros((), jnp.float32)
-    return sum(registration.category_loss(category[j], j, kind=kind, num_modalities=k) for j in range(k))
 
 
 def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Models, config):
@@ -323,8 +308,8 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
     d_fake, c_fake = _discriminate(models, d_params, fakes, d_key)
     zero = jnp.zeros((), jnp.float32)
     terms = {
-        "g_adversarial": _per_modality_mse(d_fake, 1.0),
-        "g_category": _category_sum(c_fake, kind=kind, k=k),
+        "g_adversarial": registration.per_modality_mse(d_fake, 1.0),
+        "g_category": registration.category_sum(c_fake, kind=kind, num_modalities=k),
         "registration": zero,
         "agreement": zero,
         "lesion": zero,
@@ -341,8 +326,8 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
     # L_pre: the whole image and, re-weighted, its background (the authors' mask M = 1 - organ).
     background = 1.0 - inputs.organ[None]
     gate = pretraining.astype(jnp.float32)
-    terms["pretrain"] = gate * _per_modality_mse(fakes - real, 0.0)
-    terms["pretrain_background"] = gate * _per_modality_mse((fakes - real) * background, 0.0)
+    terms["pretrain"] = gate * registration.per_modality_mse(fakes - real, 0.0)
+    terms["pretrain_background"] = gate * registration.per_modality_mse((fakes - real) * background, 0.0)
     loss = sum(w[name] * terms[name] for name in G_TERMS)
     return loss, (terms, fakes, inputs)
 
@@ -356,12 +341,12 @@ def discriminator_loss(d_params, batch, fakes, rng, *, models: Models, config):
     real_key, fake_key = jax.random.split(rng)
     d_real, c_real = _discriminate(models, d_params, real, real_key)
     d_fake, c_fake = _discriminate(models, d_params, fakes, fake_key)
-    category = _category_sum(c_real, kind=kind, k=k)
+    category = registration.category_sum(c_real, kind=kind, num_modalities=k)
     if loss_config.category_on_fakes:
-        category += _category_sum(c_fake, kind=kind, k=k)
+        category += registration.category_sum(c_fake, kind=kind, num_modalities=k)
     terms = {
-        "d_real": _per_modality_mse(d_real, 1.0),
-        "d_fake": _per_modality_mse(d_fake, 0.0),
+        "d_real": registration.per_modality_mse(d_real, 1.0),
+        "d_fake": registration.per_modality_mse(d_fake, 0.0),
         "d_category": category,
         "d_accuracy": 0.5 * (jnp.mean(d_real > 0.5) + jnp.mean(d_fake < 0.5)),
     }
@@ -394,17 +379,9 @@ def train_step(state: SynthesisState, batch, rng, frozen, *, models: Models, con
     (d_loss, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
         state.d_params, batch, jax.lax.stop_gradient(fakes), d_key, models=models, config=config
     )
-    g_updates, g_opt = g_tx.update(g_grads, state.g_opt, state.g_params)
-    d_updates, d_opt = d_tx.update(d_grads, state.d_opt, state.d_params)
-    g_params = optax.apply_updates(state.g_params, g_updates)
-    d_params = optax.apply_updates(state.d_params, d_updates)
-    metrics_out = dict(terms, **d_terms, g_loss=g_loss, d_loss=d_loss)
-    metrics_out.update(
-        g_grad_norm=optax.global_norm(g_grads),
-        d_grad_norm=optax.global_norm(d_grads),
-        pretraining=(state.step < config.synthesis.pretrain_steps).astype(jnp.float32),
-    )
-    new = state.replace(step=state.step + 1, g_params=g_params, d_params=d_params, g_opt=g_opt, d_opt=d_opt)
+    new, norms = registration.gan_update(state, g_grads, d_grads, g_tx=g_tx, d_tx=d_tx)
+    metrics_out = dict(terms, **d_terms, **norms, g_loss=g_loss, d_loss=d_loss)
+    metrics_out["pretraining"] = (state.step < config.synthesis.pretrain_steps).astype(jnp.float32)
     return new, metrics_out
 
 
@@ -434,17 +411,8 @@ def structure_agreement(images: jax.Array, organ: jax.Array, params: extraction.
     """
     x = registration.by_modality(images)  # (K, B, H, W, 1)
     k, b = x.shape[:2]
-    flat = _flat(x)
-    s = extraction.structure_map(
-        flat,
-        jnp.tile(organ, (k, 1, 1, 1)),
-        alpha=params.alpha,
-        sigma1=params.sigma1,
-        sigma2=params.sigma2,
-        beta=params.beta,
-        median_size=params.median_s,
-        blur_kind=params.blur_kind,
-    )
+    flat = registration.flat(x)
+    s = extraction.structure_map_with(flat, jnp.tile(organ, (k, 1, 1, 1)), params)
     return _pairwise_dice(s.reshape((k, b) + s.shape[1:3]))
 
 
@@ -568,13 +536,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             f"choose one of {extraction.LABEL_FIT_RULES}"
         )
     extraction.fused_channels(sy.label_fusion, config.data.num_classes)  # Validates the fusion mode.
-    unknown = sorted(set(sy.loss.weights) - set(G_TERMS + D_TERMS))
-    missing = sorted(set(G_TERMS + D_TERMS) - set(sy.loss.weights))
-    if unknown or missing:
-        raise ValueError(
-            f"config.synthesis.loss.weights: unknown terms {unknown}, missing terms {missing}; "
-            f"the terms are {G_TERMS + D_TERMS}"
-        )
+    registration.check_loss_weights(NAME, sy.loss.weights, G_TERMS + D_TERMS)
     low, high = sy.noise
     if not 0.0 <= low <= high:
         raise ValueError(f"config.synthesis.noise must be (low, high) with 0 <= low <= high, got {sy.noise}")

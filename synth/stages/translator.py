@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from synth import input_pipeline, optim, registration, sharding, train
 from synth import writer as writer_lib
@@ -99,24 +98,9 @@ def init_state(rng, batch, *, models: Models, g_tx, d_tx):
     )
 
 
-def _flat(x: jax.Array) -> jax.Array:
-    """Merges every leading axis before (H, W, C) into one batch axis."""
-    return x.reshape((-1,) + x.shape[-3:])
-
-
-def _per_target_mse(out: jax.Array, value: float) -> jax.Array:
-    """Σ_j mse(out[j], value) for D outputs (K, …, h, w, c) grouped by modality."""
-    return jnp.sum(jnp.mean(jnp.square(out - value), axis=tuple(range(1, out.ndim))))
-
-
-def _category_sum(category: jax.Array, *, kind: str, k: int) -> jax.Array:
-    """Σ_j category_loss(category[j], j) for category maps (K, N, h, w, c) grouped by modality."""
-    return sum(registration.category_loss(category[j], j, kind=kind, num_modalities=k) for j in range(k))
-
-
 def _discriminate(models: Models, d_params, images: jax.Array):
     """D_t's (real/fake, category) maps of images (..., H, W, C), keeping the leading axes."""
-    d, c = models.discriminator.apply(d_params, _flat(images))
+    d, c = models.discriminator.apply(d_params, registration.flat(images))
     lead = images.shape[:-3]
     return d.reshape(lead + d.shape[1:]), c.reshape(lead + c.shape[1:])
 
@@ -140,8 +124,8 @@ def generator_loss(g_params, d_params, images, *, models: Models, loss_config):
     cycled = registration.translate_back(apply, fakes)
     d_fake, c_fake = _discriminate(models, d_params, fakes)
     terms = {
-        "g_adversarial": _per_target_mse(_by_target(d_fake), 1.0),
-        "g_category": _category_sum(_by_target(c_fake), kind=kind, k=k),
+        "g_adversarial": registration.per_modality_mse(_by_target(d_fake), 1.0),
+        "g_category": registration.category_sum(_by_target(c_fake), kind=kind, num_modalities=k),
         "cycle": registration.cycle_loss(x, cycled),
         "agreement": registration.agreement_loss(fakes),
         "supervised": registration.registration_loss(x, fakes),
@@ -156,12 +140,12 @@ def discriminator_loss(d_params, images, translations, *, models: Models, loss_c
     k = x.shape[0]
     d_real, c_real = _discriminate(models, d_params, x)
     d_fake, c_fake = _discriminate(models, d_params, translations)
-    category = _category_sum(c_real, kind=kind, k=k)
+    category = registration.category_sum(c_real, kind=kind, num_modalities=k)
     if loss_config.category_on_fakes:
-        category += _category_sum(_by_target(c_fake), kind=kind, k=k)
+        category += registration.category_sum(_by_target(c_fake), kind=kind, num_modalities=k)
     terms = {
-        "d_real": _per_target_mse(d_real, 1.0),
-        "d_fake": _per_target_mse(_by_target(d_fake), 0.0),
+        "d_real": registration.per_modality_mse(d_real, 1.0),
+        "d_fake": registration.per_modality_mse(_by_target(d_fake), 0.0),
         "d_category": category,
         "d_accuracy": 0.5 * (jnp.mean(d_real > 0.5) + jnp.mean(d_fake < 0.5)),
     }
@@ -178,13 +162,8 @@ def train_step(state: TranslatorState, batch, rng, *, models: Models, g_tx, d_tx
     (d_loss, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
         state.d_params, images, jax.lax.stop_gradient(fakes), models=models, loss_config=loss_config
     )
-    g_updates, g_opt = g_tx.update(g_grads, state.g_opt, state.g_params)
-    d_updates, d_opt = d_tx.update(d_grads, state.d_opt, state.d_params)
-    g_params = optax.apply_updates(state.g_params, g_updates)
-    d_params = optax.apply_updates(state.d_params, d_updates)
-    metrics = dict(terms, **d_terms, g_loss=g_loss, d_loss=d_loss)
-    metrics.update(g_grad_norm=optax.global_norm(g_grads), d_grad_norm=optax.global_norm(d_grads))
-    new = state.replace(step=state.step + 1, g_params=g_params, d_params=d_params, g_opt=g_opt, d_opt=d_opt)
+    new, norms = registration.gan_update(state, g_grads, d_grads, g_tx=g_tx, d_tx=d_tx)
+    metrics = dict(terms, **d_terms, **norms, g_loss=g_loss, d_loss=d_loss)
     return new, metrics
 
 
@@ -273,13 +252,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
             f"The dataset has {image.shape[-1]} modalities but config.data.modalities lists "
             f"{len(config.data.modalities)}: {config.data.modalities}"
         )
-    unknown = sorted(set(tr.loss.weights) - set(G_TERMS + D_TERMS))
-    missing = sorted(set(G_TERMS + D_TERMS) - set(tr.loss.weights))
-    if unknown or missing:
-        raise ValueError(
-            f"config.translator.loss.weights: unknown terms {unknown}, missing terms {missing}; "
-            f"the terms are {G_TERMS + D_TERMS}"
-        )
+    registration.check_loss_weights(NAME, tr.loss.weights, G_TERMS + D_TERMS)
     models = make_models(config, image.shape[:2])
     g_tx, d_tx = optim.make_optimizer(tr.optim.g), optim.make_optimizer(tr.optim.d)
     mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
