@@ -4,6 +4,7 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 import time
 
 import jax
@@ -49,8 +50,17 @@ def timed(fn, *args, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def xla_cost(jitted, *args) -> tuple[float, float]:
-    """(FLOPs, bytes accessed) XLA counts for one call of a jitted function."""
-    cost = jitted.lower(*args).compile().cost_analysis()
+def compile_once(jitted, *args) -> tuple:
+    """(compiled, FLOPs, bytes accessed) of one call of a jitted function: compiled once, counted by XLA.
+
+    Time the returned executable, not `jitted`: a `lower().compile()` does not fill jit's own cache, so
+    timing `jitted` would compile a second time (minutes for the large steps on a GPU). The compile time
+    goes to stderr at once, so a run cut off by its time limit still says where the time went.
+    """
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    name = getattr(jitted, "__name__", "step")
+    print(f"compiled {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+    return compiled, cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)

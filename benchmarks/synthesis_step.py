@@ -1,13 +1,14 @@
 """Stage-B throughput: synthesis training examples/s and generation sets/s, with XLA's FLOP and byte counts.
 
 Usage: python -m benchmarks.synthesis_step [--shapes 128x128,184x144,512x512] [--models small,base,base]
-                                           [--batch 4] [--steps 3] [--gen_batches 1,32] [--dtype float32]
+                                           [--batch 4] [--steps 3] [--gen_batches 1,32] [--dtypes float32]
 
 One training example is one structure map made into all K = 4 modalities: extraction of the real map, label
 draw, one G call for the K modalities, the 12 translations of the frozen G_t, the K frozen segmentors, D on
 real and synthetic images, and both updates. One generated set is the K registered modalities of one
 structure map (inference: G only). Frozen networks are randomly initialised: speed does not depend on
-their weights. `--dtype bfloat16` casts parameters and inputs of the generation benchmark (a GPU check).
+their weights. `--dtypes float32,bfloat16` times generation with parameters and inputs cast to each
+(a GPU check).
 """
 
 import argparse
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gen_batches", default="1,32")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtypes", default="float32", help="generation dtypes, comma-separated")
     args = parser.parse_args()
     config = phantom.get_config()
     config.synthesis.pretrain_steps = 0  # The adversarial phase: every term is computed either way.
@@ -83,19 +84,20 @@ def main() -> None:
             functools.partial(synthesis.train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
         )
         key = jax.random.key(1)
-        flops, nbytes = common.xla_cost(step, state, batch, key, frozen)
-        seconds = common.timed(step, state, batch, key, frozen, steps=args.steps)
+        compiled, flops, nbytes = common.compile_once(step, state, batch, key, frozen)
+        seconds = common.timed(compiled, state, batch, key, frozen, steps=args.steps)
         n_params = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
         train_rows.append((f"{shape_text}, {size}", n_params, seconds, args.batch / seconds, flops, nbytes))
 
-        dtype = jnp.dtype(args.dtype)
-        g_params = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), state.g_params)
-        gen = jax.jit(functools.partial(_generate, models=models, config=config, dtype=dtype))
-        for n in (int(v) for v in args.gen_batches.split(",")):
-            gen_batch = _batch(shape, n)
-            g_flops, g_bytes = common.xla_cost(gen, g_params, gen_batch, key)
-            g_seconds = common.timed(gen, g_params, gen_batch, key, steps=args.steps)
-            gen_rows.append((f"{shape_text}, {size}", n, n / g_seconds, g_flops / n, g_bytes / n))
+        for dtype in (jnp.dtype(name) for name in args.dtypes.split(",")):
+            g_params = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), state.g_params)
+            gen = jax.jit(functools.partial(_generate, models=models, config=config, dtype=dtype))
+            for n in (int(v) for v in args.gen_batches.split(",")):
+                gen_batch = _batch(shape, n)
+                compiled_gen, g_flops, g_bytes = common.compile_once(gen, g_params, gen_batch, key)
+                g_seconds = common.timed(compiled_gen, g_params, gen_batch, key, steps=args.steps)
+                row = (f"{shape_text}, {size}", dtype.name, n, n / g_seconds, g_flops / n, g_bytes / n)
+                gen_rows.append(row)
         del state
 
     common.header(f"Stage B (synthesis), training batch {args.batch}")
@@ -106,10 +108,13 @@ def main() -> None:
             f"| {name} | {n / 1e6:.1f} M | {s:.2f} | {rate:.3f} | {flops / args.batch / 1e9:.1f} | "
             f"{nbytes / args.batch / 1e9:.2f} | {flops / s / 1e9:.1f} |"
         )
-    print(f"\n| generation ({args.dtype}), image, model | batch | sets/s | GFLOP/set | GB/set |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, n, rate, flops, nbytes in gen_rows:
-        print(f"| {name} | {n} | {rate:.2f} | {flops / 1e9:.2f} | {nbytes / 1e9:.3f} |")
+    print("\n| generation, image, model | dtype | batch | sets/s | GFLOP/set | GB/set | GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, dtype, n, rate, flops, nbytes in gen_rows:
+        print(
+            f"| {name} | {dtype} | {n} | {rate:.2f} | {flops / 1e9:.2f} | {nbytes / 1e9:.3f} | "
+            f"{rate * flops / 1e9:.1f} |"
+        )
 
 
 if __name__ == "__main__":
