@@ -36,6 +36,13 @@ import tensorflow_datasets as tfds
 # data_builders/<name>/<name>_dataset_builder.py.
 BUILDERS: dict[str, str] = {
     "phantom": "data_builders.phantom.phantom_dataset_builder",
+    "brats2015": "data_builders.brats2015.brats2015_dataset_builder",
+    "chest_xray": "data_builders.chest_xray.chest_xray_dataset_builder",
+    "lung_ct": "data_builders.lung_ct.lung_ct_dataset_builder",
+    "drive": "data_builders.drive.drive_dataset_builder",
+    "fire": "data_builders.fire.fire_dataset_builder",
+    "tianchi_lung_ct": "data_builders.tianchi_lung_ct.tianchi_lung_ct_dataset_builder",
+    "synthetic": "data_builders.synthetic.synthetic_dataset_builder",
 }
 FILE_FORMAT = "array_record"
 
