@@ -34,9 +34,10 @@ def write_report(workdir: str) -> str:
     lines = ["# synth run report", "", f"Workdir: `{os.path.abspath(workdir)}`", ""]
     for name in PIPELINE_STAGES:
         metrics = os.path.join(workdir, name, "metrics.jsonl")
-        if not os.path.exists(metrics):
+        summary = os.path.join(workdir, name, "summary.md")
+        if not os.path.exists(metrics) and not os.path.exists(summary):
             continue
-        train, evaluation = _last_rows(metrics)
+        train, evaluation = _last_rows(metrics) if os.path.exists(metrics) else ({}, {})
         done = os.path.exists(os.path.join(workdir, name, "done.json"))
         lines += [f"## {name}", "", f"Status: {'complete' if done else 'in progress'}", ""]
         if train:
@@ -48,6 +49,11 @@ def write_report(workdir: str) -> str:
                 *_table(evaluation, "eval/"),
                 "",
             ]
+        summary = os.path.join(workdir, name, "summary.md")
+        if os.path.exists(summary):  # A stage's own section (stage C: counts, plots, the audit).
+            with open(summary) as f:
+                lines += [f.read().rstrip(), ""]
+            continue
         samples = sorted(glob.glob(os.path.join(workdir, name, "samples", "*.png")))
         latest: dict[str, str] = {}
         for path in samples:  # Sorted by step within each name, so the last one wins.

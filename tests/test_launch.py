@@ -49,8 +49,14 @@ def test_bad_options_name_the_problem(arg, message):
 
 
 def test_unbuilt_stage_says_so(tmp_path):
+    config = phantom.get_config("stage=verify")
+    with pytest.raises(stages.StageNotBuiltError, match="'verify'.*not built yet"):
+        pipeline.train_and_evaluate(config, tmp_path)
+
+
+def test_dataset_stage_names_the_untrained_stages(tmp_path):
     config = phantom.get_config("stage=dataset")
-    with pytest.raises(stages.StageNotBuiltError, match="'dataset'.*not built yet"):
+    with pytest.raises(FileNotFoundError, match="structure, segmentor, translator, synthesis.*stage=all"):
         pipeline.train_and_evaluate(config, tmp_path)
 
 

@@ -17,11 +17,11 @@ BUILT_STAGES = {
     "segmentor": "synth.stages.segmentor",
     "translator": "synth.stages.translator",
     "synthesis": "synth.stages.synthesis",
+    "dataset": "synth.stages.dataset",
 }
 
 # Where each unbuilt stage is tracked, for the error message.
 _PLANNED = {
-    "dataset": "stage C: synthetic dataset generation (issue #5)",
     "verify": "stage D: downstream verification (issue #6)",
 }
 

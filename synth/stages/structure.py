@@ -206,6 +206,11 @@ def generate(g_params, d_params, key, n: int, *, models: Models, code_shape):
     return maps, masks, scores
 
 
+def make_generate_fn(models: Models, code_shape):
+    """`generate` jitted for these networks: `(g_params, d_params, key, n) -> (maps, masks, scores)`."""
+    return jax.jit(functools.partial(generate, models=models, code_shape=tuple(code_shape)), static_argnums=3)
+
+
 def sample_structures(
     state: StructureState,
     key: jax.Array,
@@ -214,6 +219,7 @@ def sample_structures(
     models: Models,
     code_shape,
     filter_params: structure_filter.FilterParams,
+    generate_fn=None,
 ) -> dict[str, np.ndarray]:
     """Draws n filtered structure maps and masks (§5.4, Algorithm 3).
 
@@ -221,10 +227,14 @@ def sample_structures(
     with G_m's mask within MAE `mae`. Rejected slots are redrawn, up to `max_count` draws each; a slot that
     never passes keeps its best-scored draw. The filter runs on the host (OpenCV), outside jit.
 
+    Args:
+      generate_fn: `make_generate_fn(models, code_shape)`, made once by a caller that samples repeatedly
+        (a new jit per call would compile again); made here when None.
+
     Returns:
       `maps`, `masks` (n, H, W) uint8; `scores` (n,); `accepted` (n,) bool; `draws` (n,) draws used.
     """
-    gen = jax.jit(functools.partial(generate, models=models, code_shape=tuple(code_shape)), static_argnums=3)
+    gen = generate_fn or make_generate_fn(models, code_shape)
     best = None
     done = np.zeros(n, bool)
     draws = np.zeros(n, np.int32)

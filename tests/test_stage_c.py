@@ -1,0 +1,184 @@
+"""Stage C end to end on the tiny phantom, and the two notebooks that drive it.
+
+One `runlocal` pipeline run (the quickstart notebook, so it never rots) trains every stage and writes a
+synthetic dataset; the tests below read that dataset back in a fresh process, resume an interrupted
+generation in a copy of the workdir, and run the synthesize notebook on the trained workdir.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+
+from data_builders import schema
+from data_builders.synthetic import synthetic_dataset_builder as chunks
+from synth import generate, structure_filter
+from synth.stages import dataset
+
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks")
+
+
+def _execute(name: str, monkeypatch, **env) -> str:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # As in-process tests: faster compiles.
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "strip outputs"
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}
+    ).execute()
+    outputs = [out for c in nb.cells if c.cell_type == "code" for out in c.outputs]
+    assert any("image/png" in out.get("data", {}) for out in outputs)
+    return "".join(out.get("text", "") for out in outputs)
+
+
+@pytest.fixture(scope="module")
+def quickstart(phantom_data_dir, tmp_path_factory):
+    """The quickstart notebook's runlocal pipeline, in a workdir the other tests read."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    with pytest.MonkeyPatch.context() as mp:
+        text = _execute(
+            "quickstart.ipynb", mp, SYNTH_DATA_DIR=phantom_data_dir, SYNTH_QUICKSTART_WORKDIR=str(workdir)
+        )
+    return text, workdir
+
+
+def test_quickstart_notebook_runs_every_stage(quickstart):
+    text, workdir = quickstart
+    assert "stages run: ['structure', 'segmentor', 'translator', 'synthesis', 'dataset']" in text
+    report = (workdir / "report.md").read_text()
+    assert "## dataset" in report and "Memorisation audit" in report
+    for picture in ("accepted_then_rejected.png", "lesion_dice.png", "memorisation_pairs.png"):
+        assert (workdir / "dataset" / "samples" / picture).exists()
+
+
+def test_dataset_reads_back_elsewhere_with_the_real_schema_and_the_used_labels(quickstart):
+    _, workdir = quickstart
+    config = generate.load_config(workdir)
+    tfds_dir = workdir / "dataset" / "tfds"
+    reader = (
+        "import sys, json, numpy as np, tensorflow_datasets as tfds\n"
+        f"s = tfds.data_source('synthetic/phantom_tiny', split='train', data_dir={str(tfds_dir)!r})\n"
+        "assert 'synth' not in sys.modules and 'data_builders' not in sys.modules\n"
+        "np.savez(sys.argv[1], label=np.stack([s[i]['label'] for i in range(len(s))]),\n"
+        "         image=np.stack([s[i]['image'] for i in range(len(s))]),\n"
+        "         id=np.array([s[i]['id'].decode() for i in range(len(s))]))\n"
+        "print(json.dumps(sorted(s.dataset_info.features.keys())))\n"
+    )
+    out_file = workdir / "read_back.npz"
+    out = subprocess.run(
+        [sys.executable, "-c", reader, str(out_file)], capture_output=True, text=True, cwd=workdir
+    )
+    assert out.returncode == 0, out.stderr
+    real_keys = set(schema.brats_like_features(32, 32, 4).keys())
+    assert set(eval(out.stdout.strip().splitlines()[-1])) == real_keys | {"structure", "organ", "lesion_dice"}
+    back = np.load(out_file)
+    assert len(back["id"]) == config.dataset.num_examples == len(set(back["id"]))
+    # The labels stored are those G was given: regenerate batch 0 and compare.
+    gen = generate.Generator.from_workdir(workdir, config)
+    pool, _ = dataset.make_label_pool(config, gen.image_hw)
+    batch = dataset.generate_batch(gen, pool, 0, config)
+    kept = np.flatnonzero(batch["reason"] < 0)
+    first = [i for i, name in enumerate(back["id"]) if name.startswith("000000-")]
+    assert [f"000000-{k:03d}" for k in kept] == [back["id"][i] for i in first]
+    np.testing.assert_array_equal(back["label"][first], batch["labels"][kept])
+    np.testing.assert_allclose(back["image"][first], batch["images"][kept], atol=1e-6)
+
+
+def test_interrupted_generation_resumes_to_the_same_samples(quickstart, tmp_path):
+    _, workdir = quickstart
+    config = generate.load_config(workdir)
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("dataset"))
+    assert dataset.run(config, copy, stop_at=1) is None
+    assert chunks.chunk_count(str(copy / "dataset" / "chunks")) == 1
+    assert not (copy / "dataset" / "done.json").exists() and not (copy / "dataset" / "tfds").exists()
+    builder = dataset.run(config, copy)
+    resumed = builder.as_data_source("train")
+    original = chunks.Builder(config=builder.builder_config, data_dir=str(workdir / "dataset" / "tfds"))
+    original = original.as_data_source("train")
+    assert len(resumed) == len(original) == config.dataset.num_examples
+    ids = [resumed[i]["id"] for i in range(len(resumed))]
+    assert len(set(ids)) == len(ids) and ids == [original[i]["id"] for i in range(len(original))]
+    for i in range(len(resumed)):
+        np.testing.assert_array_equal(resumed[i]["label"], original[i]["label"])
+        np.testing.assert_allclose(resumed[i]["image"], original[i]["image"], atol=1e-6)
+    # Complete: a rerun does nothing; asking for a different filter is refused, naming the key.
+    assert dataset.run(config, copy) is None
+    config.dataset.num_examples += 1
+    config.dataset.dice.threshold = 0.5
+    with pytest.raises(ValueError, match="dataset.dice.threshold"):
+        dataset.run(config, copy)
+
+
+def test_synthesize_notebook_makes_every_modality_with_the_chosen_lesion(quickstart, monkeypatch):
+    _, workdir = quickstart
+    text = _execute("synthesize.ipynb", monkeypatch, SYNTH_WORKDIR=str(workdir))
+    assert "lesion Dice" in text and "stage C's pool: augmented pool" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# The filters, each on inputs it must reject (no trained networks needed).
+
+
+class _FixedGenerator:
+    """Stands in for `generate.Generator`: fixed structures, blank images, given lesion Dice."""
+
+    def __init__(self, maps, masks, dice):
+        self.maps, self.masks, self.dice = maps, masks, dice
+
+    def sample_structures(self, key, n):
+        params = structure_filter.FilterParams(min_j_s=0.55, mae=0.05, max_count=1)
+        scores = np.zeros(n)  # D_s never vouches: only the contour test can accept.
+        accepted = structure_filter.passes_filter_batch(self.maps, self.masks, d_scores=scores, params=params)
+        return dict(maps=self.maps, masks=self.masks, accepted=accepted, scores=scores, draws=np.ones(n))
+
+    def synthesize(self, maps, masks, labels, key):
+        return np.zeros(maps.shape + (4,), np.float32)
+
+    def lesion_dice(self, images, labels, *, kind):
+        return self.dice
+
+
+def _ring(size=32, radius=11, gap_degrees=0):
+    """A circular contour map (torn open by `gap_degrees`) and its organ mask, a little wider."""
+    import cv2
+
+    contour = np.zeros((size, size), np.uint8)
+    cv2.ellipse(
+        contour, (size // 2, size // 2), (radius, radius), 0, gap_degrees / 2, 360 - gap_degrees / 2, 1, 1
+    )
+    mask = np.zeros((size, size), np.uint8)
+    cv2.circle(mask, (size // 2, size // 2), radius + 2, 1, -1)
+    return contour, mask
+
+
+def test_each_filter_rejects_what_it_should(tiny_config):
+    closed, mask = _ring()
+    opened, _ = _ring(gap_degrees=90)
+    maps = np.stack([closed, opened, closed, closed])
+    masks = np.stack([mask] * 4)
+    inside = np.zeros((32, 32), np.uint8)
+    inside[14:18, 14:18] = 4
+    outside = np.zeros((32, 32), np.uint8)
+    outside[0:3, 0:3] = 2
+    config = tiny_config
+    config.dataset.batch_size, config.dataset.label_tries = 4, 1
+    config.dataset.structure_filter = True  # runlocal turns it off: untrained maps never pass.
+    config.dataset.dice.threshold = 0.8
+    fake = _FixedGenerator(maps, masks, dice=np.array([0.9, 0.9, 0.9, 0.1], np.float32))
+    # Reasons: -1 accepted, 0 structure, 1 placement, 2 Dice; a pool of one label decides every draw.
+    for index in range(3):  # Several batches: the random draws differ, the verdicts must not.
+        batch = dataset.generate_batch(fake, np.stack([inside]), index, config)
+        assert batch["reason"].tolist() == [-1, 0, -1, 2]  # The open contour; the low Dice.
+        batch = dataset.generate_batch(fake, np.stack([outside]), index, config)
+        assert batch["reason"].tolist() == [1, 0, 1, 1]  # The structure filter is checked first.
+    config.dataset.structure_filter = False
+    batch = dataset.generate_batch(fake, np.stack([inside]), 0, config)
+    assert batch["reason"].tolist() == [-1, -1, -1, 2]
