@@ -195,6 +195,49 @@ def augment_label(
     return warped.astype(dtype, copy=False)
 
 
+def augment_image_and_label(
+    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, params: AugmentParams | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The classic ("enhanced", §2.2) augmentation of a real example: one random affine for both.
+
+    The image (H, W, C) is resampled linearly, channel by channel (any C), the label with nearest neighbour,
+    so the two stay registered and the label keeps only its own values; outside the image both are 0.
+
+    Returns:
+        `(image, label)` with the inputs' shapes and dtypes.
+    """
+    params = AugmentParams() if params is None else params
+    image = np.asarray(image)
+    height, width = image.shape[:2]
+    if np.shape(label) != (height, width):
+        raise ValueError(f"label shape {np.shape(label)} does not match the image's {(height, width)}")
+    matrix = _random_affine(rng, height, width, params)
+    warped = np.stack(
+        [
+            cv2.warpAffine(
+                np.ascontiguousarray(image[..., c], np.float32),
+                matrix,
+                (width, height),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            )
+            for c in range(image.shape[-1])
+        ],
+        axis=-1,
+    ).astype(image.dtype, copy=False)
+    label = np.asarray(label)
+    resampled = cv2.warpAffine(
+        label.astype(np.uint8),
+        matrix,
+        (width, height),
+        flags=cv2.INTER_NEAREST,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+    return warped, resampled.astype(label.dtype, copy=False)
+
+
 def _as_label_stack(
     labels: np.ndarray | Sequence[np.ndarray], what: str = "labels", *, integer: bool = True
 ) -> np.ndarray:

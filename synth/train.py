@@ -121,6 +121,7 @@ def run_stage(
     workdir: str | os.PathLike,
     *,
     stop_at: int | None = None,
+    initial_state: State | None = None,
 ) -> State:
     """Trains one stage to `spec.train.num_steps`, resuming from `<workdir>/<stage>/checkpoints`.
 
@@ -130,6 +131,8 @@ def run_stage(
       workdir: the run's directory.
       stop_at: stop (with a checkpoint) once this step is reached, before `num_steps`: used to run a few
         steps from a notebook, or to cut a long job into pieces.
+      initial_state: start from this state instead of `spec.init_state` when there is no checkpoint yet
+        (a later phase of a curriculum continues the earlier phase's state, optimiser included).
 
     Returns:
       The trained state (replicated global arrays).
@@ -173,6 +176,8 @@ def run_stage(
             if data_state is not None:
                 _restore_iterator(data_iter, data_state, config.data.num_workers)
             log.info("[%s] resumed from step %d in %s", spec.name, ckpt.latest_step(), ckpt.directory)
+        elif initial_state is not None:
+            state = jax.device_put(initial_state, repl)
         else:
             state = init(init_rng, example)
             if jax.process_index() == 0:
@@ -180,12 +185,7 @@ def run_stage(
                 _write_json(os.path.join(out_dir, "stage_config.json"), fingerprint)
         step = int(jax.device_get(state.step))
 
-        step_fn = jax.jit(
-            functools.partial(_loop_step, train_step=spec.train_step),
-            in_shardings=(repl, batch_sh, repl, repl, repl),
-            out_shardings=(repl, repl, repl),
-            donate_argnums=(0,),
-        )
+        step_fn = _jitted_step(spec.train_step, repl, batch_sh)
         # On resume, rows logged after the restored checkpoint are dropped, so nothing is logged twice.
         writer = writer_lib.MetricWriter(out_dir, resume_step=step if resumed else None)
         progress = writer_lib.Progress(spec.name, step, num_steps)
@@ -231,6 +231,23 @@ def run_stage(
     if step >= num_steps and jax.process_index() == 0:
         _write_json(os.path.join(out_dir, "done.json"), {"step": step, "finished": time.time()})
     return state
+
+
+# Jitted loop steps by (train_step, shardings): a stage that runs the same step several times (stage D's
+# experiment matrix, curriculum phases) traces and compiles it once.
+_STEP_CACHE: dict = {}
+
+
+def _jitted_step(train_step, repl, batch_sh):
+    key = (train_step, repl, batch_sh)
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = jax.jit(
+            functools.partial(_loop_step, train_step=train_step),
+            in_shardings=(repl, batch_sh, repl, repl, repl),
+            out_shardings=(repl, repl, repl),
+            donate_argnums=(0,),
+        )
+    return _STEP_CACHE[key]
 
 
 def _check_finite(name, nonfinite, metrics, last_good, ckpt) -> None:

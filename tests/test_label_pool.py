@@ -330,3 +330,21 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"2 of 3 label maps cannot be used") as info:
         load(folder)
     assert "big.png" in str(info.value) and "small.png" in str(info.value)
+
+
+def test_augmented_image_and_label_stay_registered():
+    label = np.zeros((24, 20), np.uint8)
+    label[6:14, 5:12] = 2
+    label[9:12, 7:10] = 4
+    image = np.stack([label.astype(np.float32), 2.0 * label.astype(np.float32)], axis=-1)
+    params = label_pool.AugmentParams(max_rotation=30.0, max_shift=0.2, scale=(0.8, 1.2))
+    for seed in range(5):
+        out_image, out_label = label_pool.augment_image_and_label(
+            image, label, np.random.default_rng(seed), params
+        )
+        assert out_image.shape == image.shape and out_label.dtype == label.dtype
+        assert set(np.unique(out_label)) <= {0, 2, 4}
+        # Linear resampling blurs edges only: away from them the image is the label, in both channels.
+        agree = np.round(out_image[..., 0]) == out_label
+        assert agree.mean() > 0.9, agree.mean()
+        np.testing.assert_allclose(out_image[..., 1], 2.0 * out_image[..., 0], atol=1e-5)

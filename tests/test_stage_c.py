@@ -5,6 +5,8 @@ synthetic dataset; the tests below read that dataset back in a fresh process, re
 generation in a copy of the workdir, and run the synthesize notebook on the trained workdir.
 """
 
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +20,7 @@ from nbclient import NotebookClient
 from data_builders import schema
 from data_builders.synthetic import synthetic_dataset_builder as chunks
 from synth import generate, structure_filter
-from synth.stages import dataset
+from synth.stages import dataset, verify
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks")
 
@@ -51,9 +53,13 @@ def quickstart(phantom_data_dir, tmp_path_factory):
 
 def test_quickstart_notebook_runs_every_stage(quickstart):
     text, workdir = quickstart
-    assert "stages run: ['structure', 'segmentor', 'translator', 'synthesis', 'dataset']" in text
+    assert "stages run: ['structure', 'segmentor', 'translator', 'synthesis', 'dataset', 'verify']" in text
     report = (workdir / "report.md").read_text()
     assert "## dataset" in report and "Memorisation audit" in report
+    # Stage D's matrix: one row per mix, in the T5 layout, and the plot.
+    assert "## verify" in report and "dice_vs_synthetic.png" in report
+    for row in ("| 100 % | 25 % | 0 | M |", "| 100 % | 25 % | 0 | S |", "| 50 % | 25 % | 0 | R |"):
+        assert row in report
     for picture in ("accepted_then_rejected.png", "lesion_dice.png", "memorisation_pairs.png"):
         assert (workdir / "dataset" / "samples" / picture).exists()
 
@@ -121,6 +127,56 @@ def test_synthesize_notebook_makes_every_modality_with_the_chosen_lesion(quickst
     _, workdir = quickstart
     text = _execute("synthesize.ipynb", monkeypatch, SYNTH_WORKDIR=str(workdir))
     assert "lesion Dice" in text and "stage C's pool: augmented pool" in text
+
+
+def test_curricula_train_in_their_order(quickstart):
+    _, workdir = quickstart
+
+    def sources(path):  # The fraction of each logged step's batch that was synthetic.
+        rows = (workdir / "verify" / path / "metrics.jsonl").read_text().splitlines()
+        return [
+            (r["step"], r["train/frac_synthetic"])
+            for r in map(json.loads, rows)
+            if "train/frac_synthetic" in r
+        ]
+
+    s_first, s_then = (
+        sources("real100_syn25_aug0_S/seed0/synthetic"),
+        sources("real100_syn25_aug0_S/seed0/real"),
+    )
+    assert s_first and all(f == 1.0 for _, f in s_first) and all(f == 0.0 for _, f in s_then)
+    assert max(step for step, _ in s_first) < min(step for step, _ in s_then)
+    r_first, r_then = (
+        sources("real50_syn25_aug0_R/seed0/real"),
+        sources("real50_syn25_aug0_R/seed0/synthetic"),
+    )
+    assert all(f == 0.0 for _, f in r_first) and all(f == 1.0 for _, f in r_then)
+    assert max(step for step, _ in r_first) < min(step for step, _ in r_then)
+    mixed = sources("real100_syn25_aug0_M/seed0/all")
+    assert len(mixed) == 6 and 0.0 < np.mean([f for _, f in mixed]) < 1.0  # 6 synthetic of 30 examples.
+    rows = list(csv.DictReader((workdir / "verify" / "results.csv").open()))
+    assert [r["mix"] for r in rows] == ["real100_syn25_aug0_M", "real100_syn25_aug0_S", "real50_syn25_aug0_R"]
+
+
+def test_mixes_parse_split_and_fail_clearly():
+    mix = verify.parse_mix("real=0.8 syn=2 aug=0.2 mode=S")
+    assert (mix.real, mix.syn, mix.aug, mix.mode, mix.name) == (0.8, 2.0, 0.2, "S", "real80_syn200_aug20_S")
+    parts = verify.mix_parts(mix, num_real=10, num_synthetic=20, seed=0)
+    assert len(parts["real"]) == 8 + 2 and len(parts["synthetic"]) == 20
+    assert (parts["real"][:8, 0] == verify.REAL).all() and (parts["real"][8:, 0] == verify.AUGMENTED).all()
+    # S: the synthetic part first, the steps split by the parts' sizes (20 : 10 of 30 steps).
+    assert [(p, end) for p, end, _ in verify.phases(mix, parts, 30)] == [("synthetic", 20), ("real", 30)]
+    with pytest.raises(ValueError, match="needs 20 synthetic samples.*has 5"):
+        verify.mix_parts(mix, num_real=10, num_synthetic=5, seed=0)
+    for bad, message in (
+        ("real=1 sny=1", "'sny=1' is not one of"),
+        ("real=2", "real at most 1"),
+        ("real=1 mode=X", "mode must be one of"),
+        ("real=0", "no training data"),
+        ("real=abc", "is not a number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            verify.parse_mix(bad)
 
 
 # --------------------------------------------------------------------------------------------------

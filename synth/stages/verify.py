@@ -1,0 +1,332 @@
+"""Stage `verify` (stage D, METHOD §8.1): whether the synthetic data helps a downstream segmentor.
+
+Each row of the experiment matrix (`config.verify.mixes`) is a training mix, written like
+`"real=1 syn=0.5 aug=0 mode=S"`:
+  - `real`: the fraction of the real training set used (a seeded subset);
+  - `syn`: synthetic samples from stage C, as a multiple of the real training set's size (0.5 = 50 %,
+    2 = ×2), read from the run's synthetic TFDS dataset;
+  - `aug`: classically augmented ("enhanced", §2.2 with its defects fixed) real examples, likewise;
+  - `mode`: M mixes everything at random; S trains on the synthetic part first, then on the real part
+    (real and augmented); R the reverse. Each part gets steps in proportion to its size.
+Every mix trains the config's segmentor (`config.segmentor`) for the same number of steps, the §8.1 budget:
+`budget_epochs` epochs of the whole real training set, whatever the mix's size. Each mix runs once per seed
+(`seeds`), with its own subset, order and initialisation, and is evaluated on the real test split. Each
+training step logs the fraction of its batch drawn from each source (`train/frac_synthetic`,
+`train/frac_augmented`), so the order of S and R is visible in the metrics.
+
+Runs go to `verify/<mix>/seed<k>/<phase>` with the shared loop's checkpoints, so an interrupted matrix
+resumes; the stage then writes `verify/results.csv` (per run), `verify/summary.md` (the T5 layout: mean ±
+std over seeds) and a plot of Dice against the synthetic amount for each mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from synth import configlib, input_pipeline, label_pool, train
+from synth.stages import segmentor
+
+NAME = "verify"
+MODES = ("M", "S", "R")
+REAL, SYNTHETIC, AUGMENTED = 0, 1, 2
+# The scores of the T5 layout (mean over the modalities' segmentors), from the segmentor's evaluator.
+SCORES = ("dice_whole/mean", "dice_core/mean", "dice_enhancing/mean", "parity_dice/mean", "parity_mse/mean")
+log = logging.getLogger("synth")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """One training mix (see the module docstring); amounts are relative to the real training set."""
+
+    real: float = 0.0
+    syn: float = 0.0
+    aug: float = 0.0
+    mode: str = "M"
+
+    @property
+    def name(self) -> str:
+        pct = lambda x: f"{x * 100:g}"  # noqa: E731
+        return f"real{pct(self.real)}_syn{pct(self.syn)}_aug{pct(self.aug)}_{self.mode}"
+
+
+def parse_mix(text: str) -> Mix:
+    """`"real=1 syn=0.5 mode=S"` -> Mix; unknown keys, bad values and empty mixes are errors naming it."""
+    fields = {}
+    for item in text.replace(",", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("real", "syn", "aug", "mode"):
+            raise ValueError(
+                f"config.verify.mixes: {text!r}: {item!r} is not one of real=, syn=, aug=, mode= "
+                "(e.g. 'real=1 syn=0.5')"
+            )
+        if key == "mode":
+            if value not in MODES:
+                raise ValueError(f"config.verify.mixes: {text!r}: mode must be one of {MODES}, got {value!r}")
+            fields[key] = value
+            continue
+        try:
+            fields[key] = float(value)
+        except ValueError:
+            raise ValueError(f"config.verify.mixes: {text!r}: {key}={value!r} is not a number") from None
+        if fields[key] < 0 or (key == "real" and fields[key] > 1):
+            raise ValueError(f"config.verify.mixes: {text!r}: {key} must be >= 0 (real at most 1)")
+    mix = Mix(**fields)
+    if mix.real == mix.syn == mix.aug == 0:
+        raise ValueError(f"config.verify.mixes: {text!r} has no training data")
+    return mix
+
+
+class MixSource:
+    """Random access over a mix's examples; each carries `source` (REAL, SYNTHETIC or AUGMENTED)."""
+
+    def __init__(self, entries: np.ndarray, real, synthetic, *, seed: int, augment: label_pool.AugmentParams):
+        self.entries, self.real, self.synthetic = entries, real, synthetic
+        self.seed, self.augment = seed, augment
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        kind, index = (int(v) for v in self.entries[i])
+        example = self.synthetic[index] if kind == SYNTHETIC else self.real[index]
+        image = np.asarray(example["image"], np.float32)
+        label = np.asarray(example["label"], np.int32)
+        if kind == AUGMENTED:  # A fresh, reproducible transform per entry.
+            rng = np.random.default_rng([self.seed, int(i), index])
+            image, label = label_pool.augment_image_and_label(image, label, rng, self.augment)
+        return {"image": image, "label": label, "source": np.int32(kind)}
+
+
+def _identity(example):
+    return example
+
+
+def step_with_sources(state, batch, rng, *, train_step):
+    """The segmentor's step, logging which source the batch came from."""
+    state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]}, rng)
+    metrics["frac_synthetic"] = jnp.mean(batch["source"] == SYNTHETIC)
+    metrics["frac_augmented"] = jnp.mean(batch["source"] == AUGMENTED)
+    return state, metrics
+
+
+def _synthetic_source(config, workdir):
+    """The stage-C dataset of this run (or `config.verify.synthetic_data_dir`)."""
+    import tensorflow_datasets as tfds
+
+    done = os.path.join(train.stage_dir(workdir, "dataset"), "done.json")
+    if not os.path.exists(done):
+        raise FileNotFoundError(
+            f"A mix asks for synthetic data, but {workdir} has no complete stage-C dataset ({done}): "
+            "run stage=dataset first"
+        )
+    with open(done) as f:
+        name = json.load(f)["dataset"]
+    data_dir = config.verify.synthetic_data_dir or os.path.join(train.stage_dir(workdir, "dataset"), "tfds")
+    return tfds.data_source(name, split="train", data_dir=data_dir, download=False), name
+
+
+def mix_parts(mix: Mix, num_real: int, num_synthetic: int, seed: int) -> dict[str, np.ndarray]:
+    """The (source, index) entries of each part of a mix: `real` (real and augmented) and `synthetic`.
+
+    Raises:
+      ValueError: the stage-C dataset is smaller than the mix needs.
+    """
+    rng = np.random.default_rng([seed, 7])
+    n_real, n_syn, n_aug = (round(x * num_real) for x in (mix.real, mix.syn, mix.aug))
+    if n_syn > num_synthetic:
+        raise ValueError(
+            f"Mix {mix.name} needs {n_syn} synthetic samples ({mix.syn:g} x {num_real} real); the stage-C "
+            f"dataset has {num_synthetic}: raise config.dataset.num_examples and rerun stage=dataset"
+        )
+    real = np.stack([np.full(n_real, REAL), rng.permutation(num_real)[:n_real]], axis=1)
+    aug = np.stack([np.full(n_aug, AUGMENTED), rng.integers(num_real, size=n_aug)], axis=1)
+    syn = np.stack([np.full(n_syn, SYNTHETIC), rng.permutation(num_synthetic)[:n_syn]], axis=1)
+    return {"real": np.concatenate([real, aug]).astype(np.int64), "synthetic": syn.astype(np.int64)}
+
+
+def phases(mix: Mix, parts: dict[str, np.ndarray], total_steps: int) -> list[tuple[str, int, np.ndarray]]:
+    """`(phase, last step, entries)` in training order; S and R split the steps by the parts' sizes."""
+    if mix.mode == "M":
+        return [("all", total_steps, np.concatenate([parts["real"], parts["synthetic"]]))]
+    order = ("synthetic", "real") if mix.mode == "S" else ("real", "synthetic")
+    present = [p for p in order if len(parts[p])]
+    sizes = np.array([len(parts[p]) for p in present], float)
+    ends = np.round(np.cumsum(sizes) / sizes.sum() * total_steps).astype(int)
+    ends = np.maximum(ends, np.arange(1, len(ends) + 1))  # Every part trains at least one step.
+    return [(p, int(end), parts[p]) for p, end in zip(present, ends, strict=True)]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at=None):
+    """Trains and evaluates every mix of the matrix (resuming), then writes the report."""
+    del stop_at  # Each run has its own budget; an interrupted matrix resumes run by run.
+    v = config.verify
+    mixes = [parse_mix(text) for text in v.mixes]
+    if not v.seeds:
+        raise ValueError("config.verify.seeds is empty")
+    workdir = os.fspath(workdir)
+    real = input_pipeline.open_source(config.data, config.data.train_split)
+    synthetic, synthetic_name = (None, None)
+    if any(m.syn > 0 for m in mixes):
+        synthetic, synthetic_name = _synthetic_source(config, workdir)
+    total_steps = max(1, math.ceil(v.budget_epochs * len(real) / v.batch_size))
+    test_config = config.copy_and_resolve_references()
+    test_config.data.eval_split = config.data.test_split
+    test_config.data.eval_max_examples = v.eval_max_examples
+    test_config.segmentor.train.batch_size = v.batch_size
+    base = segmentor.build(test_config)
+    step = functools.partial(step_with_sources, train_step=base.train_step)  # One compile for all runs.
+    augment = label_pool.AugmentParams.from_config(v.augment)
+    rows = []
+    for mix in mixes:
+        for seed in v.seeds:
+            run_config = config.copy_and_resolve_references()
+            run_config.seed = int(config.seed) + int(seed)
+            parts = mix_parts(mix, len(real), len(synthetic) if synthetic is not None else 0, run_config.seed)
+            plan = phases(mix, parts, total_steps)
+            state, previous = None, None
+            for i, (phase, end, entries) in enumerate(plan):
+                last = i == len(plan) - 1
+                spec = dataclasses.replace(
+                    base,
+                    name=f"{NAME}/{mix.name}/seed{seed}/{phase}",
+                    train=configlib.loop_config(
+                        num_steps=end,
+                        batch_size=v.batch_size,
+                        log_every=min(v.log_every, end),
+                        checkpoint_every=end,
+                        eval_every=end,
+                    ),
+                    source=MixSource(entries, real, synthetic, seed=run_config.seed, augment=augment),
+                    preprocess=_identity,
+                    train_step=step,
+                    evaluate=base.evaluate if last else None,
+                    provenance={"mix": mix.name, "synthetic": synthetic_name or "", "phase": phase},
+                )
+                if train.is_complete(workdir, spec.name, end):
+                    state, previous = None, spec
+                    continue
+                if state is None and previous is not None:
+                    state = train.load_trained_state(previous, run_config, workdir)
+                log.info(
+                    "[%s] %s seed %d: %s, %d examples, to step %d",
+                    NAME,
+                    mix.name,
+                    seed,
+                    phase,
+                    len(entries),
+                    end,
+                )
+                state = train.run_stage(spec, run_config, workdir, initial_state=state)
+                previous = spec
+            with open(os.path.join(train.stage_dir(workdir, previous.name), "last_eval.json")) as f:
+                scores = json.load(f)
+            sizes = {k: int(len(p)) for k, p in parts.items()}
+            rows.append(
+                {
+                    "mix": mix.name,
+                    "real": mix.real,
+                    "syn": mix.syn,
+                    "aug": mix.aug,
+                    "mode": mix.mode,
+                    "seed": int(seed),
+                    "examples": sizes["real"] + sizes["synthetic"],
+                    "steps": total_steps,
+                    **{s: float(scores[f"eval/{s}"]) for s in SCORES},
+                }
+            )
+    _write_report(workdir, config, rows, len(real), synthetic_name)
+    train._write_json(  # noqa: SLF001
+        os.path.join(train.stage_dir(workdir, NAME), "done.json"), {"runs": len(rows)}
+    )
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of each mix, in the matrix's order."""
+    out = []
+    for name in dict.fromkeys(r["mix"] for r in rows):
+        runs = [r for r in rows if r["mix"] == name]
+        entry = {k: runs[0][k] for k in ("mix", "real", "syn", "aug", "mode", "examples", "steps")}
+        entry["seeds"] = len(runs)
+        for s in SCORES:
+            values = np.array([r[s] for r in runs])
+            entry[s], entry[s + "_std"] = float(values.mean()), float(values.std())
+        out.append(entry)
+    return out
+
+
+def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthetic_name) -> None:
+    out_dir = train.stage_dir(workdir, NAME)
+    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    with open(os.path.join(out_dir, "results.csv.tmp"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(os.path.join(out_dir, "results.csv.tmp"), os.path.join(out_dir, "results.csv"))
+    table = aggregate(rows)
+    pct = lambda x: f"{x * 100:g} %"  # noqa: E731
+    amount = lambda x: "0" if x == 0 else (f"×{x:g}" if x >= 1 and float(x).is_integer() else pct(x))  # noqa: E731
+    lines = [
+        f"Downstream segmentor (`config.segmentor`: {config.segmentor.variant}, "
+        f"{config.segmentor.model.size}) "
+        f"trained on each mix for the same {rows[0]['steps']} steps ({config.verify.budget_epochs:g} "
+        f"epochs of the {num_real} real training slices, §8.1), evaluated on the real test split; mean ± std "
+        f"over {table[0]['seeds']} seed(s). Synthetic data: `{synthetic_name or 'none'}`. Amounts are "
+        "relative to the real training set; Dice is the standard per-image region Dice, mean over the "
+        "modalities' segmentors; parity Dice/MSE are the authors' (§9.4).",
+        "",
+        "| real | synthetic | augmented | mode | examples | Dice whole | Dice core | Dice enhancing "
+        "| parity Dice | parity MSE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in table:
+        cells = [f"{e[s]:.3f} ± {e[s + '_std']:.3f}" for s in SCORES]
+        lines.append(
+            f"| {pct(e['real'])} | {amount(e['syn'])} | {amount(e['aug'])} | {e['mode']} | {e['examples']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    _plot(os.path.join(out_dir, "samples", "dice_vs_synthetic.png"), table)
+    lines += [
+        "",
+        "Per run: `verify/results.csv`.",
+        "",
+        "![Dice against synthetic amount](verify/samples/dice_vs_synthetic.png)",
+    ]
+    with open(os.path.join(out_dir, "summary.md.tmp"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(out_dir, "summary.md.tmp"), os.path.join(out_dir, "summary.md"))
+
+
+def _plot(path: str, table: list[dict]) -> None:
+    """Whole-tumour Dice against the synthetic amount, one line per mode (and real-only as a reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for mode in MODES:
+        points = sorted(
+            (e["syn"], e["dice_whole/mean"], e["dice_whole/mean_std"]) for e in table if e["mode"] == mode
+        )
+        if points:
+            x, y, err = zip(*points, strict=True)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"mode {mode}")
+    ax.set_xlabel("synthetic amount (× real training set)")
+    ax.set_ylabel("Dice, whole tumour (real test split)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
