@@ -208,6 +208,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             eval_max_examples=0,  # 0: the whole real test split.
             augment=dict(max_rotation=15.0, max_shift=0.1, scale=(0.9, 1.1), flip=True, max_tries=10),
             synthetic_data_dir="",  # "": this workdir's stage-C dataset (<workdir>/dataset/tfds).
+            # The generator's image quality (T3/T4): MS-SSIM pairs per modality (0: skip), images per set,
+            # and the FID Inception-v3 weights file (see synth/metrics/inception.py; "": no FID/KID).
+            quality=dict(num_pairs=100, max_images=200, inception_weights=""),
         )
     )
 
@@ -288,4 +291,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.verify.batch_size = 4
         config.verify.log_every = 1  # Every step's sources are logged: the S and R orders are checked.
         config.verify.eval_max_examples = 8
+        config.verify.quality.num_pairs = 4
     return config

@@ -244,7 +244,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
                     **{s: float(scores[f"eval/{s}"]) for s in SCORES},
                 }
             )
-    _write_report(workdir, config, rows, len(real), synthetic_name)
+    quality = []
+    if synthetic is not None and v.quality.num_pairs > 0:
+        test = input_pipeline.open_source(config.data, config.data.test_split)
+        quality = generator_quality(config, workdir, test, synthetic)
+    _write_report(workdir, config, rows, len(real), synthetic_name, quality)
     train._write_json(  # noqa: SLF001
         os.path.join(train.stage_dir(workdir, NAME), "done.json"), {"runs": len(rows)}
     )
@@ -265,7 +269,76 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthetic_name) -> None:
+def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
+    """The generator's image quality against the real test split, in the layout of Tables T3/T4.
+
+    Per modality: MS-SSIM of seeded random real-synthetic pairs (higher = more alike) and within each set
+    (diversity, lower = more diverse), small images upsampled to MS-SSIM's 161 px (`synth.metrics.image`);
+    FID and KID when `config.verify.quality.inception_weights` names the FID Inception weights; and the
+    lesion fidelity of stage C: the real-trained segmentors' Dice on every sample that reached the filter
+    (Table T2's "lesion effectiveness") and on the kept ones.
+    """
+    import jax
+
+    from data_builders.synthetic import synthetic_dataset_builder as chunks
+    from synth.metrics import distribution, image, inception
+
+    q = config.verify.quality
+
+    def take(source, n):
+        index = np.linspace(0, len(source) - 1, n).astype(int)
+        return np.stack([np.asarray(source[int(i)]["image"], np.float32) for i in index])
+
+    n = min(q.max_images, len(real_test), len(synthetic))
+    real, fake = take(real_test, n), take(synthetic, n)
+    key = jax.random.key(config.seed)
+    pairs = min(q.num_pairs, n * (n - 1) // 2)
+    kw = dict(min_size=image.MS_SSIM_MIN_SIZE)
+    extractor = inception.inception_v3_extractor(q.inception_weights) if q.inception_weights else None
+    lines = [
+        f"Generator quality against the real test split ({n} images per set, {pairs} random pairs per "
+        "MS-SSIM; small images upsampled to 161 px):",
+        "",
+        "| modality | MS-SSIM real–synthetic ↑ | MS-SSIM within synthetic | MS-SSIM within real "
+        "| FID ↓ | KID ↓ |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for k, name in enumerate(config.data.modalities):
+        r, f = real[..., k : k + 1], fake[..., k : k + 1]
+        cross = image.ms_ssim_real_vs_synthetic(r, f, jax.random.fold_in(key, k), pairs, **kw)
+        within_fake = image.ms_ssim_diversity(f, jax.random.fold_in(key, 100 + k), pairs, **kw)
+        within_real = image.ms_ssim_diversity(r, jax.random.fold_in(key, 200 + k), pairs, **kw)
+        fid = kid = "no weights"
+        if extractor is not None:
+            fr, ff = extractor(r), extractor(f)
+            fid = f"{distribution.fid_from_features(fr, ff):.2f}"
+            kid_mean, _ = distribution.kid(fr, ff, min(n, 100), 20, jax.random.fold_in(key, 300 + k))
+            kid = f"{float(kid_mean):.4f}"
+        lines.append(
+            f"| {name} | {cross[0]:.3f} ± {cross[1]:.3f} | {within_fake[0]:.3f} | {within_real[0]:.3f} | "
+            f"{fid} | {kid} |"
+        )
+    chunks_dir = os.path.join(train.stage_dir(workdir, "dataset"), "chunks")
+    scored = np.concatenate(
+        [chunks.read_chunk(chunks_dir, i)["scored_dice"] for i in range(chunks.chunk_count(chunks_dir))]
+    )
+    kept = np.asarray([float(synthetic[i]["lesion_dice"]) for i in range(len(synthetic))])
+    lines += [
+        "",
+        "Lesion fidelity (the real-trained segmentors on synthetic images, whole-lesion Dice): "
+        f"{np.mean(scored):.3f} mean over the {len(scored)} samples that reached stage C's filter, "
+        f"{np.mean(kept):.3f} over the {len(kept)} it kept.",
+    ]
+    if extractor is None:
+        lines += [
+            "",
+            "FID/KID need the FID Inception-v3 weights: set `config.verify.quality.inception_weights` to the "
+            "converted file (see `synth/metrics/inception.py` for which file and how to make it).",
+        ]
+    return lines
+
+
+def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthetic_name, quality) -> None:
     out_dir = train.stage_dir(workdir, NAME)
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     with open(os.path.join(out_dir, "results.csv.tmp"), "w", newline="") as f:
@@ -302,6 +375,8 @@ def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthet
         "Per run: `verify/results.csv`.",
         "",
         "![Dice against synthetic amount](verify/samples/dice_vs_synthetic.png)",
+        "",
+        *quality,
     ]
     with open(os.path.join(out_dir, "summary.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
