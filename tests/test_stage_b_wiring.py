@@ -195,3 +195,37 @@ def test_single_modality_families_use_the_same_trainer(random_stage_b):
     assert int(new.step) == 1 and np.isfinite(float(metrics["g_loss"]))
     assert float(metrics["registration"]) == float(metrics["g_category"]) == 0.0
     assert float(metrics["lesion"]) > 0.0
+
+
+def test_stage_a_structures_replace_the_real_ones_after_pretraining(tiny_config):
+    """`structure_source="stage_a"` (the paper): real maps while pre-training, stage A's draws afterwards."""
+    from synth.models import vae
+    from synth.stages import structure
+
+    config = tiny_config
+    config.synthesis.structure_source = "stage_a"
+    models = synthesis.make_models(config, (32, 32))
+    assert models.structure is not None
+    source = input_pipeline.open_source(config.data, config.data.train_split)
+    batch = jax.tree.map(lambda *x: np.stack(x), *[synthesis.preprocess(source[i]) for i in range(4)])
+    decoder = models.structure.decoder
+    code = vae.code_shape((32, 32), models.structure.encoder.code_channels)
+    keys = jax.random.split(jax.random.key(0), 2)
+    dec_params = decoder.init(keys[0], jnp.zeros((1, *code)))
+    mask_params = models.structure.mask.init(keys[1], jnp.zeros((1, 32, 32, 2)))
+    frozen = {"structure": {"decoder": dec_params, "mask": mask_params}}
+    inputs = jax.jit(functools.partial(synthesis.make_inputs, models=models, config=config))
+    key = jax.random.key(1)
+    pre = inputs(batch, key, frozen, pretraining=jnp.asarray(True))
+    adv = inputs(batch, key, frozen, pretraining=jnp.asarray(False))
+    maps, masks, _ = structure.generate_maps(
+        frozen["structure"], jax.random.split(key)[1], 4, models=models.structure, code_shape=code
+    )
+    real_s, real_organ = structure.real_structures(
+        batch, params=structure.extraction_params(config), remove_lesions=config.structure.remove_lesions
+    )
+    np.testing.assert_array_equal(pre.structure, real_s)
+    np.testing.assert_array_equal(adv.structure[..., 0], maps)
+    np.testing.assert_array_equal(adv.organ[..., 0], masks)
+    np.testing.assert_array_equal(pre.label, batch["label"])  # Its own label while pre-training.
+    assert not np.array_equal(np.asarray(adv.structure), np.asarray(real_s))
