@@ -157,6 +157,17 @@ def test_curricula_train_in_their_order(quickstart):
     assert len(mixed) == 6 and 0.0 < np.mean([f for _, f in mixed]) < 1.0  # 6 synthetic of 30 examples.
     rows = list(csv.DictReader((workdir / "verify" / "results.csv").open()))
     assert [r["mix"] for r in rows] == ["real100_syn25_aug0_M", "real100_syn25_aug0_S", "real50_syn25_aug0_R"]
+    # A rerun finds every run complete: nothing trains again, and the scores are the same.
+    config = generate.load_config(workdir)
+    config.verify.quality.num_pairs = 0
+    again = verify.run(config, workdir)
+    assert [(r["mix"], r["dice_whole/mean"]) for r in again] == [
+        (r["mix"], float(r["dice_whole/mean"])) for r in rows
+    ]
+    assert (
+        len((workdir / "verify" / "real100_syn25_aug0_M/seed0/all/metrics.jsonl").read_text().splitlines())
+        == 7
+    )
 
 
 def test_mixes_parse_split_and_fail_clearly():

@@ -384,20 +384,22 @@ def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthet
 
 
 def _plot(path: str, table: list[dict]) -> None:
-    """Whole-tumour Dice against the synthetic amount, one line per mode (and real-only as a reference)."""
+    """Whole-tumour Dice against the synthetic amount, one line per mode and real fraction."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for mode in MODES:
+    # One line per mode and real fraction: "synthetic only" is not a point on the real-100 % curve.
+    for mode, real in dict.fromkeys((e["mode"], e["real"]) for e in table):
         points = sorted(
-            (e["syn"], e["dice_whole/mean"], e["dice_whole/mean_std"]) for e in table if e["mode"] == mode
+            (e["syn"], e["dice_whole/mean"], e["dice_whole/mean_std"])
+            for e in table
+            if (e["mode"], e["real"]) == (mode, real)
         )
-        if points:
-            x, y, err = zip(*points, strict=True)
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"mode {mode}")
+        x, y, err = zip(*points, strict=True)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"mode {mode}, real {real * 100:g} %")
     ax.set_xlabel("synthetic amount (× real training set)")
     ax.set_ylabel("Dice, whole tumour (real test split)")
     ax.legend()
