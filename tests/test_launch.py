@@ -82,7 +82,7 @@ def test_unknown_stage_on_command_line(tmp_path):
 
 def test_launch_runs_and_resumes(phantom_data_dir, tmp_path):
     workdir = tmp_path / "run"
-    # One stage keeps the test short; test_notebook runs stage=all in process.
+    # One stage keeps the test short; test_stage_c runs stage=all (in the quickstart notebook).
     args = [
         "--config",
         "configs/phantom.py:runlocal,stage=segmentor",
