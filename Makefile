@@ -26,7 +26,7 @@ demo: setup
 # identical programs, and each is then compiled once. Fresh per run, removed afterwards.
 test: setup
 	@cache=$$(mktemp -d); JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
-	  $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder; status=$$?; rm -rf $$cache; exit $$status
+	  $(PY) -m pytest -q -n 2 --dist loadfile; status=$$?; rm -rf $$cache; exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

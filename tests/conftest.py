@@ -34,20 +34,3 @@ def tiny_config(phantom_data_dir):
     config.data.data_dir = phantom_data_dir
     return config
 
-
-# The slowest modules (their module fixtures train for minutes), started first so that `pytest -n 2
-# --dist loadfile --no-loadscope-reorder` (the Makefile) fills the other worker with the quick ones meanwhile
-# instead of ending on a long module. Measured on 2 cores; the rest keep their file order.
-_SLOWEST_FIRST = (
-    "test_stage_b_trained.py",
-    "test_stage_c.py",
-    "test_loop.py",
-    "test_structure_stage.py",
-    "test_stage_b_wiring.py",
-    "test_segmentor_variants.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
