@@ -33,4 +33,3 @@ def tiny_config(phantom_data_dir):
     config = phantom.get_config("runlocal")
     config.data.data_dir = phantom_data_dir
     return config
-
