@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synth import extraction, input_pipeline, metrics, registration, sharding, structure_filter, train
+from synth import input_pipeline, metrics, registration, sharding, structure_filter, train
 from synth.models import vae
 
 DICE_KINDS = ("whole", "classes", "parity")
@@ -269,9 +269,3 @@ class Generator:
             raise ValueError(
                 f"{name} must be (B, H, W) at the trained size {self.image_hw}, got shape {tuple(shape)}"
             )
-
-    def fits(self, labels, organ_masks, *, rule: str | None = None) -> np.ndarray:
-        """(B,) whether each label lies inside its organ mask (§3.7; the config's rule by default)."""
-        rule = rule or self.config.synthesis.label_rule
-        organ = np.asarray(organ_masks)[..., None]
-        return np.asarray(extraction.label_fits(jnp.asarray(labels), jnp.asarray(organ), rule=rule))

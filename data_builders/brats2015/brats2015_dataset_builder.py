@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import medical, schema
+from data_builders import base, medical, schema
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Brats2015Config(tfds.core.BuilderConfig):
                 raise ValueError(f"Brats2015Config {self.name!r}: {field} must be in [0, 1).")
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(base.ArrayRecordBuilder):
     """BRATS 2015 from the manual download (see the module docstring and README.md)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -241,10 +241,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             image_width=0,
         ),
     ]
-
-    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        # array_record is what `as_data_source` and grain read; TFDS's own default is tfrecord.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: Brats2015Config = self.builder_config

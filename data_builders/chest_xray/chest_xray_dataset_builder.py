@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import imaging, medical, schema
+from data_builders import base, imaging, medical, schema
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def parse_name(path: pathlib.Path, class_folder: str) -> tuple[int, str]:
     return 0, normal["patient"].upper()
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(base.ArrayRecordBuilder):
     """Kaggle chest X-ray pneumonia (see the module docstring)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -142,10 +142,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             description="512x512 grey, nearest-neighbour resizing, per-image min-max (the authors').",
         ),
     ]
-
-    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        # array_record is what `as_data_source` and grain read; TFDS's own default is tfrecord.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: ChestXrayConfig = self.builder_config

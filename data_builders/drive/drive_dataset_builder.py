@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import imaging, medical, schema
+from data_builders import base, imaging, medical, schema
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def find_files(root: pathlib.Path, folder: str) -> list[DriveFiles]:
     return found
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(base.ArrayRecordBuilder):
     """DRIVE retinal images with vessel and field-of-view masks (see the module docstring)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -135,10 +135,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             image_size=0,
         ),
     ]
-
-    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        # array_record is what `as_data_source` and grain read; TFDS's own default is tfrecord.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: imaging.ImageConfig = self.builder_config

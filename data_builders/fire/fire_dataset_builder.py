@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import imaging, medical, schema
+from data_builders import base, imaging, medical, schema
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def find_pairs(root: pathlib.Path) -> list[FirePair]:
     return pairs
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(base.ArrayRecordBuilder):
     """FIRE fundus images, singly or as registration pairs (see the module docstring)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -165,10 +165,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             kind="pairs",
         ),
     ]
-
-    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        # array_record is what `as_data_source` and grain read; TFDS's own default is tfrecord.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: FireConfig = self.builder_config

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import imaging, medical, schema
+from data_builders import base, imaging, medical, schema
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def find_volumes(root: pathlib.Path) -> list[LungPair]:
     return pairs
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(base.ArrayRecordBuilder):
     """Kaggle lung CT slices or volumes with lung masks (see the module docstring)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -176,10 +176,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             normalization="none",
         ),
     ]
-
-    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        # array_record is what `as_data_source` and grain read; TFDS's own default is tfrecord.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: LungCtConfig = self.builder_config

@@ -33,7 +33,7 @@ Build (array_record, readable without TensorFlow), from the repository root:
 
 or from Python: `data_builders.build("phantom/demo", data_dir=...)`. `tfds build` is not needed (it
 requires TensorFlow); if it is used, pass `--file_format=array_record`. This builder writes
-array_record by default (`Builder.__init__`), whichever way it is called.
+array_record by default (`data_builders.base.ArrayRecordBuilder`), whichever way it is called.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import schema
+from data_builders import base, schema
 from data_builders.phantom import anatomy
 
 SPLITS = ("train", "validation", "test")
@@ -118,7 +118,7 @@ class PhantomConfig(tfds.core.BuilderConfig):
         return self.num_subjects(split) * self.slices_per_subject
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(base.ArrayRecordBuilder):
     """The procedural brain phantom (see the module docstring)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -149,10 +149,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             num_test_subjects=2,
         ),
     ]
-
-    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        # array_record is what `as_data_source` and grain read; TFDS's own default is tfrecord.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: PhantomConfig = self.builder_config

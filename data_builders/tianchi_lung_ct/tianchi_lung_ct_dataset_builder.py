@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import medical
+from data_builders import base, medical
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class TianchiConfig(tfds.core.BuilderConfig):
             raise ValueError(f"TianchiConfig {self.name!r}: split_seed must be >= 0.")
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(base.ArrayRecordBuilder):
     """Tianchi 2019 chest CT from the manual download (see the module docstring and README.md)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -261,10 +261,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             classes="1,5,31,32",
         ),
     ]
-
-    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-        # array_record is what `as_data_source` and grain read; TFDS's own default is tfrecord.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: TianchiConfig = self.builder_config

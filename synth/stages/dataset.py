@@ -23,6 +23,7 @@ real training images.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -251,8 +252,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
 def _done_for(path: str, num_examples: int) -> bool:
     if not os.path.exists(path):
         return False
-    import json
-
     with open(path) as f:
         return json.load(f).get("num_examples", -1) >= num_examples
 
