@@ -6,7 +6,7 @@ is the paper's ngf = 64 (G_m: 32) and depth; ``"small"`` halves the widths and, 
 levels so 128² images keep the paper's 8×8 bottleneck; ``"tiny"`` is for tests and ``runlocal``
 smoke runs (32² images). Networks: ``unet`` (G, G_t, segmentors, §4.1), ``discriminator`` (D, D_s,
 §4.2), ``vae`` (E_s and G_s, §4.3–4.4), ``code_discriminator`` (D_z, §4.5), ``mask_generator``
-(G_m, a U-Net, §4.6).
+(G_m, a U-Net, §4.6), ``detector`` (the SSD lesion detector, §6.6).
 """
 
 from typing import Any
@@ -19,6 +19,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "vae": {"features": 8, "num_levels": 3, "code_channels": 1},
         "code_discriminator": {"features": 8},
         "mask_generator": {"features": 4, "num_levels": 3},
+        "detector": {"features": 8},
     },
     "small": {
         "unet": {"features": 32, "num_levels": 3},  # ngf 32 = the paper's G_m width.
@@ -26,6 +27,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "vae": {"features": 32, "num_levels": 4, "code_channels": 1},
         "code_discriminator": {"features": 32},
         "mask_generator": {"features": 16, "num_levels": 3},
+        "detector": {"features": 32},
     },
     "base": {
         "unet": {"features": 64, "num_levels": 3},  # The paper/code's ngf 64 (G, G_t, G_l).
@@ -34,6 +36,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "vae": {"features": 64, "num_levels": 6, "code_channels": 1},
         "code_discriminator": {"features": 64},  # D_z: widths 128, 256 (§4.5).
         "mask_generator": {"features": 32, "num_levels": 3},  # G_m: the U-Net at ngf 32 (§4.6).
+        "detector": {"features": 64},  # SSD lesion detector G_l: ngf 64 (§6.6).
     },
 }
 
@@ -174,4 +177,26 @@ def mask_generator_kwargs(variant: str, image_hw: tuple[int, int]) -> dict[str, 
     """
     kwargs = variant_sizes(variant, "mask_generator")
     _check_depth(variant, image_hw, kwargs["num_levels"])
+    return kwargs
+
+
+def detector_kwargs(variant: str, image_hw: tuple[int, int], num_maps: int = 6) -> dict[str, Any]:
+    """Return the size kwargs of the SSD lesion detector :class:`~synth.models.detector.SSD` (``features``).
+
+    Args:
+        variant: a key of :data:`SIZES`.
+        image_hw: the (H, W) it will run on. Head k reads an H/2**(k+2) map, so the check asks for
+            H, W >= 2**(num_maps + 2): every head then sees a distinct, real map (256² for 6 maps,
+            32² for 3).
+        num_maps: heads the detector will use (``SSD(num_maps=...)``), 1..6.
+
+    Returns:
+        Kwargs to splat into ``SSD(...)``; classes, maps, box ratios, activation and dropout come from
+        the config.
+
+    Raises:
+        ValueError: unknown variant, or an image too small for ``num_maps``.
+    """
+    kwargs = variant_sizes(variant, "detector")
+    _check_depth(variant, image_hw, num_maps + 2)
     return kwargs
