@@ -33,11 +33,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.builder_config = "default"
     config.data.data_dir = configlib.default_data_dir()
     config.data.modalities = ("t1", "t2", "t1c", "flair")
+    config.data.channels = 1  # Per modality (3 for RGB retina); images are (H, W, K·channels).
     config.data.num_classes = 5  # BRATS classes: 0 background, 1 necrosis, 2 oedema, 3 non-enh., 4 enh.
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.test_split = "test"
     config.data.build_if_missing = True  # the phantom needs no download, so the launcher may build it
+    config.data.manual_dir = ""  # Raw files for a builder that needs them ("": none / already built).
+    config.data.builder_overrides = ml_collections.ConfigDict()  # Builder config fields, e.g. image_size.
+    config.data.adapter = "none"  # How the dataset's features become (image, label): synth.input_pipeline.
     config.data.num_workers = 0  # grain worker processes; 0 reads in the main process
     config.data.eval_max_examples = 0  # 0: the whole eval split
 
@@ -51,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Extraction parameters: a dataset's row of synth.extraction.DATASET_EXTRACTION, any field overridable.
     config.structure.extraction = ml_collections.ConfigDict(dict(dataset="phantom"))
     config.structure.remove_lesions = True  # §3.4: the tumour's own edges are not anatomy.
+    config.structure.train_classes = ()  # (): every training image; X-ray: normal ones only (§3.4).
     config.structure.model = ml_collections.ConfigDict(
         dict(
             size="small",
@@ -75,6 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Lesion processors (§6.3), trained on real data and frozen for synthesis.
     config.segmentor = ml_collections.ConfigDict()
+    config.segmentor.task = "segment"  # or "classify" (a class per image: X-ray, synth/stages/classifier.py)
+    config.segmentor.metrics = "dice"  # or "vessel": sensitivity, accuracy, AUC inside the FOV (DRIVE)
     config.segmentor.variant = "n_seg"  # n_seg: N U-Nets; one_seg: 1 U-Net; shared_encoder: 1 enc + N dec
     config.segmentor.stacking = "auto"  # vmap | unrolled; auto: unrolled on CPU (see models/stacked.py)
     config.segmentor.model = ml_collections.ConfigDict(
@@ -127,7 +134,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             activation="leaky_relu",
             kernel_init="normal",
             norm_output=True,  # The code's instance norm before the output sigmoid (§11.18).
-            channels_per_modality=1,
             disc_dropout=0.0,
         )
     )
@@ -183,6 +189,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 augment=dict(max_rotation=15.0, max_shift=0.1, scale=(0.9, 1.1), flip=True, max_tries=10),
             ),
             label_tries=8,  # Pool labels tried per sample for the placement check (§3.7).
+            # What each sample is written with for stage D: "lesion" (its label), "vessels" (retina) or
+            # "segmentor" (pseudo-label); see synth/stages/dataset.py.
+            synthetic_label="lesion",
+            vessel_shrink=0.03,  # "vessels": FOV erosion, a fraction of the height (§8.2).
             structure_filter=True,  # Reject maps that fail stage A's quality filter (§5.4).
             # §7.1 step 8: keep a sample if the real-trained segmentors find its lesion. kind: whole
             # (standard whole-lesion Dice), classes (mean per lesion class) or parity (§9.4).

@@ -58,7 +58,8 @@ MASK_BORDERS = ("authors", "background")
 LABEL_FUSION_MODES = ("concat_onehot", "concat_onehot_plus_0.1", "concat_raw", "none", "weighted_sum")
 # METHOD §12 spells the [OLD] mode this way in its config list; accept it as a synonym.
 _LABEL_FUSION_ALIASES = {"old_weighted_0.8_0.2": "weighted_sum"}
-LABEL_FIT_RULES = ("code", "paper")
+# "none": every label fits, as for X-ray class maps and TC box labels (§3.7) and ablation E (§9.2).
+LABEL_FIT_RULES = ("code", "paper", "none")
 
 # TF `sobel_edges` kernels (METHOD §3.1), applied as cross-correlation: dy first, then dx.
 _SOBEL_KY = np.array([[-1, -2, -1], [0, 0, 0], [1, 2, 1]], np.float32)
@@ -565,7 +566,7 @@ def label_fits(label: jax.Array, organ: jax.Array, *, rule: str = "code") -> jax
         organ: (B, H, W, 1) organ masks, 1 = organ.
         rule: ``"code"`` (default): no labelled pixel outside the organ (an empty label fits).
             ``"paper"``: the label overlaps the organ in at least one pixel (an empty label does
-            not fit), the weaker condition of the printed Algorithm 4.
+            not fit), the weaker condition of the printed Algorithm 4. ``"none"``: no check.
 
     Returns:
         (B,) bool.
@@ -574,6 +575,8 @@ def label_fits(label: jax.Array, organ: jax.Array, *, rule: str = "code") -> jax
         raise ValueError(f"Unknown label-fit rule {rule!r}. Valid rules: {', '.join(LABEL_FIT_RULES)}.")
     lesion = _label_bhw1(label) > 0
     inside = organ > 0.5
+    if rule == "none":
+        return jnp.ones(lesion.shape[:1], bool)
     if rule == "code":
         return ~jnp.any(lesion & ~inside, axis=_IMAGE_AXES)
     return jnp.any(lesion & inside, axis=_IMAGE_AXES)
@@ -583,6 +586,8 @@ def _label_fits_np(label: np.ndarray, organ: np.ndarray, rule: str) -> bool:
     """`label_fits` for one image in numpy (host side, no device round trip per draw)."""
     lesion = np.asarray(label).reshape(np.shape(organ)[:2]) > 0
     inside = np.asarray(organ).reshape(lesion.shape) > 0.5
+    if rule == "none":
+        return True
     if rule == "code":
         return not np.any(lesion & ~inside)
     return bool(np.any(lesion & inside))
@@ -813,3 +818,33 @@ def extract(
     if remove_lesions:
         s = remove_lesion(s, label)
     return s, organ
+
+
+def coarse_vessel_labels(structure: np.ndarray, organ: np.ndarray, *, shrink: int) -> np.ndarray:
+    """Coarse vessel labels of synthetic retinas (METHOD §8.2), host side.
+
+    A retina's structure map holds its vessels and the outer contour of the fundus disc; keeping only the
+    edges inside the field of view shrunk by `shrink` pixels drops that contour, and what remains are the
+    vessel lines.
+
+    Args:
+        structure: (B, H, W) structure maps, nonzero = edge.
+        organ: (B, H, W) field-of-view (organ) masks, nonzero = inside.
+        shrink: erosion radius in pixels (≥ 1).
+
+    Returns:
+        (B, H, W) uint8, 1 = vessel.
+    """
+    import scipy.ndimage
+
+    if shrink < 1:
+        raise ValueError(f"shrink must be at least 1 pixel, got {shrink}")
+    structure, organ = np.asarray(structure), np.asarray(organ)
+    if structure.shape != organ.shape or structure.ndim != 3:
+        raise ValueError(f"structure {structure.shape} and organ {organ.shape} must both be (B, H, W)")
+    disc = np.ones((2 * shrink + 1, 2 * shrink + 1), bool)
+    yy, xx = np.mgrid[-shrink : shrink + 1, -shrink : shrink + 1]
+    disc &= yy**2 + xx**2 <= shrink**2
+    # Outside the image counts as outside the FOV, so a disc touching the border shrinks there too.
+    inner = np.stack([scipy.ndimage.binary_erosion(m > 0, disc, border_value=0) for m in organ])
+    return ((structure > 0) & inner).astype(np.uint8)

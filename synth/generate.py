@@ -15,6 +15,9 @@ the lesion it was asked for (`DICE_KINDS`):
   - `classes`: the mean Dice over the lesion classes present in the label or the prediction;
   - `parity`: the authors' soft Dice on class indices (§9.4), as their selection script scores;
 each per modality, then averaged over the K modalities. A sample without a lesion in either map scores 1.
+Families whose lesion processor is not a segmentor use `class` (the fraction of the K modalities whose
+real-trained classifier sees the asked-for class, X-ray) or `none` (no lesion filter: every sample scores
+1, for lung CT and retina, which have no lesion input).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 from synth import input_pipeline, metrics, registration, sharding, structure_filter, train
 from synth.models import vae
 
-DICE_KINDS = ("whole", "classes", "parity")
+DICE_KINDS = ("whole", "classes", "parity", "class", "none")
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -64,6 +67,10 @@ def lesion_dice(predicted: jax.Array, label: jax.Array, *, kind: str, num_classe
     """
     if kind not in DICE_KINDS:
         raise ValueError(f"Unknown config.dataset.dice.kind {kind!r}; choose one of {DICE_KINDS}")
+    if kind == "none":
+        return jnp.ones(label.shape[:1], jnp.float32)
+    if kind == "class":
+        return jnp.mean(predicted[:, :, 0, 0] == label[None, :, 0, 0], axis=0, dtype=jnp.float32)
 
     def one_modality(pred):
         if kind == "whole":
@@ -92,6 +99,11 @@ def synthesize_images(g_params, structure, organ, label, key, *, models, config)
     g_input = synthesis.generator_input(key, s, m, label.astype(jnp.int32), config=config)
     fakes = synthesis.synthesize(models, g_params, g_input, len(config.data.modalities))
     return registration.channels_last(fakes)
+
+
+def _lesion_processor_name(config: ml_collections.ConfigDict) -> str:
+    """The real-trained network of stage `segmentor`, as a lesion processor: segmentors or classifier."""
+    return "classifier" if config.segmentor.get("task", "segment") == "classify" else "segmentor"
 
 
 def _needed_stages(config: ml_collections.ConfigDict) -> list[str]:
@@ -143,8 +155,10 @@ class Generator:
         self.provenance = dict(provenance or {})
         self.models = synthesis.make_models(config, self.image_hw)
         self.g_params, self.lesion_params, self.structure_state = g_params, lesion_params, structure_state
-        # The lesion filter always uses the real-trained segmentors, even if G trained without them.
-        self._lesion = self.models.lesion or synthesis.LESION_PROCESSORS["segmentor"](config, self.image_hw)
+        # The lesion filter always uses the real-trained lesion processor, even if G trained without it.
+        self._lesion = self.models.lesion or synthesis.LESION_PROCESSORS[_lesion_processor_name(config)](
+            config, self.image_hw
+        )
 
         self._structure_models = structure.make_models(config, self.image_hw)
         self._code_shape = vae.code_shape(self.image_hw, self._structure_models.encoder.code_channels)
@@ -260,6 +274,8 @@ class Generator:
             self._dice[kind] = jax.jit(
                 functools.partial(lesion_dice, kind=kind, num_classes=self.num_classes)
             )
+        if kind == "none":  # No lesion filter: the lesion processor need not run.
+            return np.ones(len(labels), np.float32)
         predicted = self.segment(images)
         return np.asarray(self._dice[kind](predicted, np.asarray(labels, np.int32)))
 

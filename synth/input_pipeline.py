@@ -29,34 +29,106 @@ Example = dict[str, Any]
 Preprocess = Callable[[Example], Example]
 
 
+def _identity(example: Example) -> Example:
+    return example
+
+
+def _class_map(example: Example) -> Example:
+    """A class-labelled image (chest X-ray): the label becomes a constant map, the authors' form (§2.1)."""
+    image = np.asarray(example["image"])
+    return {**example, "label": np.full(image.shape[:2], int(example["label"]), np.int32)}
+
+
+def _mask_label(example: Example) -> Example:
+    """An image with an organ mask (Kaggle lung CT): the mask is what is segmented."""
+    return {**example, "label": example["mask"]}
+
+
+def _vessels(example: Example) -> Example:
+    """A fundus image (DRIVE): vessels are the label, and metrics count only inside the field of view."""
+    return {**example, "fov": example["mask"]}
+
+
+# config.data.adapter -> raw example -> the example with "image" (H, W, K·C), "label" (H, W) and optionally
+# "fov" (H, W): every stage consumes that one form, whatever the dataset's own features are.
+ADAPTERS: dict[str, Preprocess] = {
+    "none": _identity,
+    "class_map": _class_map,
+    "mask_label": _mask_label,
+    "vessels": _vessels,
+}
+
+
+class AdaptedSource:
+    """A random-access source whose examples pass through a dataset adapter (picklable for grain)."""
+
+    def __init__(self, source: Any, adapter: str):
+        if adapter not in ADAPTERS:
+            raise ValueError(f"Unknown config.data.adapter {adapter!r}; choose one of {sorted(ADAPTERS)}")
+        self.source, self.adapter = source, adapter
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Example:
+        return ADAPTERS[self.adapter](self.source[index])
+
+
+class Subset:
+    """The examples `indices` of a random-access source."""
+
+    def __init__(self, source: Any, indices: Any):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.source[int(self.indices[index])]
+
+
+def builder_kwargs(data: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `data_builders` arguments of `config.data`: data dir, builder config and its overrides."""
+    kwargs = dict(data_dir=data.data_dir, config=data.builder_config or None)
+    kwargs.update(dict(data.get("builder_overrides", {}) or {}))
+    return kwargs
+
+
 def open_source(data: ml_collections.ConfigDict, split: str):
     """Opens `split` of `config.data`'s dataset as a random-access source, building it first if allowed.
 
-    Only the phantom can be built without a download; any other missing dataset raises an error that says
-    which dataset, where it was looked for and the command that builds it.
+    The phantom builds without a download, and a dataset whose `config.data.manual_dir` is set builds from
+    there (the families' `runlocal` configs point it at the builder's dummy data); any other missing
+    dataset raises an error that says which dataset, where it was looked for and the command that builds
+    it. Examples come out in the one form every stage consumes (see `ADAPTERS`).
     """
-    kwargs = dict(data_dir=data.data_dir, config=data.builder_config or None)
+    kwargs = builder_kwargs(data)
     if not sharding.agree(data_builders.is_built(data.name, **kwargs)):
         if not data.build_if_missing:
             # data_source raises the explanatory FileNotFoundError.
             return data_builders.data_source(data.name, split, **kwargs)
         if jax.process_index() == 0:
             log.info("Building dataset %s/%s into %s", data.name, data.builder_config, data.data_dir)
-            data_builders.build(data.name, **kwargs)
+            data_builders.build(data.name, manual_dir=data.get("manual_dir") or None, **kwargs)
         if jax.process_count() > 1:
             # Every process took this branch (the decision above is process 0's), so all reach it.
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("synth_dataset_built")
-    return data_builders.data_source(data.name, split, **kwargs)
+    source = data_builders.data_source(data.name, split, **kwargs)
+    adapter = data.get("adapter", "none")
+    return source if adapter == "none" else AdaptedSource(source, adapter)
 
 
 def image_and_label(example: Example) -> Example:
-    """The preprocessing of stages that train on real BRATS-like slices: float32 image, int32 label."""
-    return {
+    """The preprocessing of stages that train on real slices: float32 image, int32 label (and the FOV)."""
+    out = {
         "image": np.asarray(example["image"], np.float32),
         "label": np.asarray(example["label"], np.int32),
     }
+    if "fov" in example:
+        out["fov"] = np.asarray(example["fov"], bool)
+    return out
 
 
 def local_batch_size(global_batch_size: int, data_parallel: int | None = None) -> int:

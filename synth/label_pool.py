@@ -358,6 +358,7 @@ def fits(labels: np.ndarray, organs: np.ndarray, *, rule: str = "code") -> np.nd
             (H, W) / (1, H, W[, 1]) mask for every label.
         rule: ``"code"`` (default): no lesion pixel outside the organ (an empty label fits).
             ``"paper"``: at least one lesion pixel inside the organ (an empty label does not fit).
+            ``"none"``: every label fits.
 
     Returns:
         (N,) bool.
@@ -367,6 +368,8 @@ def fits(labels: np.ndarray, organs: np.ndarray, *, rule: str = "code") -> np.nd
     """
     _check_rule(rule)
     lesion, inside = _lesion_and_organ(labels, organs)
+    if rule == "none":
+        return np.ones(lesion.shape[0], bool)
     if rule == "code":
         return ~np.any(lesion & ~inside, axis=(1, 2))
     return np.any(lesion & inside, axis=(1, 2))

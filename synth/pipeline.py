@@ -48,8 +48,13 @@ def train_and_evaluate(
         os.makedirs(workdir, exist_ok=True)
         write_config(config, workdir)
     for name in names:
+        module = stages.get(name)
+        reason = module.skip_reason(config) if hasattr(module, "skip_reason") else None
+        if reason is not None and stage == "all":
+            log.info("=== stage %s: skipped (%s) ===", name, reason)
+            continue
         log.info("=== stage %s ===", name)
-        stages.get(name).run(config, workdir, stop_at=stop_at)
+        module.run(config, workdir, stop_at=stop_at)
     if jax.process_index() == 0:
         path = report.write_report(workdir)
         log.info("Report: %s", path)

@@ -30,14 +30,18 @@ def ordered_pairs(num_modalities: int) -> tuple[tuple[int, int], ...]:
     return tuple((i, j) for j in range(k) for i in range(k) if i != j)
 
 
-def by_modality(images: jax.Array) -> jax.Array:
-    """(B, H, W, K) -> (K, B, H, W, 1)."""
-    return jnp.moveaxis(images, -1, 0)[..., None]
+def by_modality(images: jax.Array, channels: int = 1) -> jax.Array:
+    """(B, H, W, K·C) -> (K, B, H, W, C): modality-major, C channels each (C = 3 for RGB retina)."""
+    b, h, w, kc = images.shape
+    if kc % channels:
+        raise ValueError(f"{kc} image channels do not split into modalities of {channels} channels")
+    return jnp.moveaxis(images.reshape(b, h, w, kc // channels, channels), 3, 0)
 
 
 def channels_last(x: jax.Array) -> jax.Array:
-    """(K, B, H, W, 1) -> (B, H, W, K); the inverse of `by_modality`."""
-    return jnp.moveaxis(x[..., 0], 0, -1)
+    """(K, B, H, W, C) -> (B, H, W, K·C); the inverse of `by_modality`."""
+    k, b, h, w, c = x.shape
+    return jnp.moveaxis(x, 0, 3).reshape(b, h, w, k * c)
 
 
 def modality_conditions(targets: np.ndarray | jax.Array, batch: int, num_modalities: int) -> jax.Array:

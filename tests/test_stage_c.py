@@ -57,7 +57,7 @@ def test_quickstart_notebook_runs_every_stage(quickstart):
     report = (workdir / "report.md").read_text()
     assert "## dataset" in report and "Memorisation audit" in report
     # Stage D's matrix: one row per mix, in the T5 layout, and the plot.
-    assert "## verify" in report and "dice_vs_synthetic.png" in report
+    assert "## verify" in report and "score_vs_synthetic.png" in report
     assert "| flair | " in report and "Lesion fidelity" in report  # The generator-quality table (T3/T4).
     for row in ("| 100 % | 25 % | 0 | M |", "| 100 % | 25 % | 0 | S |", "| 50 % | 25 % | 0 | R |"):
         assert row in report

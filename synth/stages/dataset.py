@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from synth import generate, input_pipeline, label_pool, sharding, train
+from synth import extraction, generate, input_pipeline, label_pool, sharding, train
 from synth import writer as writer_lib
 
 NAME = "dataset"
@@ -121,6 +121,7 @@ def generate_batch(gen: generate.Generator, pool, index: int, config) -> dict[st
     images = gen.synthesize(structures["maps"], structures["masks"], labels, noise_key)
     t1 = time.perf_counter()
     dice = gen.lesion_dice(images, labels, kind=ds.dice.kind)
+    labels = synthetic_labels(gen, images, labels, structures, config)
     t2 = time.perf_counter()
     structure_ok = structures["accepted"] | (not ds.structure_filter)
     reason = np.where(~structure_ok, 0, np.where(~placed, 1, np.where(dice < ds.dice.threshold, 2, -1)))
@@ -134,6 +135,30 @@ def generate_batch(gen: generate.Generator, pool, index: int, config) -> dict[st
         scored=structure_ok & placed,
         seconds=(t1 - t0, t2 - t1),
     )
+
+
+SYNTHETIC_LABELS = ("lesion", "vessels", "segmentor")
+
+
+def synthetic_labels(gen: generate.Generator, images, labels, structures, config) -> np.ndarray:
+    """The label each synthetic sample is written with, for stage D (`config.dataset.synthetic_label`).
+
+    - `lesion`: the lesion label it was made from (BRATS, X-ray class maps);
+    - `vessels`: coarse vessels from its own structure map inside its field of view shrunk by
+      `vessel_shrink` (a fraction of the image height), so the outer contour of the fundus disc is not a
+      vessel (retina, §8.2, which the authors described but never implemented);
+    - `segmentor`: what the real-trained segmentor (modality 0's) finds in it, a pseudo-label, for
+      families without lesion input whose downstream task still needs labels (lung CT's lung masks).
+    """
+    kind = config.dataset.get("synthetic_label", "lesion")
+    if kind == "lesion":
+        return labels
+    if kind == "vessels":
+        shrink = max(1, round(config.dataset.get("vessel_shrink", 0.03) * gen.image_hw[0]))
+        return extraction.coarse_vessel_labels(structures["maps"], structures["masks"], shrink=shrink)
+    if kind == "segmentor":
+        return gen.segment(images)[0].astype(np.uint8)
+    raise ValueError(f"Unknown config.dataset.synthetic_label {kind!r}; choose one of {SYNTHETIC_LABELS}")
 
 
 def _chunk_arrays(batch: dict[str, Any], index: int) -> dict[str, np.ndarray]:
@@ -249,6 +274,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     return builder
 
 
+def _lesion_setting(dice) -> str:
+    """How stage C's lesion filter is set, in words, for the report's table."""
+    if dice.kind == "none":
+        return "off (no lesion input)"
+    if dice.kind == "class":
+        return f"classifier agrees on ≥ {dice.threshold:g} of the modalities"
+    return f"{dice.kind} Dice ≥ {dice.threshold}"
+
+
 def _done_for(path: str, num_examples: int) -> bool:
     if not os.path.exists(path):
         return False
@@ -264,6 +298,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         value = ds[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"config.dataset.{key} must be a positive integer, got {value!r}")
+    if ds.get("synthetic_label", "lesion") not in SYNTHETIC_LABELS:
+        raise ValueError(
+            f"Unknown config.dataset.synthetic_label {ds.synthetic_label!r}; choose one of {SYNTHETIC_LABELS}"
+        )
     unknown = sorted(set(ds.export) - {"nifti", "png"})
     if unknown:
         raise ValueError(f"config.dataset.export: unknown format(s) {unknown}; choose from 'nifti', 'png'")
@@ -366,13 +404,13 @@ def _summary(config, gen, chunks_dir, out_dir, tally: _Tally, num_batches, name,
         f"max_count {config.structure.filter.max_count} |",
         f"| placement (§3.7) | {tally.rejected[1]} | rule {config.synthesis.label_rule}, "
         f"{ds.label_tries} tries |",
-        f"| lesion Dice | {tally.rejected[2]} | {ds.dice.kind} Dice ≥ {ds.dice.threshold} |",
+        f"| lesion (§7.1) | {tally.rejected[2]} | {_lesion_setting(ds.dice)} |",
         "",
         f"Time: generation {gen_s:.1f} s ({100 * gen_s / total:.0f}%), filtering {filter_s:.1f} s "
         f"({100 * filter_s / total:.0f}%), writing {write_s:.1f} s ({100 * write_s / total:.0f}%).",
         "",
     ]
-    if len(scored):
+    if len(scored) and ds.dice.kind != "none":
         q = np.percentile(scored, [10, 50, 90])
         lines += [
             f"Lesion Dice of the {len(scored)} samples that reached the Dice filter: 10th/50th/90th "

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from synth import input_pipeline, losses, metrics, optim, sharding, train
+from synth import input_pipeline, losses, metrics, optim, registration, sharding, train
 from synth import writer as writer_lib
 from synth.models import shared_encoder, sizes, stacked
 from synth.models.unet import UNet
@@ -62,9 +62,22 @@ def make_model(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> 
     )
 
 
-def _by_modality(images: jax.Array) -> jax.Array:
-    """(B, H, W, K) -> (K, B, H, W, 1): the modality axis first, for vmap."""
-    return jnp.moveaxis(images, -1, 0)[..., None]
+def _by_modality(images: jax.Array, channels: int) -> jax.Array:
+    """(B, H, W, K·C) -> (K, B, H, W, C): the modality axis first, for vmap."""
+    return registration.by_modality(images, channels)
+
+
+def check_channels(config: ml_collections.ConfigDict, image: np.ndarray) -> int:
+    """C, the channels per modality, after checking the dataset's images against `config.data`."""
+    data = config.data
+    channels = int(data.get("channels", 1))
+    expected = len(data.modalities) * channels
+    if image.shape[-1] != expected:
+        raise ValueError(
+            f"The dataset's images have {image.shape[-1]} channels but config.data.modalities lists "
+            f"{len(data.modalities)} modalities of config.data.channels={channels}: {data.modalities}"
+        )
+    return channels
 
 
 def _check_variant(variant: str) -> str:
@@ -73,7 +86,7 @@ def _check_variant(variant: str) -> str:
     return variant
 
 
-def init_params(rng: jax.Array, images: jax.Array, *, model: UNet, variant: str) -> Any:
+def init_params(rng: jax.Array, images: jax.Array, *, model: UNet, variant: str, channels: int = 1) -> Any:
     """Parameters for all modalities: stacked, shared, or a shared encoder with stacked decoders.
 
     Args:
@@ -81,12 +94,13 @@ def init_params(rng: jax.Array, images: jax.Array, *, model: UNet, variant: str)
       images: (B, H, W, K) example batch; only its shape matters.
       model: the U-Net of one modality (`make_model`).
       variant: one of `VARIANTS`.
+      channels: C, channels per modality (3 for RGB).
 
     Returns:
       n_seg: one U-Net's variables stacked K times; one_seg: one U-Net's variables; shared_encoder:
       `{"encoder": ..., "decoders": ...}` with the decoders stacked K times.
     """
-    x = _by_modality(images)
+    x = _by_modality(images, channels)
     variant = _check_variant(variant)
     if variant == "one_seg":
         return model.init(rng, x[0])
@@ -105,6 +119,7 @@ def predict_logits(
     stacking: str = "auto",
     rng=None,
     train_mode=False,
+    channels: int = 1,
 ) -> jax.Array:
     """Logits (K, B, H, W, classes) of every modality's segmentor on that modality's images.
 
@@ -116,8 +131,9 @@ def predict_logits(
       stacking: how stacked parameters are applied (`synth.models.stacked.MODES`).
       rng: dropout key when `train_mode`.
       train_mode: enables input dropout.
+      channels: C, channels per modality (3 for RGB).
     """
-    x = _by_modality(images)
+    x = _by_modality(images, channels)
     variant = _check_variant(variant)
     rng = rng if rng is not None else jax.random.key(0)
     if variant == "shared_encoder":
@@ -130,12 +146,14 @@ def predict_logits(
     return stacked.map_stacked(apply, params, x, keys, shared_params=variant == "one_seg", mode=stacking)
 
 
-def init_state(rng, batch, *, model: UNet, variant: str, tx: optax.GradientTransformation):
-    params = init_params(rng, batch["image"], model=model, variant=variant)
+def init_state(rng, batch, *, model: UNet, variant: str, tx: optax.GradientTransformation, channels: int = 1):
+    params = init_params(rng, batch["image"], model=model, variant=variant, channels=channels)
     return SegmentorState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def train_step(state: SegmentorState, batch, rng, *, model, variant, stacking, tx, loss_config, num_classes):
+def train_step(
+    state: SegmentorState, batch, rng, *, model, variant, stacking, tx, loss_config, num_classes, channels=1
+):
     """One optimisation step of every modality's segmentor on a batch of real slices."""
 
     def loss_fn(params):
@@ -147,6 +165,7 @@ def train_step(state: SegmentorState, batch, rng, *, model, variant, stacking, t
             stacking=stacking,
             rng=rng,
             train_mode=True,
+            channels=channels,
         )
         per_modality = jax.vmap(
             lambda lg: losses.segmentation_loss(
@@ -177,7 +196,12 @@ def train_step(state: SegmentorState, batch, rng, *, model, variant, stacking, t
 preprocess = input_pipeline.image_and_label
 
 
-def _region_scores(pred, label, valid):
+def regions_for(num_classes: int) -> tuple[str, ...]:
+    """BRATS's three regions for the 5 BRATS classes; otherwise only `whole` (any foreground class)."""
+    return REGIONS if num_classes == 5 else ("whole",)
+
+
+def _region_scores(pred, label, valid, regions=REGIONS):
     """Per-modality region Dice sums for one batch.
 
     Args:
@@ -192,10 +216,10 @@ def _region_scores(pred, label, valid):
     pred = jnp.where(valid[None, :, None, None], pred, 0)
     label = jnp.where(valid[:, None, None], label, 0)
     per_modality = jax.vmap(lambda p: metrics.brats_region_dice(p, label))(pred)
-    dice_sum = jnp.stack([per_modality[r] * per_modality[f"{r}_count"] for r in REGIONS])
-    count = jnp.stack([per_modality[f"{r}_count"] for r in REGIONS])
+    dice_sum = jnp.stack([per_modality[r] * per_modality[f"{r}_count"] for r in regions])
+    count = jnp.stack([per_modality[f"{r}_count"] for r in regions])
     inter, total = [], []
-    for region in REGIONS:
+    for region in regions:
         p, t = metrics.region_mask(pred, region), metrics.region_mask(label, region)[None]
         inter.append(jnp.sum(p & t, axis=(1, 2, 3)))
         total.append(jnp.sum(p, axis=(1, 2, 3)) + jnp.sum(t, axis=(1, 2, 3)))
@@ -222,8 +246,8 @@ def _parity_scores(pred, label, valid):
     return jnp.sum(dice * weight, axis=1), jnp.sum(mse * weight, axis=1), jnp.sum(weight)
 
 
-def _batch_scores(pred, label, valid):
-    return _region_scores(pred, label, valid) + _parity_scores(pred, label, valid)
+def _batch_scores(pred, label, valid, regions=REGIONS):
+    return _region_scores(pred, label, valid, regions) + _parity_scores(pred, label, valid)
 
 
 def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
@@ -241,13 +265,26 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
     # Predictions replicated: a few small label maps, and every process can then draw the grid rows.
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def predict(params, images):
-        logits = predict_logits(params, images, model=model, variant=variant, stacking=stacking)
+        logits = predict_logits(
+            params, images, model=model, variant=variant, stacking=stacking, channels=data.get("channels", 1)
+        )
         return jnp.argmax(logits, axis=-1)
 
-    scores = jax.jit(_batch_scores)
+    regions = regions_for(data.num_classes)
+    scores = jax.jit(functools.partial(_batch_scores, regions=regions))
+    vessels = config.segmentor.get("metrics", "dice") == "vessel"
+
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def vessel_counts(params, images, label, fov, valid):
+        logits = predict_logits(
+            params, images, model=model, variant=variant, stacking=stacking, channels=data.get("channels", 1)
+        )
+        inside = fov & valid[:, None, None]
+        return jax.vmap(lambda lg: _vessel_counts(jax.nn.softmax(lg)[..., 1], label > 0, inside))(logits)
 
     def evaluate(state: SegmentorState, step: int):
         sums = None
+        vessel_sums = None
         grid_rows = []
         batches = input_pipeline.eval_batches(
             source,
@@ -260,6 +297,11 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
             pred = predict(state.params, batch["image"])
             out = jax.device_get(scores(pred, batch["label"], batch["valid"]))
             sums = out if sums is None else [a + b for a, b in zip(sums, out)]
+            if vessels:
+                counts = jax.device_get(
+                    vessel_counts(state.params, batch["image"], batch["label"], batch["fov"], batch["valid"])
+                )
+                vessel_sums = counts if vessel_sums is None else jax.tree.map(np.add, vessel_sums, counts)
             if not grid_rows:
                 grid_rows = _grid_rows(local, np.asarray(jax.device_get(pred)), data.num_classes)
         dice_sum, count, inter, total, parity_dice, parity_mse, parity_count = (
@@ -269,7 +311,7 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
         dice = dice_sum / np.maximum(count, 1)
         global_dice = 2.0 * inter / np.maximum(total, 1)
         scalars = {}
-        for r, region in enumerate(REGIONS):
+        for r, region in enumerate(regions):
             for k, name in enumerate(modalities):
                 scalars[f"dice_{region}/{name}"] = dice[r, k]
             scalars[f"dice_{region}/mean"] = dice[r].mean()
@@ -282,10 +324,50 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
             for k, name in enumerate(modalities):
                 scalars[f"{metric}/{name}"] = values[k]
             scalars[f"{metric}/mean"] = values.mean()
+        if vessels:
+            for metric, values in _vessel_metrics(vessel_sums).items():
+                for k, name in enumerate(modalities):
+                    scalars[f"{metric}/{name}"] = values[k]
+                scalars[f"{metric}/mean"] = float(np.mean(values))
         images = {"segmentation": writer_lib.image_grid(grid_rows)} if grid_rows else {}
         return scalars, images
 
     return evaluate
+
+
+# Probability bins of the vessel AUC's histograms: pooled over a whole split on device, so any number of
+# images and processes merge exactly; pairs within one bin count one half, as ties do in the exact AUC.
+VESSEL_AUC_BINS = 1000
+
+
+def _vessel_counts(probability, vessel, inside):
+    """Confusion counts at 0.5 and per-bin histograms of vessel / background probabilities in the FOV."""
+    predicted = probability >= 0.5
+    bins = jnp.clip((probability * VESSEL_AUC_BINS).astype(jnp.int32), 0, VESSEL_AUC_BINS - 1).reshape(-1)
+    histogram = lambda w: jnp.zeros(VESSEL_AUC_BINS, jnp.float32).at[bins].add(w.reshape(-1))  # noqa: E731
+    return {
+        "tp": jnp.sum(predicted & vessel & inside),
+        "fp": jnp.sum(predicted & ~vessel & inside),
+        "fn": jnp.sum(~predicted & vessel & inside),
+        "tn": jnp.sum(~predicted & ~vessel & inside),
+        "vessel_hist": histogram((vessel & inside).astype(jnp.float32)),
+        "background_hist": histogram((~vessel & inside).astype(jnp.float32)),
+    }
+
+
+def _vessel_metrics(c) -> dict[str, np.ndarray]:
+    """Sensitivity, accuracy and AUC (T6) per modality from summed `_vessel_counts`, inside the FOV only."""
+    tp, fp, fn, tn = (np.asarray(c[k], np.float64) for k in ("tp", "fp", "fn", "tn"))
+    pos, neg = np.asarray(c["vessel_hist"], np.float64), np.asarray(c["background_hist"], np.float64)
+    above = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1] - pos  # Vessel pixels in higher bins.
+    pairs = pos.sum(1) * neg.sum(1)
+    auc = np.sum(neg * (above + 0.5 * pos), axis=1) / np.maximum(pairs, 1)
+    nan = lambda x, ok: np.where(ok, x, np.nan)  # noqa: E731
+    return {
+        "sensitivity": nan(tp / np.maximum(tp + fn, 1), tp + fn > 0),
+        "accuracy": (tp + tn) / np.maximum(tp + fp + fn + tn, 1),
+        "auc": nan(auc, pairs > 0),
+    }
 
 
 def _grid_rows(local, pred, num_classes, max_rows=4):
@@ -302,17 +384,43 @@ def _grid_rows(local, pred, num_classes, max_rows=4):
     return rows
 
 
+TASKS = ("segment", "classify")
+
+
+def task(config: ml_collections.ConfigDict) -> str:
+    """`config.segmentor.task`: "segment" (label maps) or "classify" (a class per image, X-ray)."""
+    name = config.segmentor.get("task", "segment")
+    if name not in TASKS:
+        raise ValueError(f"Unknown config.segmentor.task {name!r}; choose one of {TASKS}")
+    return name
+
+
+def scores(config: ml_collections.ConfigDict) -> tuple[tuple[str, str], ...]:
+    """The (evaluator key, report heading) of the downstream scores stage D tabulates, main one first."""
+    if task(config) == "classify":
+        return (("accuracy/mean", "accuracy"),)
+    if config.segmentor.get("metrics", "dice") == "vessel":
+        return (
+            ("sensitivity/mean", "sensitivity"),
+            ("accuracy/mean", "accuracy"),
+            ("auc/mean", "AUC"),
+            ("dice_whole/mean", "Dice"),
+        )
+    out = [(f"dice_{r}/mean", f"Dice {r}") for r in regions_for(config.data.num_classes)]
+    return tuple(out) + (("parity_dice/mean", "parity Dice"), ("parity_mse/mean", "parity MSE"))
+
+
 def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
-    """The stage's spec for the shared loop."""
+    """The stage's spec for the shared loop (the classifier's for `task = "classify"`)."""
+    if task(config) == "classify":
+        from synth.stages import classifier
+
+        return classifier.build(config, mesh)
     seg = config.segmentor
     source = input_pipeline.open_source(config.data, config.data.train_split)
     first = preprocess(source[0])
     image_hw = first["image"].shape[:2]
-    if first["image"].shape[-1] != len(config.data.modalities):
-        raise ValueError(
-            f"The dataset has {first['image'].shape[-1]} modalities but config.data.modalities "
-            f"lists {len(config.data.modalities)}: {config.data.modalities}"
-        )
+    channels = check_channels(config, first["image"])
     model = make_model(config, image_hw)
     tx = optim.make_optimizer(seg.optim)
     _check_variant(seg.variant)  # A mistyped variant fails here, before anything compiles.
@@ -322,7 +430,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
         train=seg.train,
         source=source,
         preprocess=preprocess,
-        init_state=functools.partial(init_state, model=model, variant=seg.variant, tx=tx),
+        init_state=functools.partial(init_state, model=model, variant=seg.variant, tx=tx, channels=channels),
         train_step=functools.partial(
             train_step,
             model=model,
@@ -331,6 +439,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
             tx=tx,
             loss_config=seg.loss,
             num_classes=config.data.num_classes,
+            channels=channels,
         ),
         evaluate=make_evaluator(
             config,

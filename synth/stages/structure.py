@@ -326,9 +326,24 @@ def make_evaluator(config, *, models: Models, extract_fn, mesh):
     return evaluate
 
 
+def training_images(config: ml_collections.ConfigDict, source):
+    """The real training images stage A learns from: all, or those of `config.structure.train_classes`.
+
+    For diffuse lesions the lesion images are left out instead of removing the lesion (§3.4): the X-ray
+    config trains stage A on normal images only (class 0).
+    """
+    classes = tuple(config.structure.get("train_classes", ()) or ())
+    if not classes:
+        return source
+    keep = [i for i in range(len(source)) if int(np.asarray(source[i]["label"]).flat[0]) in classes]
+    if not keep:
+        raise ValueError(f"config.structure.train_classes={classes}: no training image has those classes")
+    return input_pipeline.Subset(source, keep)
+
+
 def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
     st = config.structure
-    source = input_pipeline.open_source(config.data, config.data.train_split)
+    source = training_images(config, input_pipeline.open_source(config.data, config.data.train_split))
     image_hw = tuple(preprocess(source[0])["image"].shape[:2])
     models = make_models(config, image_hw)
     extract_fn = functools.partial(

@@ -74,12 +74,16 @@ class LesionProcessor(NamedTuple):
     Attributes:
       load: `(config, workdir) -> (params, provenance)`: the trained parameters and what they came from.
       loss: `(params, images (B, H, W, K), label) -> (K,)` lesion-guidance loss per modality.
-      predict: `(params, images) -> (K, B, H, W)` predicted labels (for evaluation and stage C's filter).
+      predict: `(params, images) -> (K, B, H, W)` predicted labels (for evaluation and stage C's filter);
+        a classifier gives constant maps of its class, like the class-map labels.
+      kind: "segment" (lesion fidelity is the Dice of the lesion) or "classify" (whether the class is
+        the asked-for one).
     """
 
     load: Callable[[ml_collections.ConfigDict, str], tuple[Any, dict]]
     loss: Callable[[Any, jax.Array, jax.Array], jax.Array]
     predict: Callable[[Any, jax.Array], jax.Array]
+    kind: str = "segment"
 
 
 def _segmentor_processor(config: ml_collections.ConfigDict, image_hw) -> LesionProcessor:
@@ -89,7 +93,11 @@ def _segmentor_processor(config: ml_collections.ConfigDict, image_hw) -> LesionP
     seg = config.segmentor
     model = segmentor.make_model(config, image_hw)
     logits_fn = functools.partial(
-        segmentor.predict_logits, model=model, variant=seg.variant, stacking=seg.stacking
+        segmentor.predict_logits,
+        model=model,
+        variant=seg.variant,
+        stacking=seg.stacking,
+        channels=channels_per_modality(config),
     )
     lesion = config.synthesis.loss.lesion
 
@@ -116,8 +124,18 @@ def _segmentor_processor(config: ml_collections.ConfigDict, image_hw) -> LesionP
     return LesionProcessor(load=load, loss=loss, predict=predict)
 
 
+def _classifier_processor(config: ml_collections.ConfigDict, image_hw) -> LesionProcessor:
+    """The real-trained classifier (X-ray, §6.4) as the lesion processor."""
+    from synth.stages import classifier
+
+    return classifier.lesion_processor(config, image_hw)
+
+
 # config.synthesis.lesion_processor -> factory (config, image_hw) -> LesionProcessor; "none": no lesion loss.
-LESION_PROCESSORS: dict[str, Callable[..., LesionProcessor]] = {"segmentor": _segmentor_processor}
+LESION_PROCESSORS: dict[str, Callable[..., LesionProcessor]] = {
+    "segmentor": _segmentor_processor,
+    "classifier": _classifier_processor,
+}
 
 
 class Models(NamedTuple):
@@ -148,7 +166,7 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
     return Models(
         generator=UNet(
             **sizes.unet_kwargs(sy.model.size, image_hw),
-            out_channels=sy.model.channels_per_modality,
+            out_channels=channels_per_modality(config),
             norm_output=sy.model.norm_output,
             **common,
         ),
@@ -163,6 +181,11 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
         lesion=lesion,
         structure=structure_models,
     )
+
+
+def channels_per_modality(config: ml_collections.ConfigDict) -> int:
+    """C: 1 for grey modalities, 3 for the RGB retina (`config.data.channels`)."""
+    return int(config.data.get("channels", 1))
 
 
 def _uses_translator(config) -> bool:
@@ -302,7 +325,7 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
     # Frozen: no gradient into their parameters; gradients still flow through their activations.
     frozen = jax.lax.stop_gradient(frozen)
     inputs = make_inputs(batch, input_key, frozen, models=models, config=config, pretraining=pretraining)
-    real = registration.by_modality(batch["image"])  # (K, B, H, W, 1)
+    real = registration.by_modality(batch["image"], channels_per_modality(config))  # (K, B, H, W, C)
     k = real.shape[0]
     fakes = synthesize(models, g_params, inputs.g_input, k)
     d_fake, c_fake = _discriminate(models, d_params, fakes, d_key)
@@ -336,7 +359,7 @@ def discriminator_loss(d_params, batch, fakes, rng, *, models: Models, config):
     """L_D of §6.1.3: real slices against the synthetic ones, plus the category head."""
     loss_config = config.synthesis.loss
     w, kind = loss_config.weights, loss_config.category_kind
-    real = registration.by_modality(batch["image"])
+    real = registration.by_modality(batch["image"], channels_per_modality(config))
     k = real.shape[0]
     real_key, fake_key = jax.random.split(rng)
     d_real, c_real = _discriminate(models, d_params, real, real_key)
@@ -360,7 +383,7 @@ def init_state(rng, batch, *, models: Models, config, g_tx, d_tx):
     g_key, d_key = jax.random.split(rng)
     cond = registration.modality_conditions(np.zeros(1, int), g_input.shape[0], k) if k > 1 else None
     g_params = models.generator.init(g_key, g_input, cond)
-    d_params = models.discriminator.init(d_key, batch["image"][..., :1])
+    d_params = models.discriminator.init(d_key, batch["image"][..., : channels_per_modality(config)])
     return SynthesisState(
         step=jnp.zeros((), jnp.int32),
         g_params=g_params,
@@ -404,12 +427,14 @@ def _pairwise_dice(maps: jax.Array) -> jax.Array:
     return jnp.mean(jnp.stack(scores), axis=0) if scores else jnp.ones(maps.shape[1])
 
 
-def structure_agreement(images: jax.Array, organ: jax.Array, params: extraction.ExtractionParams):
+def structure_agreement(
+    images: jax.Array, organ: jax.Array, params: extraction.ExtractionParams, channels: int = 1
+):
     """(B,) registration consistency: mean pairwise Dice of the structure maps extracted from each modality.
 
     Each modality's map uses the same organ mask, so only the edges inside it are compared.
     """
-    x = registration.by_modality(images)  # (K, B, H, W, 1)
+    x = registration.by_modality(images, channels)  # (K, B, H, W, C)
     k, b = x.shape[:2]
     flat = registration.flat(x)
     s = extraction.structure_map_with(flat, jnp.tile(organ, (k, 1, 1, 1)), params)
@@ -419,18 +444,18 @@ def structure_agreement(images: jax.Array, organ: jax.Array, params: extraction.
 def evaluation_outputs(state_params, frozen, batch, key, *, models: Models, config):
     """Everything the evaluator reports for one batch, as per-image values (masked by the caller)."""
     g_params, d_params = state_params
-    k = len(config.data.modalities)
+    k, channels = len(config.data.modalities), channels_per_modality(config)
     inputs = make_inputs(batch, key, frozen, models=models, config=config, pretraining=jnp.asarray(False))
     fakes = synthesize(models, g_params, inputs.g_input, k)
     images = registration.channels_last(fakes)
     params = extraction.ExtractionParams.from_config(config.structure.extraction)
     out = {
         "valid": batch["valid"],
-        "structure_agreement": structure_agreement(images, inputs.organ, params),
-        "structure_agreement_real": structure_agreement(batch["image"], inputs.organ, params),
+        "structure_agreement": structure_agreement(images, inputs.organ, params, channels),
+        "structure_agreement_real": structure_agreement(batch["image"], inputs.organ, params, channels),
     }
     d_fake, _ = _discriminate(models, d_params, fakes)
-    d_real, _ = _discriminate(models, d_params, registration.by_modality(batch["image"]))
+    d_real, _ = _discriminate(models, d_params, registration.by_modality(batch["image"], channels))
     out["d_accuracy_fake"] = jnp.mean(d_fake < 0.5, axis=(0, 2, 3, 4))
     out["d_accuracy_real"] = jnp.mean(d_real > 0.5, axis=(0, 2, 3, 4))
     if models.translator is not None:
@@ -438,7 +463,14 @@ def evaluation_outputs(state_params, frozen, batch, key, *, models: Models, conf
         translations = registration.translate_pairs(translate, fakes)
         out["translation_mse"] = jnp.mean(jnp.square(translations - fakes[:, None]), axis=(0, 1, 3, 4, 5))
     predicted = None
-    if models.lesion is not None:
+    if models.lesion is not None and models.lesion.kind == "classify":
+        predicted = models.lesion.predict(frozen["lesion"], images)  # (K, B, H, W) constant class maps
+        said = predicted[:, :, 0, 0]
+        out["lesion_accuracy"] = jnp.mean(said == inputs.label[None, :, 0, 0], axis=0)
+        out["lesion_accuracy_chance"] = jnp.mean(
+            said == jnp.roll(inputs.label, 1, axis=0)[None, :, 0, 0], axis=0
+        )
+    elif models.lesion is not None:
         predicted = models.lesion.predict(frozen["lesion"], images)  # (K, B, H, W)
         target = metrics.region_mask(inputs.label, "whole")
         other = jnp.roll(target, 1, axis=0)  # Chance reference: another sample's lesion.
@@ -548,11 +580,9 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, workdir: str | os.Pat
     sy = config.synthesis
     source = input_pipeline.open_source(config.data, config.data.train_split)
     image = preprocess(source[0])["image"]
-    if image.shape[-1] != len(config.data.modalities):
-        raise ValueError(
-            f"The dataset has {image.shape[-1]} modalities but config.data.modalities lists "
-            f"{len(config.data.modalities)}: {config.data.modalities}"
-        )
+    from synth.stages import segmentor
+
+    segmentor.check_channels(config, image)
     models = make_models(config, image.shape[:2])
     frozen, provenance = load_frozen(config, os.fspath(workdir), models)
     g_tx, d_tx = optim.make_optimizer(sy.optim.g), optim.make_optimizer(sy.optim.d)

@@ -267,6 +267,13 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
     )
 
 
+def skip_reason(config: ml_collections.ConfigDict) -> str | None:
+    """Why `stage=all` leaves this stage out for `config`, or None: translation needs two modalities."""
+    if len(config.data.modalities) < 2:
+        return f"{config.data.name} has one modality, so there is nothing to translate or register"
+    return None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at=None):
     """Trains G_t and D_t in `workdir/translator` unless already complete."""
     return train.run_unless_complete(NAME, build, config, workdir, stop_at=stop_at)

@@ -39,8 +39,6 @@ from synth.stages import segmentor
 NAME = "verify"
 MODES = ("M", "S", "R")
 REAL, SYNTHETIC, AUGMENTED = 0, 1, 2
-# The scores of the T5 layout (mean over the modalities' segmentors), from the segmentor's evaluator.
-SCORES = ("dice_whole/mean", "dice_core/mean", "dice_enhancing/mean", "parity_dice/mean", "parity_mse/mean")
 log = logging.getLogger("synth")
 
 
@@ -89,9 +87,18 @@ def parse_mix(text: str) -> Mix:
 class MixSource:
     """Random access over a mix's examples; each carries `source` (REAL, SYNTHETIC or AUGMENTED)."""
 
-    def __init__(self, entries: np.ndarray, real, synthetic, *, seed: int, augment: label_pool.AugmentParams):
+    def __init__(
+        self,
+        entries: np.ndarray,
+        real,
+        synthetic,
+        *,
+        seed: int,
+        augment: label_pool.AugmentParams,
+        class_labels: bool = False,
+    ):
         self.entries, self.real, self.synthetic = entries, real, synthetic
-        self.seed, self.augment = seed, augment
+        self.seed, self.augment, self.class_labels = seed, augment, class_labels
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -103,7 +110,9 @@ class MixSource:
         label = np.asarray(example["label"], np.int32)
         if kind == AUGMENTED:  # A fresh, reproducible transform per entry.
             rng = np.random.default_rng([self.seed, int(i), index])
-            image, label = label_pool.augment_image_and_label(image, label, rng, self.augment)
+            moved, label_moved = label_pool.augment_image_and_label(image, label, rng, self.augment)
+            # A class map is the image's class, wherever the image moved.
+            image, label = moved, (np.full_like(label, label.flat[0]) if self.class_labels else label_moved)
         return {"image": image, "label": label, "source": np.int32(kind)}
 
 
@@ -184,6 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     test_config.data.eval_max_examples = v.eval_max_examples
     test_config.segmentor.train.batch_size = v.batch_size
     base = segmentor.build(test_config)
+    scores = segmentor.scores(config)
+    class_labels = segmentor.task(config) == "classify"
     step = functools.partial(step_with_sources, train_step=base.train_step)  # One compile for all runs.
     augment = label_pool.AugmentParams.from_config(v.augment)
     rows = []
@@ -206,7 +217,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
                         checkpoint_every=end,
                         eval_every=end,
                     ),
-                    source=MixSource(entries, real, synthetic, seed=run_config.seed, augment=augment),
+                    source=MixSource(
+                        entries,
+                        real,
+                        synthetic,
+                        seed=run_config.seed,
+                        augment=augment,
+                        class_labels=class_labels,
+                    ),
                     preprocess=_identity,
                     train_step=step,
                     evaluate=base.evaluate if last else None,
@@ -229,7 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
                 state = train.run_stage(spec, run_config, workdir, initial_state=state)
                 previous = spec
             with open(os.path.join(train.stage_dir(workdir, previous.name), "last_eval.json")) as f:
-                scores = json.load(f)
+                evaluated = json.load(f)
             sizes = {k: int(len(p)) for k, p in parts.items()}
             rows.append(
                 {
@@ -241,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
                     "seed": int(seed),
                     "examples": sizes["real"] + sizes["synthetic"],
                     "steps": total_steps,
-                    **{s: float(scores[f"eval/{s}"]) for s in SCORES},
+                    **{key: float(evaluated[f"eval/{key}"]) for key, _ in scores},
                 }
             )
     quality = []
@@ -255,14 +273,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     return rows
 
 
-def aggregate(rows: list[dict]) -> list[dict]:
+def aggregate(rows: list[dict], scores) -> list[dict]:
     """Mean and std over seeds of each mix, in the matrix's order."""
     out = []
     for name in dict.fromkeys(r["mix"] for r in rows):
         runs = [r for r in rows if r["mix"] == name]
         entry = {k: runs[0][k] for k in ("mix", "real", "syn", "aug", "mode", "examples", "steps")}
         entry["seeds"] = len(runs)
-        for s in SCORES:
+        for s, _ in scores:
             values = np.array([r[s] for r in runs])
             entry[s], entry[s + "_std"] = float(values.mean()), float(values.std())
         out.append(entry)
@@ -290,6 +308,8 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
         return np.stack([np.asarray(source[int(i)]["image"], np.float32) for i in index])
 
     n = min(q.max_images, len(real_test), len(synthetic))
+    if n < 2:
+        return [f"Generator quality needs at least 2 real test and 2 synthetic images; there are {n}."]
     real, fake = take(real_test, n), take(synthetic, n)
     key = jax.random.key(config.seed)
     pairs = min(q.num_pairs, n * (n - 1) // 2)
@@ -304,7 +324,8 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for k, name in enumerate(config.data.modalities):
-        r, f = real[..., k : k + 1], fake[..., k : k + 1]
+        c = int(config.data.get("channels", 1))
+        r, f = real[..., k * c : (k + 1) * c], fake[..., k * c : (k + 1) * c]
         cross = image.ms_ssim_real_vs_synthetic(r, f, jax.random.fold_in(key, k), pairs, **kw)
         within_fake = image.ms_ssim_diversity(f, jax.random.fold_in(key, 100 + k), pairs, **kw)
         within_real = image.ms_ssim_diversity(r, jax.random.fold_in(key, 200 + k), pairs, **kw)
@@ -318,24 +339,36 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
             f"| {name} | {cross[0]:.3f} ± {cross[1]:.3f} | {within_fake[0]:.3f} | {within_real[0]:.3f} | "
             f"{fid} | {kid} |"
         )
+    kind = config.dataset.dice.kind
+    if kind == "none":  # No lesion processor: nothing to say about lesions.
+        return lines + _inception_note(extractor)
     chunks_dir = os.path.join(train.stage_dir(workdir, "dataset"), "chunks")
     scored = np.concatenate(
         [chunks.read_chunk(chunks_dir, i)["scored_dice"] for i in range(chunks.chunk_count(chunks_dir))]
     )
     kept = np.asarray([float(synthetic[i]["lesion_dice"]) for i in range(len(synthetic))])
+    reading = (
+        "the real-trained classifier on synthetic images, fraction given the asked-for class"
+        if kind == "class"
+        else f"the real-trained segmentors on synthetic images, {kind} Dice"
+    )
     lines += [
         "",
-        "Lesion fidelity (the real-trained segmentors on synthetic images, whole-lesion Dice): "
+        f"Lesion fidelity ({reading}): "
         f"{np.mean(scored):.3f} mean over the {len(scored)} samples that reached stage C's filter, "
         f"{np.mean(kept):.3f} over the {len(kept)} it kept.",
     ]
-    if extractor is None:
-        lines += [
-            "",
-            "FID/KID need the FID Inception-v3 weights: set `config.verify.quality.inception_weights` to the "
-            "converted file (see `synth/metrics/inception.py` for which file and how to make it).",
-        ]
-    return lines
+    return lines + _inception_note(extractor)
+
+
+def _inception_note(extractor) -> list[str]:
+    if extractor is not None:
+        return []
+    return [
+        "",
+        "FID/KID need the FID Inception-v3 weights: set `config.verify.quality.inception_weights` to the "
+        "converted file (see `synth/metrics/inception.py` for which file and how to make it).",
+    ]
 
 
 def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthetic_name, quality) -> None:
@@ -346,35 +379,45 @@ def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthet
         writer.writeheader()
         writer.writerows(rows)
     os.replace(os.path.join(out_dir, "results.csv.tmp"), os.path.join(out_dir, "results.csv"))
-    table = aggregate(rows)
+    scores = segmentor.scores(config)
+    table = aggregate(rows, scores)
     pct = lambda x: f"{x * 100:g} %"  # noqa: E731
     amount = lambda x: "0" if x == 0 else (f"×{x:g}" if x >= 1 and float(x).is_integer() else pct(x))  # noqa: E731
+    if segmentor.task(config) == "classify":
+        model, meaning = "classifier", "accuracy is the fraction of test images given their class (T7)"
+    elif config.segmentor.get("metrics", "dice") == "vessel":
+        model = "vessel segmentor"
+        meaning = "sensitivity, accuracy and AUC count the pixels inside the field of view only (T6)"
+    else:
+        model = "segmentor"
+        meaning = (
+            "Dice is the standard per-image region Dice, mean over the modalities' segmentors; parity "
+            "Dice/MSE are the authors' (§9.4)"
+        )
     lines = [
-        f"Downstream segmentor (`config.segmentor`: {config.segmentor.variant}, "
+        f"Downstream {model} (`config.segmentor`: {config.segmentor.variant}, "
         f"{config.segmentor.model.size}) "
         f"trained on each mix for the same {rows[0]['steps']} steps ({config.verify.budget_epochs:g} "
-        f"epochs of the {num_real} real training slices, §8.1), evaluated on the real test split; mean ± std "
+        f"epochs of the {num_real} real training images, §8.1), evaluated on the real test split; mean ± std "
         f"over {table[0]['seeds']} seed(s). Synthetic data: `{synthetic_name or 'none'}`. Amounts are "
-        "relative to the real training set; Dice is the standard per-image region Dice, mean over the "
-        "modalities' segmentors; parity Dice/MSE are the authors' (§9.4).",
+        f"relative to the real training set; {meaning}.",
         "",
-        "| real | synthetic | augmented | mode | examples | Dice whole | Dice core | Dice enhancing "
-        "| parity Dice | parity MSE |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| real | synthetic | augmented | mode | examples | " + " | ".join(h for _, h in scores) + " |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in scores) + " |",
     ]
     for e in table:
-        cells = [f"{e[s]:.3f} ± {e[s + '_std']:.3f}" for s in SCORES]
+        cells = [f"{e[s]:.3f} ± {e[s + '_std']:.3f}" for s, _ in scores]
         lines.append(
             f"| {pct(e['real'])} | {amount(e['syn'])} | {amount(e['aug'])} | {e['mode']} | {e['examples']} | "
             + " | ".join(cells)
             + " |"
         )
-    _plot(os.path.join(out_dir, "samples", "dice_vs_synthetic.png"), table)
+    _plot(os.path.join(out_dir, "samples", "score_vs_synthetic.png"), table, scores[0])
     lines += [
         "",
         "Per run: `verify/results.csv`.",
         "",
-        "![Dice against synthetic amount](verify/samples/dice_vs_synthetic.png)",
+        f"![{scores[0][1]} against synthetic amount](verify/samples/score_vs_synthetic.png)",
         "",
         *quality,
     ]
@@ -383,8 +426,9 @@ def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthet
     os.replace(os.path.join(out_dir, "summary.md.tmp"), os.path.join(out_dir, "summary.md"))
 
 
-def _plot(path: str, table: list[dict]) -> None:
-    """Whole-tumour Dice against the synthetic amount, one line per mode and real fraction."""
+def _plot(path: str, table: list[dict], score: tuple[str, str]) -> None:
+    """The main score (e.g. whole-tumour Dice) against the synthetic amount, per mode and real fraction."""
+    key, heading = score
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,14 +438,12 @@ def _plot(path: str, table: list[dict]) -> None:
     # One line per mode and real fraction: "synthetic only" is not a point on the real-100 % curve.
     for mode, real in dict.fromkeys((e["mode"], e["real"]) for e in table):
         points = sorted(
-            (e["syn"], e["dice_whole/mean"], e["dice_whole/mean_std"])
-            for e in table
-            if (e["mode"], e["real"]) == (mode, real)
+            (e["syn"], e[key], e[key + "_std"]) for e in table if (e["mode"], e["real"]) == (mode, real)
         )
         x, y, err = zip(*points, strict=True)
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"mode {mode}, real {real * 100:g} %")
     ax.set_xlabel("synthetic amount (× real training set)")
-    ax.set_ylabel("Dice, whole tumour (real test split)")
+    ax.set_ylabel(f"{heading} (real test split)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)

@@ -1,0 +1,168 @@
+"""The single-modality families (lung CT, retina, chest X-ray) through the same stages as the phantom.
+
+Each family's `runlocal` config runs `stage=all` on its builder's dummy data; the cheap tests pin the
+small pluggable parts those families add: dataset adapters, RGB modalities, the "no placement check" rule,
+coarse vessel labels, FOV-only vessel metrics and the classifier.
+"""
+
+import functools
+import importlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from synth import extraction, input_pipeline, label_pool, pipeline, registration
+from synth.metrics import vessel as vessel_lib
+from synth.stages import classifier, segmentor
+
+FAMILIES = ("lung_ct", "retina", "chest_xray")
+
+
+@pytest.fixture(scope="module")
+def family_data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("family_tfds"))
+
+
+def _family_config(family: str, data_dir: str, arg: str = "runlocal"):
+    config = importlib.import_module(f"configs.{family}").get_config(arg)
+    config.data.data_dir = data_dir
+    return config
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runlocal_pipeline_runs_every_stage(family, family_data_dir, tmp_path):
+    config = _family_config(family, family_data_dir)
+    workdir = str(tmp_path / family)
+    pipeline.train_and_evaluate(config, workdir)
+
+    for stage in ("structure", "segmentor", "synthesis", "dataset", "verify"):
+        assert os.path.exists(os.path.join(workdir, stage, "done.json")), stage
+    assert not os.path.exists(os.path.join(workdir, "translator")), "one modality: nothing to translate"
+    report = open(os.path.join(workdir, "report.md")).read()
+    summary = open(os.path.join(workdir, "verify", "summary.md")).read()
+    assert "## verify" in report and "score_vs_synthetic.png" in summary
+
+    from data_builders.synthetic import synthetic_dataset_builder as chunks
+
+    sample = next(chunks.iterate_samples(os.path.join(workdir, "dataset", "chunks"), 1))
+    channels = config.data.channels * len(config.data.modalities)
+    assert sample["image"].shape == (32, 32, channels)
+    label = np.asarray(sample["label"])
+    if family == "retina":
+        # Coarse vessels: edges of the sample's own structure map, inside its shrunk field of view.
+        assert set(np.unique(label)) <= {0, 1}
+        assert np.all(label <= np.asarray(sample["structure"]))
+        assert "| sensitivity | accuracy | AUC |" in summary
+    elif family == "chest_xray":
+        assert label.min() == label.max() and 0 <= label.min() < 3  # A class map.
+        assert "| accuracy |" in summary
+        with open(os.path.join(workdir, "dataset", "done.json")) as f:
+            assert json.load(f)["num_examples"] == config.dataset.num_examples
+    else:
+        assert set(np.unique(label)) <= {0, 1}  # The real-trained lung segmentor's reading.
+        assert "| Dice whole |" in summary
+
+
+def test_adapters_give_the_one_batch_form():
+    image = np.zeros((4, 5, 1), np.float32)
+    xray = input_pipeline.ADAPTERS["class_map"]({"image": image, "label": 2, "id": b"x"})
+    assert xray["label"].shape == (4, 5) and np.all(xray["label"] == 2) and xray["id"] == b"x"
+    lung = input_pipeline.ADAPTERS["mask_label"]({"image": image, "mask": np.ones((4, 5), np.uint8)})
+    assert np.all(lung["label"] == 1)
+    fov = np.eye(4, 5, dtype=np.uint8)
+    retina = input_pipeline.image_and_label(
+        input_pipeline.ADAPTERS["vessels"]({"image": image, "label": fov * 0, "mask": fov})
+    )
+    assert retina["fov"].dtype == bool and np.array_equal(retina["fov"], fov > 0)
+    with pytest.raises(ValueError, match="config.data.adapter"):
+        input_pipeline.AdaptedSource([], "rgb")
+
+
+def test_rgb_modalities_split_and_join():
+    x = jnp.arange(2 * 3 * 4 * 6, dtype=jnp.float32).reshape(2, 3, 4, 6)  # K = 2 modalities of 3 channels.
+    by = registration.by_modality(x, 3)
+    assert by.shape == (2, 2, 3, 4, 3)
+    np.testing.assert_array_equal(by[1, :, :, :, 0], x[..., 3])
+    np.testing.assert_array_equal(registration.channels_last(by), x)
+    with pytest.raises(ValueError, match="do not split"):
+        registration.by_modality(x, 4)
+
+
+def test_no_placement_rule_accepts_any_label():
+    label = np.zeros((2, 4, 4), np.int32)
+    label[:, 0, 0] = 1
+    organ = np.zeros((2, 4, 4, 1), np.float32)  # Nothing is organ: the code rule rejects both.
+    assert not np.any(extraction.label_fits(label, organ, rule="code"))
+    assert np.all(extraction.label_fits(label, organ, rule="none"))
+    assert np.all(label_pool.fits(label, organ, rule="none"))
+
+
+def test_coarse_vessel_labels_drop_the_fov_contour():
+    yy, xx = np.mgrid[:32, :32]
+    fov = ((yy - 15.5) ** 2 + (xx - 15.5) ** 2 <= 14**2).astype(np.uint8)
+    contour = fov & ~((yy - 15.5) ** 2 + (xx - 15.5) ** 2 <= 13**2)
+    structure = contour.copy()
+    structure[8:24, 16] = 1  # A vessel through the middle.
+    labels = extraction.coarse_vessel_labels(structure[None], fov[None], shrink=2)[0]
+    assert labels[8:24, 16].all()
+    assert not np.any(labels & contour)
+    with pytest.raises(ValueError, match="shrink"):
+        extraction.coarse_vessel_labels(structure[None], fov[None], shrink=0)
+
+
+def test_vessel_metrics_count_only_the_field_of_view():
+    rng = np.random.default_rng(0)
+    vessel = rng.random((2, 16, 16)) < 0.2
+    probability = np.clip(vessel * 0.6 + rng.random((2, 16, 16)) * 0.5, 0, 1).astype(np.float32)
+    fov = np.zeros((2, 16, 16), bool)
+    fov[:, 2:14, 2:14] = True
+
+    def scores(p, v):
+        counts = segmentor._vessel_counts(jnp.asarray(p), jnp.asarray(v), jnp.asarray(fov))
+        return segmentor._vessel_metrics(jax.tree.map(lambda c: np.asarray(c)[None], counts))
+
+    base = scores(probability, vessel)
+    # Anything outside the field of view changes nothing.
+    outside = ~fov
+    changed = scores(np.where(outside, 1.0 - probability, probability), np.where(outside, ~vessel, vessel))
+    for name in base:
+        np.testing.assert_allclose(changed[name], base[name])
+    exact = vessel_lib.vessel_metrics(jnp.asarray(probability), jnp.asarray(vessel), jnp.asarray(fov))
+    np.testing.assert_allclose(base["sensitivity"][0], exact["sensitivity"], atol=1e-6)
+    np.testing.assert_allclose(base["accuracy"][0], exact["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(base["auc"][0], exact["auc"], atol=2e-3)  # 1000-bin histograms.
+
+
+def test_classifier_separates_two_crafted_classes(family_data_dir):
+    """Class 1 images have a bright square somewhere, class 0 images do not; a short run tells them apart."""
+    config = _family_config("chest_xray", family_data_dir)
+    config.data.num_classes = 2
+    # 64² keeps 4×4 maps at the trunk's end: instance norm over a 1×1 map (16² images) would erase them.
+    model = classifier.make_model(config, (64, 64))
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        images = rng.random((n, 64, 64, 1)).astype(np.float32) * 0.3
+        classes = rng.integers(0, 2, n)
+        for i in np.flatnonzero(classes):
+            y, x = rng.integers(0, 52, 2)
+            images[i, y : y + 12, x : x + 12] = 1.0
+        label = np.broadcast_to(classes[:, None, None], (n, 64, 64)).astype(np.int32)
+        return {"image": images, "label": label}
+
+    tx = optax.adam(3e-3)
+    state = classifier.init_state(jax.random.key(0), batch(2), model=model, tx=tx)
+    step = jax.jit(
+        functools.partial(classifier.train_step, model=model, tx=tx, loss_kind="cross_entropy", num_classes=2)
+    )
+    for i in range(60):
+        state, _ = step(state, batch(16), jax.random.key(i))
+    test = batch(64)
+    predicted = classifier.predict_maps(state.params, test["image"], model=model)
+    accuracy = float(np.mean(classifier.accuracy_of(predicted, test["label"])))
+    assert accuracy >= 0.9, accuracy
