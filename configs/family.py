@@ -95,7 +95,7 @@ def runlocal_on_dummy_data(
     config.dataset.audit.max_real = 8
     # Two steps per stage (the pre-training phase and the adversarial one in stage B): every code path
     # runs and compiles once; the phantom's runlocal keeps four steps to test resuming between checkpoints.
-    for stage in (config.structure, config.segmentor, config.synthesis):
+    for stage in (config.structure, config.segmentor, config.translator, config.synthesis):
         stage.train = configlib.loop_config(
             num_steps=2, batch_size=4, log_every=1, checkpoint_every=2, eval_every=2
         )

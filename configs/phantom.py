@@ -42,6 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.manual_dir = ""  # Raw files for a builder that needs them ("": none / already built).
     config.data.builder_overrides = ml_collections.ConfigDict()  # Builder config fields, e.g. image_size.
     config.data.adapter = "none"  # How the dataset's features become (image, label): synth.input_pipeline.
+    # An unlabelled dataset whose images the GAN stages (A, B) also learn from ("": none); see
+    # synth.input_pipeline.gan_training_source. The retina adds FIRE.
+    config.data.gan_extra = ml_collections.ConfigDict(
+        dict(name="", builder_config="", manual_dir="", adapter="none", split="train")
+    )
     config.data.num_workers = 0  # grain worker processes; 0 reads in the main process
     config.data.eval_max_examples = 0  # 0: the whole eval split
 

@@ -1,7 +1,8 @@
-"""Config for the retina family (DRIVE, RGB): synthesis from structure maps, vessel segmentation (§6.5, §8.2).
+"""Config for the retina family (DRIVE+FIRE, RGB): structure-to-image synthesis, vessel segmentation.
 
 Usage:
-  python -m data_builders build drive --manual_dir=<download> --data_dir=data   # once
+  python -m data_builders build drive --manual_dir=<DRIVE download> --data_dir=data   # once
+  python -m data_builders build fire/images --manual_dir=<FIRE download> --data_dir=data   # once
   python launch.py --config configs/retina.py --workdir runs/retina
   python launch.py --config configs/retina.py:runlocal --workdir /tmp/retina   # dummy data, CPU, minutes
 
@@ -12,9 +13,9 @@ no lesion input. Synthetic images get coarse vessel labels from their own struct
 of view shrunk by `dataset.vessel_shrink` (§8.2; the authors described this but never implemented it).
 The downstream task (stage D, T6) is vessel segmentation scored by sensitivity, accuracy and AUC inside
 the field of view of DRIVE's test images.
-
-Not yet here: FIRE's 268 images as extra unlabelled GAN training data (the authors trained on DRIVE train
-+ FIRE); the `fire` builder is ready, but the pipeline reads one dataset.
+The generators (stages A and B) learn from DRIVE's training images and FIRE's 268 photos, as the authors
+did (`data.gan_extra`); the vessel segmentor and stage D use DRIVE only. `--config.data.gan_extra.name=`
+leaves FIRE out.
 """
 
 import ml_collections
@@ -39,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.segmentor.metrics = "vessel"
     config.segmentor.loss.class_weights = (1.0, 4.0)  # Vessels are ~12 % of the FOV.
     config.dataset.synthetic_label = "vessels"
+    config.data.gan_extra = ml_collections.ConfigDict(
+        dict(name="fire", builder_config="images", manual_dir="", adapter="unlabelled_fov", split="train")
+    )
     if not options.runlocal:
         for stage in (config.structure, config.segmentor, config.synthesis):
             stage.model.size = "base"
@@ -46,5 +50,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.verify.mixes = ("real=1", "real=1 syn=100 mode=M")  # 20 real + 2000 synthetic.
     else:
         family.runlocal_on_dummy_data(config, "drive", eval_max_examples=2)
+        config.data.gan_extra.manual_dir = family.dummy_data_dir("fire")
         config.verify.mixes = ("real=1 syn=1 mode=M",)
     return config

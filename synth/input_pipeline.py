@@ -49,6 +49,12 @@ def _vessels(example: Example) -> Example:
     return {**example, "fov": example["mask"]}
 
 
+def _unlabelled_fov(example: Example) -> Example:
+    """An unlabelled fundus image (FIRE): no vessel label, its own field of view."""
+    image = np.asarray(example["image"])
+    return {**example, "label": np.zeros(image.shape[:2], np.uint8), "fov": example["mask"]}
+
+
 # config.data.adapter -> raw example -> the example with "image" (H, W, K·C), "label" (H, W) and optionally
 # "fov" (H, W): every stage consumes that one form, whatever the dataset's own features are.
 ADAPTERS: dict[str, Preprocess] = {
@@ -56,6 +62,7 @@ ADAPTERS: dict[str, Preprocess] = {
     "class_map": _class_map,
     "mask_label": _mask_label,
     "vessels": _vessels,
+    "unlabelled_fov": _unlabelled_fov,
 }
 
 
@@ -85,6 +92,40 @@ class Subset:
 
     def __getitem__(self, index: int) -> Example:
         return self.source[int(self.indices[index])]
+
+
+class ConcatSource:
+    """Several random-access sources one after the other."""
+
+    def __init__(self, sources: list[Any]):
+        self.sources = list(sources)
+        self.ends = np.cumsum([len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index: int) -> Example:
+        which = int(np.searchsorted(self.ends, index, side="right"))
+        start = int(self.ends[which - 1]) if which else 0
+        return self.sources[which][int(index) - start]
+
+
+def gan_training_source(data: ml_collections.ConfigDict):
+    """The real images the GAN stages (A and B) learn from: the training split, plus `data.gan_extra`.
+
+    `gan_extra` names an unlabelled dataset whose images join the training split for the generators only
+    (the retina family adds FIRE's fundus photos to DRIVE's, §2.1); it is built like `config.data`, with
+    the same data dir and builder overrides, from its own `manual_dir`. The lesion processors and stage D
+    never see it.
+    """
+    source = open_source(data, data.train_split)
+    extra = data.get("gan_extra", None)
+    if not extra or not extra.get("name", ""):
+        return source
+    extra_data = ml_collections.ConfigDict(data.to_dict())
+    for key in ("name", "builder_config", "manual_dir", "adapter"):
+        extra_data[key] = extra[key]
+    return ConcatSource([source, open_source(extra_data, extra.get("split", "train"))])
 
 
 def builder_kwargs(data: ml_collections.ConfigDict) -> dict[str, Any]:

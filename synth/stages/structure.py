@@ -343,7 +343,7 @@ def training_images(config: ml_collections.ConfigDict, source):
 
 def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
     st = config.structure
-    source = training_images(config, input_pipeline.open_source(config.data, config.data.train_split))
+    source = training_images(config, input_pipeline.gan_training_source(config.data))
     image_hw = tuple(preprocess(source[0])["image"].shape[:2])
     models = make_models(config, image_hw)
     extract_fn = functools.partial(

@@ -578,7 +578,7 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, workdir: str | os.Pat
     """The stage's spec; loads the frozen networks from the earlier stages in `workdir`."""
     _check_config(config)
     sy = config.synthesis
-    source = input_pipeline.open_source(config.data, config.data.train_split)
+    source = input_pipeline.gan_training_source(config.data)
     image = preprocess(source[0])["image"]
     from synth.stages import segmentor
 

@@ -1,0 +1,109 @@
+"""Stage-B throughput of a one-modality family: training examples/s and generated images/s, with FLOPs.
+
+Usage: python -m benchmarks.family_step [--family retina] [--size 512] [--model base] [--batch 2]
+                                        [--steps 3] [--gen_batch 4]
+
+One training example is one structure map made into the family's image (RGB for the retina): extraction
+of the real map, noise fusion, one G call, D on real and synthetic images, the frozen lesion processor
+where the family has one (the X-ray classifier), and both updates. One generated image is G alone on a
+noise-fused map. Inputs are random images of the family's shape: speed does not depend on the pixels, and
+frozen networks are randomly initialised.
+"""
+
+import argparse
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from synth import optim
+from synth.stages import classifier, synthesis
+
+
+def _batch(config, size: int, n: int, seed: int = 0) -> dict[str, jnp.ndarray]:
+    rng = np.random.default_rng(seed)
+    channels = config.data.channels * len(config.data.modalities)
+    label = rng.integers(0, config.data.num_classes, n)[:, None, None] * np.ones((1, size, size), np.int32)
+    return {
+        "image": jnp.asarray(rng.random((n, size, size, channels), np.float32)),
+        "label": jnp.asarray(label if config.data.adapter == "class_map" else np.zeros_like(label)),
+    }
+
+
+def _frozen(config, size, batch):
+    if config.synthesis.lesion_processor == "classifier":
+        model = classifier.make_model(config, (size, size))
+        tx = optim.make_optimizer(config.segmentor.optim)
+        state = classifier.init_state(
+            jax.random.key(2), batch, model=model, tx=tx, channels=config.data.channels
+        )
+        return {"lesion": state.params}
+    return {}
+
+
+def _generate(g_params, batch, key, *, models, config):
+    inputs = synthesis.make_inputs(
+        batch, key, {}, models=models, config=config, pretraining=jnp.asarray(False)
+    )
+    return synthesis.synthesize(models, g_params, inputs.g_input, len(config.data.modalities))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--family", default="retina", choices=("retina", "lung_ct", "chest_xray"))
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--model", default="base")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--gen_batch", type=int, default=4)
+    args = parser.parse_args()
+    config = importlib.import_module(f"configs.{args.family}").get_config()
+    config.synthesis.model.size = config.segmentor.model.size = args.model
+    config.synthesis.pretrain_steps = 0
+    config.structure.extraction.size = None  # Extract at the benchmarked size.
+    shape = (args.size, args.size)
+    batch = _batch(config, args.size, args.batch)
+    models = synthesis.make_models(config, shape)
+    g_tx, d_tx = (
+        optim.make_optimizer(config.synthesis.optim.g),
+        optim.make_optimizer(config.synthesis.optim.d),
+    )
+    state = jax.jit(
+        functools.partial(synthesis.init_state, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
+    )(jax.random.key(0), batch)
+    frozen = _frozen(config, args.size, batch)
+    step = jax.jit(
+        functools.partial(synthesis.train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
+    )
+    key = jax.random.key(1)
+    compiled, flops, nbytes = common.compile_once(step, state, batch, key, frozen)
+    seconds = common.timed(compiled, state, batch, key, frozen, steps=args.steps)
+    n_params = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
+
+    gen_batch = _batch(config, args.size, args.gen_batch, seed=1)
+    gen = jax.jit(functools.partial(_generate, models=models, config=config))
+    compiled_gen, g_flops, g_bytes = common.compile_once(gen, state.g_params, gen_batch, key)
+    g_seconds = common.timed(compiled_gen, state.g_params, gen_batch, key, steps=args.steps)
+
+    channels = config.data.channels
+    common.header(f"Stage B, {args.family} ({args.size}² × {channels}), training batch {args.batch}")
+    print("| model | parameters (G+D) | s/step | examples/s | GFLOP/example | GB/example | GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"| {args.model} | {n_params / 1e6:.1f} M | {seconds:.2f} | {args.batch / seconds:.3f} | "
+        f"{flops / args.batch / 1e9:.1f} | {nbytes / args.batch / 1e9:.2f} | {flops / seconds / 1e9:.1f} |"
+    )
+    print("\n| generation, model | batch | images/s | GFLOP/image | GB/image | GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    rate = args.gen_batch / g_seconds
+    print(
+        f"| {args.model} | {args.gen_batch} | {rate:.2f} | {g_flops / args.gen_batch / 1e9:.2f} | "
+        f"{g_bytes / args.gen_batch / 1e9:.3f} | {rate * g_flops / args.gen_batch / 1e9:.1f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
