@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DATA_DIR ?= $(CURDIR)/data
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test test-slow lint bench clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: setup
 test: setup
 	@cache=$$(mktemp -d); JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
 	  $(PY) -m pytest -q -n 2 --dist loadfile; status=$$?; rm -rf $$cache; exit $$status
+
+# The whole-pipeline runs of the other families on their dummy data (minutes each; see tests/test_families.py).
+test-slow: setup
+	@cache=$$(mktemp -d); JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
+	  $(PY) -m pytest -q -n 2 --dist load -m slow; status=$$?; rm -rf $$cache; exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -20,8 +20,6 @@ from synth import extraction, input_pipeline, label_pool, pipeline, registration
 from synth.metrics import vessel as vessel_lib
 from synth.stages import classifier, segmentor
 
-FAMILIES = ("lung_ct", "retina", "chest_xray")
-
 
 @pytest.fixture(scope="module")
 def family_data_dir(tmp_path_factory):
@@ -34,7 +32,17 @@ def _family_config(family: str, data_dir: str, arg: str = "runlocal"):
     return config
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Each pipeline costs 1.5-2 minutes of CPU, mostly compiles: the X-ray (the classifier path, the most code
+# of its own) runs in `make test`; the others in `make test-slow`, which CI leaves out to keep the suite
+# under 10 minutes. Their parts are covered by the fast tests below.
+@pytest.mark.parametrize(
+    "family",
+    [
+        "chest_xray",
+        pytest.param("retina", marks=pytest.mark.slow),
+        pytest.param("lung_ct", marks=pytest.mark.slow),
+    ],
+)
 def test_runlocal_pipeline_runs_every_stage(family, family_data_dir, tmp_path):
     config = _family_config(family, family_data_dir)
     workdir = str(tmp_path / family)
@@ -71,6 +79,7 @@ def test_runlocal_pipeline_runs_every_stage(family, family_data_dir, tmp_path):
         assert "| Dice whole |" in summary
 
 
+@pytest.mark.slow
 def test_brats2015_config_trains_on_its_dummy_data(family_data_dir, tmp_path):
     """BRATS2015's config reads its builder's dummy volumes (cropped, resized to 32²) into the K = 4 stages.
 
@@ -99,6 +108,17 @@ def test_adapters_give_the_one_batch_form():
     assert retina["fov"].dtype == bool and np.array_equal(retina["fov"], fov > 0)
     with pytest.raises(ValueError, match="config.data.adapter"):
         input_pipeline.AdaptedSource([], "rgb")
+
+
+def test_retina_generators_also_learn_from_fire(family_data_dir):
+    """DRIVE's training images plus FIRE's photos, in one form (label, FOV), for stages A and B only."""
+    config = _family_config("retina", family_data_dir)
+    drive = input_pipeline.open_source(config.data, config.data.train_split)
+    both = input_pipeline.gan_training_source(config.data)
+    assert len(both) > len(drive)
+    first, last = (input_pipeline.image_and_label(both[i]) for i in (0, len(both) - 1))
+    assert first.keys() == last.keys() == {"image", "label", "fov"}
+    assert last["image"].shape == (32, 32, 3) and not last["label"].any()  # FIRE: no vessel label.
 
 
 def test_rgb_modalities_split_and_join():

@@ -12,47 +12,54 @@ from distributed_worker import equivalence_config
 from equivalence import assert_same_training
 
 from synth import checkpoint as checkpoint_lib
-from synth import train
+from synth import sharding, train
 from synth.stages import segmentor
 
 NUM_STEPS = 4
-
-
-def _run(data_dir, workdir, *, mesh_shape=(-1,), stop_at=None, traces=None):
-    config = equivalence_config(data_dir, NUM_STEPS)
-    config.mesh.shape = mesh_shape
-    spec = segmentor.build(config)
-    if traces is not None:
-        real_step = spec.train_step
-
-        def counted_step(state, batch, rng):
-            traces.append(1)  # Runs once per trace, not per step.
-            return real_step(state, batch, rng)
-
-        spec = dataclasses.replace(spec, train_step=counted_step)
-    return train.run_stage(spec, config, workdir, stop_at=stop_at)
 
 
 def _params(state):
     return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
+def _initial_state(spec, config):
+    """The state `train.run_stage` starts `spec` from, computed as it does, so its compiled init is reused."""
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    repl = sharding.replicated(mesh)
+    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+    with jax.set_mesh(mesh):
+        init_rng = jax.device_put(train.stage_rngs(config.seed, spec.name)[0], repl)
+        return jax.jit(spec.init_state, out_shardings=repl)(init_rng, example)
+
+
 @pytest.fixture(scope="module")
 def runs(phantom_data_dir, tmp_path_factory):
-    """Four runs of the real segmentor step, shared by the tests below (compiles are the cost)."""
+    """Four runs of the real segmentor step, shared by the tests below (compiles are the cost).
+
+    The 4-device runs share one spec, so one traced and compiled step (the loop caches it per `train_step`)
+    serves them and the later tests that reuse `spec`; the step counts its traces.
+    """
     root = tmp_path_factory.mktemp("runs")
     config = equivalence_config(phantom_data_dir, NUM_STEPS)
     spec = segmentor.build(config)
-    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
-    init = spec.init_state(train.stage_rngs(config.seed, "segmentor")[0], example)
-    traces = []
-    sharded = _run(phantom_data_dir, root / "sharded", traces=traces)
-    single = _run(phantom_data_dir, root / "single", mesh_shape=(1,))
-    stopped = _run(phantom_data_dir, root / "resumed", stop_at=2)
-    resumed = _run(phantom_data_dir, root / "resumed")
+    real_step, traces = spec.train_step, []
+
+    def counted_step(state, batch, rng):
+        traces.append(1)  # Runs once per trace, not per step.
+        return real_step(state, batch, rng)
+
+    spec = dataclasses.replace(spec, train_step=counted_step)
+    single_config = equivalence_config(phantom_data_dir, NUM_STEPS)
+    single_config.mesh.shape = (1,)
+    init = _params(_initial_state(spec, config))
+    sharded = train.run_stage(spec, config, root / "sharded")
+    single = train.run_stage(segmentor.build(single_config), single_config, root / "single")
+    stopped = train.run_stage(spec, config, root / "resumed", stop_at=2)
+    resumed = train.run_stage(spec, config, root / "resumed")
     return dict(
         root=root,
-        init=_params(init),
+        spec=spec,
+        init=init,
         sharded=_params(sharded),
         single=_params(single),
         stopped_step=int(stopped.step),
@@ -79,8 +86,6 @@ def test_resume_matches_uninterrupted_run(runs):
 
 def test_crash_between_checkpoints_resumes_exactly(runs, phantom_data_dir, tmp_path, monkeypatch):
     """A run killed after step 3 (log at 3, last checkpoint at 2) replays step 3 and logs it once."""
-    from synth import sharding
-
     config = equivalence_config(phantom_data_dir, NUM_STEPS)
     config.segmentor.train.log_every, config.segmentor.train.checkpoint_every = 3, 2
     real_to_global, calls = sharding.to_global, []
@@ -92,7 +97,8 @@ def test_crash_between_checkpoints_resumes_exactly(runs, phantom_data_dir, tmp_p
         return real_to_global(batch, shard)
 
     monkeypatch.setattr(sharding, "to_global", dies_before_step_4)
-    spec = dataclasses.replace(segmentor.build(config), evaluate=None)  # Evaluation is not at stake.
+    # The runs' spec with these loop settings: its compiled step is reused. Evaluation is not at stake.
+    spec = dataclasses.replace(runs["spec"], train=config.segmentor.train, evaluate=None)
     with pytest.raises(KeyboardInterrupt):
         train.run_stage(spec, config, tmp_path)
     monkeypatch.setattr(sharding, "to_global", real_to_global)
@@ -144,10 +150,10 @@ def test_complete_stage_is_not_rerun(runs, tiny_config):
     assert (workdir / "segmentor" / "metrics.jsonl").read_text() == before
 
 
-def test_nan_stops_run_and_keeps_last_checkpoint(tiny_config, tmp_path):
-    tiny_config.segmentor.train.num_steps = 6
-    spec = segmentor.build(tiny_config)
-    real_step = spec.train_step
+def test_nan_stops_run_and_keeps_last_checkpoint(runs, phantom_data_dir, tmp_path):
+    config = equivalence_config(phantom_data_dir, 6)
+    # The runs' spec, so the resume below reuses their compiled step; only the poisoned step compiles.
+    real_step = runs["spec"].train_step
 
     def poisoned_step(state, batch, rng):
         state, metrics = real_step(state, batch, rng)
@@ -155,16 +161,18 @@ def test_nan_stops_run_and_keeps_last_checkpoint(tiny_config, tmp_path):
         metrics["loss"] = jnp.where(state.step >= 3, jnp.nan, metrics["loss"])
         return state, metrics
 
-    spec = dataclasses.replace(spec, train_step=poisoned_step, evaluate=None)
+    spec = dataclasses.replace(
+        runs["spec"], train=config.segmentor.train, train_step=poisoned_step, evaluate=None
+    )
     with pytest.raises(train.NonFiniteError, match=r"NaN or Inf.*last good checkpoint \(step 2\)"):
-        train.run_stage(spec, tiny_config, tmp_path)
+        train.run_stage(spec, config, tmp_path)
     ckpt_dir = tmp_path / "segmentor" / "checkpoints"
     with checkpoint_lib.Checkpointer(ckpt_dir) as ckpt:
         assert ckpt.all_steps() == [2]
     assert not (tmp_path / "segmentor" / "done.json").exists()
     # The kept checkpoint is whole and finite: the run resumes from it.
     spec_ok = dataclasses.replace(spec, train_step=real_step)
-    state = train.run_stage(spec_ok, tiny_config, tmp_path, stop_at=3)
+    state = train.run_stage(spec_ok, config, tmp_path, stop_at=3)
     assert int(state.step) == 3
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 

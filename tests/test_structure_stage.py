@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from equivalence import assert_same_training
 
-from synth import structure_filter, train
+from synth import sharding, structure_filter, train
 from synth.models import vae
 from synth.stages import structure
 
@@ -77,9 +77,15 @@ def test_alternating_sharded_equals_single_device(tiny_config, tmp_path):
             side.name, side.learning_rate, side.b1 = "sgd", 1e-3, 0.0
         spec = dataclasses.replace(structure.build(config), evaluate=None)
         if init is None:
+            # The initial state as `train.run_stage` computes it (jitted, replicated on the mesh), so the run
+            # below reuses this compiled init instead of compiling its own.
+            mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+            repl = sharding.replicated(mesh)
             example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
-            state0 = spec.init_state(train.stage_rngs(config.seed, "structure")[0], example)
-            init = (state0.g_params, state0.d_params)
+            with jax.set_mesh(mesh):
+                init_rng = jax.device_put(train.stage_rngs(config.seed, "structure")[0], repl)
+                state0 = jax.jit(spec.init_state, out_shardings=repl)(init_rng, example)
+            init = jax.tree.map(np.asarray, jax.device_get((state0.g_params, state0.d_params)))
         state = train.run_stage(spec, config, tmp_path / str(mesh_shape[0]))
         results.append(jax.tree.map(np.asarray, jax.device_get((state.g_params, state.d_params))))
     assert_same_training(results[0], results[1], init)

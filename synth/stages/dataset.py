@@ -274,6 +274,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     return builder
 
 
+def _channel_names(config) -> list[str]:
+    """One name per image channel for the exports: the modalities, or `fundus_0..2` for RGB ones."""
+    channels = int(config.data.get("channels", 1))
+    if channels == 1:
+        return list(config.data.modalities)
+    return [f"{m}_{c}" for m in config.data.modalities for c in range(channels)]
+
+
 def _lesion_setting(dice) -> str:
     """How stage C's lesion filter is set, in words, for the report's table."""
     if dice.kind == "none":
@@ -349,10 +357,10 @@ def _finish(config, gen, chunks_dir, out_dir, tally: _Tally, num_batches: int, p
         target = os.path.join(out_dir, "export", fmt)
         examples = builder.as_data_source("train")
         if fmt == "nifti":
-            export.export_nifti(examples, target, modalities=gen.modalities)
+            export.export_nifti(examples, target, modalities=_channel_names(config))
         else:
             export.export_png(
-                examples, target, modalities=gen.modalities, num_classes=config.data.num_classes
+                examples, target, modalities=_channel_names(config), num_classes=config.data.num_classes
             )
         log.info("[%s] exported %s files to %s", NAME, fmt, target)
     lines = _summary(config, gen, chunks_dir, out_dir, tally, num_batches, name, tfds_dir, source)
@@ -366,8 +374,14 @@ def _finish(config, gen, chunks_dir, out_dir, tally: _Tally, num_batches: int, p
 
 
 def _label_names(config) -> list[str]:
+    """The real dataset's label names (its builder's metadata), else BRATS's or numbered ones."""
+    import data_builders
     from data_builders import schema
 
+    builder = data_builders.get_builder(config.data.name, **input_pipeline.builder_kwargs(config.data))
+    names = list((builder.info.metadata or {}).get("label_names", []))
+    if len(names) == config.data.num_classes:
+        return [str(n) for n in names]
     if config.data.num_classes == len(schema.BRATS_LABEL_NAMES):
         return list(schema.BRATS_LABEL_NAMES)
     return [f"class_{i}" for i in range(config.data.num_classes)]
