@@ -32,17 +32,11 @@ def _family_config(family: str, data_dir: str, arg: str = "runlocal"):
     return config
 
 
-# Each pipeline costs 1.5-2 minutes of CPU, mostly compiles: the X-ray (the classifier path, the most code
-# of its own) runs in `make test`; the others in `make test-slow`, which CI leaves out to keep the suite
-# under 10 minutes. Their parts are covered by the fast tests below.
-@pytest.mark.parametrize(
-    "family",
-    [
-        "chest_xray",
-        pytest.param("retina", marks=pytest.mark.slow),
-        pytest.param("lung_ct", marks=pytest.mark.slow),
-    ],
-)
+# Each pipeline costs 1.5-2 minutes of CPU, mostly compiles: they run in `make test-slow`, which CI leaves
+# out to keep the suite under 10 minutes. Their parts are covered by the fast tests below, and the
+# classifier's stage by the X-ray test after them.
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["chest_xray", "retina", "lung_ct"])
 def test_runlocal_pipeline_runs_every_stage(family, family_data_dir, tmp_path):
     config = _family_config(family, family_data_dir)
     workdir = str(tmp_path / family)
@@ -77,6 +71,30 @@ def test_runlocal_pipeline_runs_every_stage(family, family_data_dir, tmp_path):
     else:
         assert set(np.unique(label)) <= {0, 1}  # The real-trained lung segmentor's reading.
         assert "| Dice whole |" in summary
+
+
+def test_xray_classifier_stage_trains_and_reports_accuracy(family_data_dir, tmp_path):
+    """Stage `segmentor` with `task="classify"` trains, evaluates, and gives stages B and C their processor.
+
+    The classifier learns normal, bacterial and viral X-rays and reports accuracy and per-class recall.
+    """
+    config = _family_config("chest_xray", family_data_dir)
+    config.stage = "segmentor"
+    pipeline.train_and_evaluate(config, tmp_path)
+    evaluated = json.loads((tmp_path / "segmentor" / "last_eval.json").read_text())
+    assert 0.0 <= evaluated["eval/accuracy/mean"] <= 1.0
+    assert {f"eval/recall_class{c}/xray" for c in range(3)} <= evaluated.keys()
+    assert segmentor.scores(config) == (("accuracy/mean", "accuracy"),)
+    from synth.stages import synthesis
+
+    processor = synthesis.LESION_PROCESSORS["classifier"](config, (32, 32))
+    params, provenance = processor.load(config, tmp_path)
+    assert processor.kind == "classify" and provenance["segmentor_step"] == 2
+    images = jnp.zeros((4, 32, 32, 1))
+    label = jnp.broadcast_to(jnp.arange(4)[:, None, None] % 3, (4, 32, 32))
+    predicted = processor.predict(params, images)
+    assert predicted.shape == (1, 4, 32, 32) and bool(jnp.all(predicted == predicted[:, :, :1, :1]))
+    assert np.isfinite(np.asarray(processor.loss(params, images, label))).all()
 
 
 @pytest.mark.slow
