@@ -64,3 +64,19 @@ def compile_once(jitted, *args) -> tuple:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return compiled, cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+
+
+def time_synthesis_step(state, batch, frozen, *, models, config, g_tx, d_tx, steps: int) -> tuple:
+    """(s/step, FLOPs, bytes, G+D parameters) of stage B's training step on `batch`, compiled once."""
+    import functools
+
+    from synth.stages import synthesis
+
+    step = jax.jit(
+        functools.partial(synthesis.train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
+    )
+    key = jax.random.key(1)
+    compiled, flops, nbytes = compile_once(step, state, batch, key, frozen)
+    seconds = timed(compiled, state, batch, key, frozen, steps=steps)
+    n_params = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
+    return seconds, flops, nbytes, n_params

@@ -75,13 +75,10 @@ def main() -> None:
         functools.partial(synthesis.init_state, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
     )(jax.random.key(0), batch)
     frozen = _frozen(config, args.size, batch)
-    step = jax.jit(
-        functools.partial(synthesis.train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
+    seconds, flops, nbytes, n_params = common.time_synthesis_step(
+        state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps
     )
     key = jax.random.key(1)
-    compiled, flops, nbytes = common.compile_once(step, state, batch, key, frozen)
-    seconds = common.timed(compiled, state, batch, key, frozen, steps=args.steps)
-    n_params = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
 
     gen_batch = _batch(config, args.size, args.gen_batch, seed=1)
     gen = jax.jit(functools.partial(_generate, models=models, config=config))

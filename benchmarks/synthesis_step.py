@@ -80,13 +80,10 @@ def main() -> None:
             section.model.size = size
         batch = _batch(shape, args.batch)
         models, state, frozen, g_tx, d_tx = _setup(config, shape, batch)
-        step = jax.jit(
-            functools.partial(synthesis.train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
+        seconds, flops, nbytes, n_params = common.time_synthesis_step(
+            state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps
         )
         key = jax.random.key(1)
-        compiled, flops, nbytes = common.compile_once(step, state, batch, key, frozen)
-        seconds = common.timed(compiled, state, batch, key, frozen, steps=args.steps)
-        n_params = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
         train_rows.append((f"{shape_text}, {size}", n_params, seconds, args.batch / seconds, flops, nbytes))
 
         for dtype in (jnp.dtype(name) for name in args.dtypes.split(",")):

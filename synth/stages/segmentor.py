@@ -262,25 +262,24 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
     source = input_pipeline.open_source(data, data.eval_split)
     batch_sh = sharding.batch_sharding(mesh)
 
-    # Predictions replicated: a few small label maps, and every process can then draw the grid rows.
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-    def predict(params, images):
-        logits = predict_logits(
-            params, images, model=model, variant=variant, stacking=stacking, channels=data.get("channels", 1)
-        )
-        return jnp.argmax(logits, axis=-1)
-
     regions = regions_for(data.num_classes)
     scores = jax.jit(functools.partial(_batch_scores, regions=regions))
     vessels = config.segmentor.get("metrics", "dice") == "vessel"
 
+    # One forward pass per batch gives the labels and, for vessels, the FOV counts. Replicated: a few small
+    # label maps and sums, and every process can then draw the grid rows.
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-    def vessel_counts(params, images, label, fov, valid):
+    def predict(params, images, label, fov, valid):
         logits = predict_logits(
             params, images, model=model, variant=variant, stacking=stacking, channels=data.get("channels", 1)
         )
-        inside = fov & valid[:, None, None]
-        return jax.vmap(lambda lg: _vessel_counts(jax.nn.softmax(lg)[..., 1], label > 0, inside))(logits)
+        counts = None
+        if vessels:
+            inside = fov & valid[:, None, None]
+            counts = jax.vmap(lambda lg: _vessel_counts(jax.nn.softmax(lg)[..., 1], label > 0, inside))(
+                logits
+            )
+        return jnp.argmax(logits, axis=-1), counts
 
     def evaluate(state: SegmentorState, step: int):
         sums = None
@@ -294,13 +293,12 @@ def make_evaluator(config, *, model, variant, stacking, mesh, modalities):
         )
         for local in batches:
             batch = sharding.to_global(local, batch_sh)
-            pred = predict(state.params, batch["image"])
+            fov = batch["fov"] if vessels else None
+            pred, counts = predict(state.params, batch["image"], batch["label"], fov, batch["valid"])
             out = jax.device_get(scores(pred, batch["label"], batch["valid"]))
             sums = out if sums is None else [a + b for a, b in zip(sums, out)]
             if vessels:
-                counts = jax.device_get(
-                    vessel_counts(state.params, batch["image"], batch["label"], batch["fov"], batch["valid"])
-                )
+                counts = jax.device_get(counts)
                 vessel_sums = counts if vessel_sums is None else jax.tree.map(np.add, vessel_sums, counts)
             if not grid_rows:
                 grid_rows = _grid_rows(local, np.asarray(jax.device_get(pred)), data.num_classes)
