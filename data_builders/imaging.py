@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_builders import medical
+from data_builders import medical, schema
 
 PathLike = str | os.PathLike
 
@@ -46,6 +46,8 @@ INTERPOLATIONS = {
 NORMALIZATIONS = ("minmax", "dtype", "none")
 # Pillow modes whose array is already one grey channel (the "I;16*" modes are 16-bit files).
 _GREY_MODES = frozenset({"L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+# Decoded dtypes that OpenCV's nearest-neighbour resize takes as they are (see `prepare_image`).
+_NEAREST_DTYPES = frozenset(np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.int32, np.float32))
 # Archives made on macOS carry these; they are never data.
 _JUNK_DIRS = frozenset({"__MACOSX"})
 
@@ -217,7 +219,7 @@ def normalize(array: np.ndarray, normalization: str, source_dtype: np.dtype, pat
     if normalization == "dtype":
         return np.clip(array.astype(np.float32) / np.float32(dtype_range(source_dtype, path)), 0.0, 1.0)
     if normalization == "none":
-        return array.astype(np.float32)
+        return array.astype(np.float32, copy=False)
     raise ValueError(f"Unknown normalization {normalization!r}: expected one of {NORMALIZATIONS}.")
 
 
@@ -232,7 +234,12 @@ def prepare_image(array: np.ndarray, config: ImageConfig, path: PathLike) -> np.
       config: gives `image_size`, `interpolation` and `normalization`.
       path: the source file, for messages.
     """
-    resized = resize(array.astype(np.float32), config.image_size, config.interpolation)
+    if config.interpolation == "nearest" and array.dtype in _NEAREST_DTYPES:
+        # Nearest only picks pixels: resizing the decoded dtype gives the same values as resizing the
+        # float32 copy, without converting the whole (often much larger) source image first.
+        resized = resize(array, config.image_size, "nearest").astype(np.float32)
+    else:
+        resized = resize(array.astype(np.float32), config.image_size, config.interpolation)
     return normalize(resized, config.normalization, array.dtype, path)
 
 
@@ -314,19 +321,20 @@ class ImageConfig(tfds.core.BuilderConfig):
 
 
 def image_feature(size: int, channels: int, doc: str) -> tfds.features.Tensor:
-    """A float32 (size, size, channels) image feature, (None, None, channels) when `size` is 0."""
+    """A float32 (size, size, channels) image feature, (None, None, channels) when `size` is 0.
+
+    Stored as raw bytes (`schema.IMAGE_ENCODING`); array_record's own zstd compresses them.
+    """
     side = size or None
     return tfds.features.Tensor(
-        shape=(side, side, channels), dtype=np.float32, encoding=tfds.features.Encoding.ZLIB, doc=doc
+        shape=(side, side, channels), dtype=np.float32, encoding=schema.IMAGE_ENCODING, doc=doc
     )
 
 
 def mask_feature(size: int, doc: str) -> tfds.features.Tensor:
     """A uint8 (size, size) mask feature with values {0, 1}, (None, None) when `size` is 0."""
     side = size or None
-    return tfds.features.Tensor(
-        shape=(side, side), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB, doc=doc
-    )
+    return tfds.features.Tensor(shape=(side, side), dtype=np.uint8, encoding=schema.LABEL_ENCODING, doc=doc)
 
 
 def check_same_shape(image: np.ndarray, mask: np.ndarray, image_path: PathLike, mask_path: PathLike) -> None:

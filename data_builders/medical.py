@@ -235,7 +235,9 @@ def minmax_scale(array: np.ndarray, low: float, high: float) -> np.ndarray:
     """`(array - low) / (high - low)` as float32, clipped to [0, 1]; all zeros when `high <= low`."""
     if high <= low:
         return np.zeros(array.shape, np.float32)
-    scaled = (array.astype(np.float32) - np.float32(low)) * np.float32(1.0 / (high - low))
+    # One float32 temporary, scaled and clipped in place: the values of `(x.astype(f32) - low) * s`.
+    scaled = np.subtract(array, np.float32(low), dtype=np.float32)
+    scaled *= np.float32(1.0 / (high - low))
     return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 

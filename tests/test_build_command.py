@@ -51,7 +51,7 @@ def test_overrides_make_deterministic_configs(tmp_path):
     assert config.name == "tiny_image_size48_seed3"
     assert (config.image_size, config.seed, config.num_train_subjects) == (48, 3, 6)
     assert builder.info.features["image"].shape == (48, 48, 4)
-    assert builder.data_path == tmp_path / "phantom" / "tiny_image_size48_seed3" / "1.0.0"
+    assert builder.data_path == tmp_path / "phantom" / "tiny_image_size48_seed3" / "1.1.0"
     # Overrides equal to the config's values change nothing.
     same = data_builders.get_builder("phantom", config="tiny", data_dir=tmp_path, image_size=32)
     assert same.builder_config.name == "tiny"
@@ -109,8 +109,8 @@ def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path, monkeypatch
         data_builders.build("phantom/tiny", data_dir=tmp_path)
     assert not data_builders.is_built("phantom/tiny", data_dir=tmp_path)
     config_dir = tmp_path / "phantom" / "tiny"
-    # TFDS writes into incomplete.XXXXXX_1.0.0 and removes it when generation raises.
-    assert not (config_dir / "1.0.0").exists()
+    # TFDS writes into incomplete.XXXXXX_1.1.0 and removes it when generation raises.
+    assert not (config_dir / "1.1.0").exists()
     assert not [p for p in _entries(tmp_path) if "incomplete" in p]
     with pytest.raises(FileNotFoundError):
         data_builders.data_source("phantom/tiny", "train", data_dir=tmp_path)
@@ -122,7 +122,7 @@ def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path, monkeypatch
 
 def test_killed_build_leftovers_do_not_count(tmp_path):
     # A killed process cannot clean up: it leaves its temporary directory, never a version dir.
-    leftover = tmp_path / "phantom" / "tiny" / "incomplete.ABC123_1.0.0"
+    leftover = tmp_path / "phantom" / "tiny" / "incomplete.ABC123_1.1.0"
     leftover.mkdir(parents=True)
     (leftover / "phantom-train.array_record-00000-of-00001").write_bytes(b"partial")
     assert not data_builders.is_built("phantom/tiny", data_dir=tmp_path)
@@ -138,8 +138,8 @@ def test_cli_build_prints_summary_and_is_readable_without_this_package(tmp_path)
     result = _run("-m", "data_builders", "build", "phantom/tiny", f"--data_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "phantom/tiny 1.0.0: built in" in out
-    assert str(tmp_path / "phantom" / "tiny" / "1.0.0") in out
+    assert "phantom/tiny 1.1.0: built in" in out
+    assert str(tmp_path / "phantom" / "tiny" / "1.1.0") in out
     for split, count in (("train", 24), ("validation", 8), ("test", 8)):
         assert f"{split}" in out and f" {count} examples" in out
     assert "Building phantom/tiny" in result.stderr  # The progress bar.

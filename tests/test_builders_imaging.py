@@ -560,6 +560,41 @@ def test_missing_empty_or_wrong_manual_dir(name, tmp_path):
     assert_nothing_built(name, data_dir)
 
 
+@pytest.mark.parametrize(
+    "name", ["chest_xray", "lung_ct/slices", "lung_ct/volumes", "drive", "drive/native", "fire", "fire/pairs"]
+)
+def test_images_are_stored_as_raw_bytes_and_masks_as_zlib(name, tmp_path):
+    builder = data_builders.get_builder(name, data_dir=tmp_path)
+    assert str(builder.version) == "1.1.0" and set(builder.RELEASE_NOTES) == {"1.0.0", "1.1.0"}
+    images = 0
+    for key, feature in builder.info.features.items():
+        if not isinstance(feature, tfds.features.Tensor) or len(feature.shape) < 2:
+            continue
+        encoding = feature.to_json_content().encoding
+        if key.endswith("image"):
+            assert (feature.np_dtype, encoding) == (np.float32, "bytes"), key
+            images += 1
+        elif feature.np_dtype == np.uint8:
+            assert encoding == "zlib", key
+    assert images >= 1
+
+
+def test_prepare_image_nearest_resizes_the_decoded_dtype_with_the_same_values():
+    rng = np.random.default_rng(0)
+    for dtype, channels in ((np.uint8, 1), (np.uint8, 3), (np.uint16, 1), (np.int32, 1), (np.float32, 3)):
+        array = rng.integers(0, 4000 if dtype != np.uint8 else 255, (23, 31, channels)).astype(dtype)
+        for size in (0, 8, 23, 40):
+            for normalization in ("minmax", "none") + (("dtype",) if dtype in (np.uint8, np.uint16) else ()):
+                config = imaging.ImageConfig(
+                    name="x", image_size=size, interpolation="nearest", normalization=normalization
+                )
+                got = imaging.prepare_image(array, config, "x.png")
+                as_float = imaging.resize(array.astype(np.float32), size, "nearest")
+                expected = imaging.normalize(as_float, normalization, array.dtype, "x.png")
+                assert got.dtype == np.float32 and got.shape == expected.shape
+                np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
 # --- package files ----------------------------------------------------------------------------
 
 

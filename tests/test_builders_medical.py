@@ -7,6 +7,7 @@ generators' own tables, not from the builders' code paths.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import pathlib
 import re
@@ -131,6 +132,46 @@ def test_resize_yx_conventions():
         medical.resize_yx(ramp, 1, 8, "cubic")
 
 
+def test_minmax_scale_matches_the_plain_float32_formula():
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint8, np.int16, np.int32, np.float32, np.float64):
+        array = (rng.normal(0, 1, (7, 5, 3)) * (1000 if dtype != np.uint8 else 40) + 100).astype(dtype)
+        for low, high in ((float(array.min()), float(array.max())), (float(array.min()) + 0.3, 17.1)):
+            expected = (array.astype(np.float32) - np.float32(low)) * np.float32(1.0 / (high - low))
+            got = medical.minmax_scale(array, low, high)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got.view(np.uint32), np.clip(expected, 0, 1).view(np.uint32))
+    np.testing.assert_array_equal(medical.minmax_scale(np.ones((2, 2), np.int16), 1, 1), np.zeros((2, 2)))
+
+
+def _check_encodings(builder: tfds.core.DatasetBuilder, image_encoding: str = "bytes") -> None:
+    """Image arrays (float32, int16) as raw bytes, uint8 maps as zlib (`schema` encodings)."""
+    checked = 0
+    for key, feature in builder.info.features.items():
+        if not isinstance(feature, tfds.features.Tensor) or len(feature.shape) < 2:
+            continue
+        encoding = feature.to_json_content().encoding
+        if key == "image":
+            assert encoding == image_encoding, (builder.name, key, encoding)
+            checked += 1
+        elif feature.np_dtype == np.uint8:
+            assert encoding == "zlib", (builder.name, key, encoding)
+    assert checked == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["brats2015/slices", "brats2015/volumes", "tianchi_lung_ct/slices", "tianchi_lung_ct/volumes"]
+)
+def test_images_are_stored_as_raw_bytes_from_version_1_1_0(name, tmp_path):
+    builder = data_builders.get_builder(name, data_dir=tmp_path)
+    assert str(builder.version) == "1.1.0" and set(builder.RELEASE_NOTES) == {"1.0.0", "1.1.0"}
+    _check_encodings(builder)
+    assert schema.IMAGE_ENCODING == tfds.features.Encoding.BYTES
+    phantom = data_builders.get_builder("phantom/tiny", data_dir=tmp_path)
+    assert str(phantom.version) == "1.1.0"
+    _check_encodings(phantom)
+
+
 def test_split_subjects_is_seeded_disjoint_and_order_free():
     subjects = [f"s{i:03d}" for i in range(274)]
     splits = medical.split_subjects(subjects, validation_fraction=0.1, test_fraction=0.1, seed=0)
@@ -213,6 +254,19 @@ def test_brats_slices_features_and_modality_order(brats_slices):
             assert (np.diff(t1c, axis=1) < 0).all()
     labels = np.concatenate([ex["label"].ravel() for s in LABELLED_SPLITS for ex in brats_slices[s]])
     assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+
+
+def test_brats_stores_the_generated_float32_bit_for_bit(brats_slices):
+    config = dataclasses.replace(brats.Builder.BUILDER_CONFIGS[0], name="check", **BRATS_SMALL)
+    stored = {ex["id"].decode(): ex for examples in brats_slices.values() for ex in examples}
+    training = BRATS_DUMMY / brats.TRAINING_DIR
+    patients = brats._patients(training, labelled=True)
+    generated = {key: ex for p in patients for key, ex in brats._subject_examples(p, config)}
+    assert generated and set(generated) <= set(stored)
+    for key, ex in generated.items():
+        assert ex["image"].dtype == np.float32
+        np.testing.assert_array_equal(stored[key]["image"].view(np.uint32), ex["image"].view(np.uint32))
+        np.testing.assert_array_equal(stored[key]["label"], ex["label"])
 
 
 def test_brats_geometry_is_that_of_each_slice(brats_slices, data_dir):

@@ -248,7 +248,7 @@ def test_custom_config_instance(tmp_path):
     )
     builder = pdb.Builder(config=config, data_dir=str(tmp_path))
     builder.download_and_prepare()
-    assert builder.data_path.name == "1.0.0" and builder.data_path.parent.name == "custom"
+    assert builder.data_path.name == "1.1.0" and builder.data_path.parent.name == "custom"
     source = builder.as_data_source("train")
     assert len(source) == 4
     assert source[0]["image"].shape == (24, 24, 4)

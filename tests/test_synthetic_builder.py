@@ -24,12 +24,17 @@ def test_builds_exact_count_with_real_schema_and_provenance(tmp_path):
     real = schema.brats_like_features(8, 10, 4)
     assert set(real.keys()) <= set(builder.info.features.keys())
     assert set(builder.info.features.keys()) - set(real.keys()) == {"structure", "organ", "lesion_dice"}
+    # Version 1.1.0: the image as raw float32 bytes (array_record compresses it), the uint8 maps as zlib.
+    assert str(builder.version) == "1.1.0"
+    encodings = {k: builder.info.features[k].to_json_content().encoding for k in ("image", "label", "organ")}
+    assert encodings == {"image": "bytes", "label": "zlib", "organ": "zlib"}
     source = builder.as_data_source("train")
     assert len(source) == 2  # The chunks hold 3 accepted samples; the manifest asks for 2.
     first = chunks.read_chunk(DUMMY, 0)
     for i in range(2):
         np.testing.assert_array_equal(source[i]["label"], first["label"][i])
         np.testing.assert_array_equal(source[i]["image"], first["image"][i])
+        assert source[i]["image"].dtype == np.float32
     assert builder.info.metadata["source_workdir"] == "/nowhere/dummy"
     assert builder.info.metadata["modalities"] == list(schema.BRATS_MODALITIES)
 

@@ -219,8 +219,12 @@ class Brats2015Config(tfds.core.BuilderConfig):
 class Builder(base.ArrayRecordBuilder):
     """BRATS 2015 from the manual download (see the module docstring and README.md)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: 2D slices and whole volumes, subject-level seeded split."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: 2D slices and whole volumes, subject-level seeded split.",
+        "1.1.0": "Images stored as raw float32 bytes instead of zlib (`schema.IMAGE_ENCODING`): the same "
+        "values, a build ~6x faster.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         Brats2015Config(
@@ -318,19 +322,18 @@ class Builder(base.ArrayRecordBuilder):
 
 def _volume_features() -> tfds.features.FeaturesDict:
     """Features of the `volumes` config: one whole subject per example."""
-    zlib = tfds.features.Encoding.ZLIB
     return tfds.features.FeaturesDict(
         {
             "image": tfds.features.Tensor(
                 shape=(None, None, None, len(MODALITY_TOKENS)),
                 dtype=np.float32,
-                encoding=zlib,
+                encoding=schema.IMAGE_ENCODING,
                 doc="(z, y, x, modality) in [0, 1]; modalities in info.metadata['modalities'].",
             ),
             "label": tfds.features.Tensor(
                 shape=(None, None, None),
                 dtype=np.uint8,
-                encoding=zlib,
+                encoding=schema.LABEL_ENCODING,
                 doc="(z, y, x) BRATS classes 0-4; all zeros in the 'unlabelled' split.",
             ),
             "id": tfds.features.Text(doc="Unique example key: the subject id."),
@@ -369,14 +372,14 @@ def _read_subject(patient: Patient) -> tuple[dict[str, medical.Volume], medical.
                 volume.path.name,
                 reference.path.name,
             )
-    if label is not None:
+    # Two cheap passes (min, max); np.unique (sorting or hashing ~9M voxels) only runs to name bad values.
+    classes = len(schema.BRATS_LABEL_NAMES)
+    if label is not None and (label.array.min() < 0 or label.array.max() >= classes):
         values = np.unique(label.array)
-        unknown = values[(values < 0) | (values >= len(schema.BRATS_LABEL_NAMES))]
-        if unknown.size:
-            raise ValueError(
-                f"BRATS label file {label.path} holds values {unknown.tolist()} outside the known classes "
-                "0-4."
-            )
+        unknown = values[(values < 0) | (values >= classes)]
+        raise ValueError(
+            f"BRATS label file {label.path} holds values {unknown.tolist()} outside the known classes 0-4."
+        )
     return images, label
 
 

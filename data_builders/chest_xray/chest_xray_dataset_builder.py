@@ -133,8 +133,12 @@ def parse_name(path: pathlib.Path, class_folder: str) -> tuple[int, str]:
 class Builder(base.ArrayRecordBuilder):
     """Kaggle chest X-ray pneumonia (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: 3 classes, one grey channel, official folders as splits."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: 3 classes, one grey channel, official folders as splits.",
+        "1.1.0": "Float32 images stored as raw bytes instead of zlib (`schema.IMAGE_ENCODING`): the same "
+        "values, written several times faster.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         ChestXrayConfig(

@@ -121,8 +121,12 @@ def find_files(root: pathlib.Path, folder: str) -> list[DriveFiles]:
 class Builder(base.ArrayRecordBuilder):
     """DRIVE retinal images with vessel and field-of-view masks (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: RGB images, vessels (optional in test), FoV masks."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: RGB images, vessels (optional in test), FoV masks.",
+        "1.1.0": "Float32 images stored as raw bytes instead of zlib (`schema.IMAGE_ENCODING`): the same "
+        "values, written several times faster.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         imaging.ImageConfig(

@@ -151,8 +151,12 @@ def find_pairs(root: pathlib.Path) -> list[FirePair]:
 class Builder(base.ArrayRecordBuilder):
     """FIRE fundus images, singly or as registration pairs (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: images or pairs, optional control points and FoV mask."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: images or pairs, optional control points and FoV mask.",
+        "1.1.0": "Float32 images stored as raw bytes instead of zlib (`schema.IMAGE_ENCODING`): the same "
+        "values, written several times faster.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         FireConfig(

@@ -160,8 +160,12 @@ def find_volumes(root: pathlib.Path) -> list[LungPair]:
 class Builder(base.ArrayRecordBuilder):
     """Kaggle lung CT slices or volumes with lung masks (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: 2D slices and 3D volumes with lung masks, subject split."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: 2D slices and 3D volumes with lung masks, subject split.",
+        "1.1.0": "Float32 slices and volumes stored as raw bytes instead of zlib "
+        "(`schema.IMAGE_ENCODING`): the same values, written several times faster.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         LungCtConfig(
@@ -179,7 +183,6 @@ class Builder(base.ArrayRecordBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: LungCtConfig = self.builder_config
-        zlib = tfds.features.Encoding.ZLIB
         if config.kind == "slices":
             features = {
                 "image": imaging.image_feature(
@@ -191,10 +194,16 @@ class Builder(base.ArrayRecordBuilder):
         else:
             features = {
                 "image": tfds.features.Tensor(
-                    shape=(None, None, None), dtype=np.float32, encoding=zlib, doc="(z, y, x) CT volume."
+                    shape=(None, None, None),
+                    dtype=np.float32,
+                    encoding=schema.IMAGE_ENCODING,
+                    doc="(z, y, x) CT volume.",
                 ),
                 "mask": tfds.features.Tensor(
-                    shape=(None, None, None), dtype=np.uint8, encoding=zlib, doc="1 = lung, 0 = background."
+                    shape=(None, None, None),
+                    dtype=np.uint8,
+                    encoding=schema.LABEL_ENCODING,
+                    doc="1 = lung, 0 = background.",
                 ),
                 "spacing": tfds.features.Tensor(
                     shape=(3,), dtype=np.float32, doc="Voxel size (x, y, z), mm."

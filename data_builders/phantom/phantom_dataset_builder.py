@@ -121,9 +121,10 @@ class PhantomConfig(tfds.core.BuilderConfig):
 class Builder(base.ArrayRecordBuilder):
     """The procedural brain phantom (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release: BRATS-like features, subject-level splits, default/demo/tiny.",
+        "1.1.0": "Images stored as raw bytes (array_record's zstd compresses them), not zlib; same values.",
     }
     BUILDER_CONFIGS = [
         PhantomConfig(

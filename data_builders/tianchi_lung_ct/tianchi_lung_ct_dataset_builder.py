@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import base, medical
+from data_builders import base, medical, schema
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,12 @@ class TianchiConfig(tfds.core.BuilderConfig):
 class Builder(base.ArrayRecordBuilder):
     """Tianchi 2019 chest CT from the manual download (see the module docstring and README.md)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: 3-slice 2D examples and whole volumes with boxes."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: 3-slice 2D examples and whole volumes with boxes.",
+        "1.1.0": "Float32 slices and int16 volumes stored as raw bytes instead of zlib "
+        "(`schema.IMAGE_ENCODING`): the same values, written several times faster.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         TianchiConfig(
@@ -383,17 +387,19 @@ def _geometry_features() -> dict[str, tfds.features.Tensor]:
 
 def _slice_features() -> tfds.features.FeaturesDict:
     """Features of the `slices` config."""
-    zlib = tfds.features.Encoding.ZLIB
     return tfds.features.FeaturesDict(
         {
             "image": tfds.features.Tensor(
                 shape=(None, None, 3),
                 dtype=np.float32,
-                encoding=zlib,
+                encoding=schema.IMAGE_ENCODING,
                 doc="Slices k-1, k, k+1 as channels, scaled to [0, 1] (see info.metadata['generation']).",
             ),
             "label": tfds.features.Tensor(
-                shape=(None, None), dtype=np.uint8, encoding=zlib, doc="1 inside a box of slice k, else 0."
+                shape=(None, None),
+                dtype=np.uint8,
+                encoding=schema.LABEL_ENCODING,
+                doc="1 inside a box of slice k, else 0.",
             ),
             "boxes": tfds.features.Tensor(
                 shape=(None, 4), dtype=np.float32, doc="[y_min, x_min, y_max, x_max], pixel-edge units."
@@ -416,7 +422,7 @@ def _volume_features() -> tfds.features.FeaturesDict:
             "image": tfds.features.Tensor(
                 shape=(None, None, None),
                 dtype=np.int16,
-                encoding=tfds.features.Encoding.ZLIB,
+                encoding=schema.IMAGE_ENCODING,
                 doc="(z, y, x) Hounsfield units as stored.",
             ),
             "boxes": tfds.features.Tensor(
