@@ -1,6 +1,7 @@
 """Shared bits of the benchmark scripts: the machine description and a Markdown row printer."""
 
 import datetime
+import fcntl
 import os
 import platform
 import subprocess
@@ -8,6 +9,13 @@ import sys
 import time
 
 import jax
+
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """`message` with the seconds since the process started, on stderr at once (where a long GPU run is)."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def machine() -> str:
@@ -41,13 +49,25 @@ def header(title: str) -> None:
 
 
 def timed(fn, *args, steps: int) -> float:
-    """Seconds per call of `fn(*args)` after one warm-up call (compile excluded), device work included."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / steps
+    """Seconds per call of `fn(*args)` after one warm-up call (compile excluded), device work included.
+
+    With `BENCHMARK_LOCK` set to a file path, the timed calls hold an exclusive lock on it: benchmarks
+    started side by side on one GPU then compile in parallel but never time while another one runs.
+    """
+    lock_path = os.environ.get("BENCHMARK_LOCK")
+    lock = open(lock_path, "a") if lock_path else None  # noqa: SIM115 (held across the timed calls)
+    try:
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        jax.block_until_ready(fn(*args))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / steps
+    finally:
+        if lock:
+            lock.close()  # Closing releases the lock.
 
 
 def compile_once(jitted, *args) -> tuple:
@@ -57,10 +77,11 @@ def compile_once(jitted, *args) -> tuple:
     timing `jitted` would compile a second time (minutes for the large steps on a GPU). The compile time
     goes to stderr at once, so a run cut off by its time limit still says where the time went.
     """
+    name = getattr(jitted, "__name__", "step")
+    progress(f"compiling {name}")
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
-    name = getattr(jitted, "__name__", "step")
-    print(f"compiled {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    progress(f"compiled {name} in {time.perf_counter() - t0:.1f} s")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return compiled, cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)

@@ -44,11 +44,11 @@ def _frozen(config, size, batch):
     return {}
 
 
-def _generate(g_params, batch, key, *, models, config):
+def _generate(g_params, batch, key, *, models, config, dtype):
     inputs = synthesis.make_inputs(
         batch, key, {}, models=models, config=config, pretraining=jnp.asarray(False)
     )
-    return synthesis.synthesize(models, g_params, inputs.g_input, len(config.data.modalities))
+    return synthesis.synthesize(models, g_params, inputs.g_input.astype(dtype), len(config.data.modalities))
 
 
 def main() -> None:
@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gen_batch", type=int, default=4)
+    parser.add_argument("--dtypes", default="float32", help="generation dtypes, comma-separated")
+    parser.add_argument("--train_dtypes", default="float32", help="training compute dtypes (bf16: mixed)")
     args = parser.parse_args()
     config = importlib.import_module(f"configs.{args.family}").get_config()
     config.synthesis.model.size = config.segmentor.model.size = args.model
@@ -75,31 +77,38 @@ def main() -> None:
         functools.partial(synthesis.init_state, models=models, config=config, g_tx=g_tx, d_tx=d_tx)
     )(jax.random.key(0), batch)
     frozen = _frozen(config, args.size, batch)
-    seconds, flops, nbytes, n_params = common.time_synthesis_step(
-        state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps
-    )
-    key = jax.random.key(1)
-
-    gen_batch = _batch(config, args.size, args.gen_batch, seed=1)
-    gen = jax.jit(functools.partial(_generate, models=models, config=config))
-    compiled_gen, g_flops, g_bytes = common.compile_once(gen, state.g_params, gen_batch, key)
-    g_seconds = common.timed(compiled_gen, state.g_params, gen_batch, key, steps=args.steps)
-
+    common.progress(f"{args.family} {args.size}² {args.model}: networks initialised")
     channels = config.data.channels
+    # Each row is printed as soon as it is measured: a run cut off on a lent GPU keeps what it finished.
     common.header(f"Stage B, {args.family} ({args.size}² × {channels}), training batch {args.batch}")
-    print("| model | parameters (G+D) | s/step | examples/s | GFLOP/example | GB/example | GFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | compute dtype | parameters (G+D) | s/step | examples/s ", end="")
     print(
-        f"| {args.model} | {n_params / 1e6:.1f} M | {seconds:.2f} | {args.batch / seconds:.3f} | "
-        f"{flops / args.batch / 1e9:.1f} | {nbytes / args.batch / 1e9:.2f} | {flops / seconds / 1e9:.1f} |"
+        "| GFLOP/example | GB/example | GFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |",
+        flush=True,
     )
-    print("\n| generation, model | batch | images/s | GFLOP/image | GB/image | GFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    rate = args.gen_batch / g_seconds
-    print(
-        f"| {args.model} | {args.gen_batch} | {rate:.2f} | {g_flops / args.gen_batch / 1e9:.2f} | "
-        f"{g_bytes / args.gen_batch / 1e9:.3f} | {rate * g_flops / args.gen_batch / 1e9:.1f} |"
-    )
+    for dtype in args.train_dtypes.split(","):
+        config.synthesis.compute_dtype = dtype
+        seconds, flops, nbytes, n_params = common.time_synthesis_step(
+            state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps
+        )
+        per = args.batch * 1e9
+        print(f"| {args.model} | {dtype} | {n_params / 1e6:.1f} M | {seconds:.2f} | ", end="")
+        rate = flops / seconds / 1e9
+        print(
+            f"{args.batch / seconds:.3f} | {flops / per:.1f} | {nbytes / per:.2f} | {rate:.1f} |", flush=True
+        )
+    print("\n| generation, model | dtype | batch | images/s | GFLOP/image | GB/image | GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    key = jax.random.key(1)
+    gen_batch = _batch(config, args.size, args.gen_batch, seed=1)
+    for dtype in (jnp.dtype(name) for name in args.dtypes.split(",")):
+        g_params = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), state.g_params)
+        gen = jax.jit(functools.partial(_generate, models=models, config=config, dtype=dtype))
+        compiled_gen, g_flops, g_bytes = common.compile_once(gen, g_params, gen_batch, key)
+        g_seconds = common.timed(compiled_gen, g_params, gen_batch, key, steps=args.steps)
+        rate, n = args.gen_batch / g_seconds, args.gen_batch
+        print(f"| {args.model} | {dtype.name} | {n} | {rate:.2f} | {g_flops / n / 1e9:.2f} | ", end="")
+        print(f"{g_bytes / n / 1e9:.3f} | {rate * g_flops / n / 1e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

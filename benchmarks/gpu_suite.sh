@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
-# The GPU benchmark pass, as one script: a lent GPU machine has minutes, so every measurement runs in one go,
-# each bounded by its own timeout, each table appended to $OUT/gpu_benchmarks.md as soon as it exists.
+# The GPU benchmark pass, as one script: a lent GPU machine has minutes, so every measurement runs in one go.
+#
+# The benchmarks start side by side: XLA's compiles (minutes for these graphs on a GPU, mostly host CPU work)
+# then overlap, while the timed calls take turns through `BENCHMARK_LOCK` (benchmarks/common.py), so no
+# timing shares the GPU with another. Each benchmark has its own memory cap, its own time limit and its own
+# report file under $OUT; rows are printed as soon as they are measured, so a run cut off keeps its rows.
 #
 # Usage (repository root, on a GPU host with jax[cuda] and the project's dependencies importable):
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh
+#   OUT=/tmp/out LIMIT=480 bash benchmarks/gpu_suite.sh
 set -u
 OUT=${OUT:-/tmp/gpu_bench}
+LIMIT=${LIMIT:-480}
 mkdir -p "$OUT"
-# Autotuning every convolution of these graphs took minutes per compile on an H100: heuristics instead.
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false SYNTH_DATA_DIR=${SYNTH_DATA_DIR:-/tmp/tfds}
-report="$OUT/gpu_benchmarks.md"
+# Autotuning level 1 times cuDNN's algorithms on uninitialised buffers, without XLA's slow correctness checks
+# (level 4, the default, took minutes per compile here and tried 130 GiB workspaces). Level 0 is no answer:
+# it runs cuDNN's algorithm 0 (implicit GEMM, no tensor cores), which made an H200 as slow as ~400 GFLOP/s
+# and bf16 no faster than float32 (2026-11-26).
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-1}"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false BENCHMARK_LOCK="$OUT/.timing_lock"
 py=${PYTHON:-python3}
 
-run() {  # run <seconds> <description> <command...>: output to the log and the report, never stop the pass.
-  local limit=$1 what=$2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
+$py -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
+  | tee -a "$OUT/machine.txt"
+
+start() {  # start <name> <memory fraction> <command...>: in the background, bounded by $LIMIT.
+  local name=$1 fraction=$2
   shift 2
-  echo "### $what" | tee -a "$report"
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>>"$OUT/stderr.log" | tee -a "$report"
-  echo "(exit ${PIPESTATUS[0]}, $((SECONDS - t0)) s wall)" | tee -a "$report"
-  echo | tee -a "$report"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction timeout "$LIMIT" "$@" >"$OUT/$name.md" 2>"$OUT/$name.log" &
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$report"
-$py -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$report"
-
-run 150 "Stage B training + generation, 128² small (batch 8), generation fp32 and bf16" \
-  $py -m benchmarks.synthesis_step --shapes 128x128 --models small --batch 8 --steps 10 --gen_batches 1,64 --dtypes float32,bfloat16
-run 230 "Stage B training + generation, 512² base, training fp32 (batch 1), generation fp32 and bf16" \
-  $py -m benchmarks.synthesis_step --shapes 512x512 --models base --batch 1 --steps 3 --gen_batches 1,8 --dtypes float32,bfloat16
+GEN_BATCHES=${GEN_BATCHES:-1,8}
+start synthesis_128 0.10 $py -m benchmarks.synthesis_step --shapes 128x128 --models small --batch 8 \
+  --steps 10 --gen_batches 32 --dtypes float32,bfloat16 --train_dtypes float32,bfloat16
+start synthesis_512 0.45 $py -m benchmarks.synthesis_step --shapes 512x512 --models base --batch 1 \
+  --steps 3 --gen_batches "$GEN_BATCHES" --dtypes float32,bfloat16 --train_dtypes float32,bfloat16
+start retina_512 0.35 $py -m benchmarks.family_step --family retina --size 512 --model base --batch 2 \
+  --steps 3 --gen_batch 8 --dtypes float32,bfloat16 --train_dtypes float32,bfloat16
+wait
+for name in synthesis_128 synthesis_512 retina_512; do
+  echo "=== $name"
+  cat "$OUT/$name.md"
+  grep -E "^\[|Error|error:" "$OUT/$name.log" | tail -8
+done

@@ -7,8 +7,8 @@ One training example is one structure map made into all K = 4 modalities: extrac
 draw, one G call for the K modalities, the 12 translations of the frozen G_t, the K frozen segmentors, D on
 real and synthetic images, and both updates. One generated set is the K registered modalities of one
 structure map (inference: G only). Frozen networks are randomly initialised: speed does not depend on
-their weights. `--dtypes float32,bfloat16` times generation with parameters and inputs cast to each
-(a GPU check).
+their weights. `--dtypes float32,bfloat16` times generation with parameters and inputs cast to each, and
+`--train_dtypes float32,bfloat16` the training step with `synthesis.compute_dtype` set to each (GPU checks).
 """
 
 import argparse
@@ -37,13 +37,19 @@ def _batch(shape, n):
 
 
 def _setup(config, shape, batch):
+    """Networks and states, every init jitted: eager inits dispatch thousands of small ops (slow on a GPU)."""
     models = synthesis.make_models(config, shape)
     keys = jax.random.split(jax.random.key(0), 3)
     tx = optim.make_optimizer(config.translator.optim.g)
-    tr = translator.init_state(keys[0], batch, models=translator.make_models(config, shape), g_tx=tx, d_tx=tx)
-    seg = segmentor.init_params(
-        keys[1], batch["image"], model=segmentor.make_model(config, shape), variant=config.segmentor.variant
+    translator_models = translator.make_models(config, shape)
+    tr = jax.jit(functools.partial(translator.init_state, models=translator_models, g_tx=tx, d_tx=tx))(
+        keys[0], batch
     )
+    seg = jax.jit(
+        functools.partial(
+            segmentor.init_params, model=segmentor.make_model(config, shape), variant=config.segmentor.variant
+        )
+    )(keys[1], batch["image"])
     g_tx, d_tx = (
         optim.make_optimizer(config.synthesis.optim.g),
         optim.make_optimizer(config.synthesis.optim.d),
@@ -70,48 +76,49 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gen_batches", default="1,32")
     parser.add_argument("--dtypes", default="float32", help="generation dtypes, comma-separated")
+    parser.add_argument("--train_dtypes", default="float32", help="training compute dtypes (bf16: mixed)")
     args = parser.parse_args()
     config = phantom.get_config()
     config.synthesis.pretrain_steps = 0  # The adversarial phase: every term is computed either way.
-    train_rows, gen_rows = [], []
+    # Rows are printed as each is measured (generation first: its compile is the cheap one), so a run cut
+    # off by a time limit on a lent GPU still reports what it finished.
+    common.header(f"Stage B (synthesis), training batch {args.batch}")
     for shape_text, size in zip(args.shapes.split(","), args.models.split(","), strict=True):
         shape = tuple(int(v) for v in shape_text.split("x"))
         for section in (config.synthesis, config.translator, config.segmentor):
             section.model.size = size
         batch = _batch(shape, args.batch)
+        common.progress(f"{shape_text} {size}: phantom batch made")
         models, state, frozen, g_tx, d_tx = _setup(config, shape, batch)
-        seconds, flops, nbytes, n_params = common.time_synthesis_step(
-            state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps
-        )
+        common.progress(f"{shape_text} {size}: networks initialised")
         key = jax.random.key(1)
-        train_rows.append((f"{shape_text}, {size}", n_params, seconds, args.batch / seconds, flops, nbytes))
-
-        for dtype in (jnp.dtype(name) for name in args.dtypes.split(",")):
+        print("| generation, image, model | dtype | batch | sets/s | GFLOP/set | GB/set | GFLOP/s |")
+        print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+        for dtype in (jnp.dtype(name) for name in args.dtypes.split(",") if name):
             g_params = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), state.g_params)
             gen = jax.jit(functools.partial(_generate, models=models, config=config, dtype=dtype))
             for n in (int(v) for v in args.gen_batches.split(",")):
                 gen_batch = _batch(shape, n)
                 compiled_gen, g_flops, g_bytes = common.compile_once(gen, g_params, gen_batch, key)
                 g_seconds = common.timed(compiled_gen, g_params, gen_batch, key, steps=args.steps)
-                row = (f"{shape_text}, {size}", dtype.name, n, n / g_seconds, g_flops / n, g_bytes / n)
-                gen_rows.append(row)
+                rate = n / g_seconds
+                print(
+                    f"| {shape_text}, {size} | {dtype.name} | {n} | {rate:.2f} | {g_flops / n / 1e9:.2f} | "
+                    f"{g_bytes / n / 1e9:.3f} | {rate * g_flops / n / 1e9:.1f} |",
+                    flush=True,
+                )
+        print("\n| training, image, model | compute dtype | parameters (G+D) | s/step | examples/s ", end="")
+        print("| GFLOP/example | GB/example | GFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for dtype in args.train_dtypes.split(","):
+            config.synthesis.compute_dtype = dtype
+            seconds, flops, nbytes, n_params = common.time_synthesis_step(
+                state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps
+            )
+            print(f"| {shape_text}, {size} | {dtype} | {n_params / 1e6:.1f} M | {seconds:.2f} | ", end="")
+            print(f"{args.batch / seconds:.3f} | {flops / args.batch / 1e9:.1f} | ", end="")
+            print(f"{nbytes / args.batch / 1e9:.2f} | {flops / seconds / 1e9:.1f} |", flush=True)
+        print()
         del state
-
-    common.header(f"Stage B (synthesis), training batch {args.batch}")
-    print("| image, model | parameters (G+D) | s/step | examples/s | GFLOP/example | GB/example | GFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, n, s, rate, flops, nbytes in train_rows:
-        print(
-            f"| {name} | {n / 1e6:.1f} M | {s:.2f} | {rate:.3f} | {flops / args.batch / 1e9:.1f} | "
-            f"{nbytes / args.batch / 1e9:.2f} | {flops / s / 1e9:.1f} |"
-        )
-    print("\n| generation, image, model | dtype | batch | sets/s | GFLOP/set | GB/set | GFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, dtype, n, rate, flops, nbytes in gen_rows:
-        print(
-            f"| {name} | {dtype} | {n} | {rate:.2f} | {flops / 1e9:.2f} | {nbytes / 1e9:.3f} | "
-            f"{rate * flops / 1e9:.1f} |"
-        )
 
 
 if __name__ == "__main__":

@@ -150,6 +150,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.synthesis.noise = (0.5, 0.6)  # s' = s + U(low, high) inside the organ (§3.5).
     config.synthesis.lesion_processor = "segmentor"  # or "none"
     config.synthesis.pretrain_steps = 1000  # Self-supervised pre-training on real pairs (§6.1.4).
+    # "bfloat16": the training step's networks compute in bf16 (parameters stay float32, losses in float32),
+    # for GPUs; CPUs gain nothing from it.
+    config.synthesis.compute_dtype = "float32"
     config.synthesis.loss = ml_collections.ConfigDict(
         dict(
             # The code's weights (§6.1.3-6.1.4), except `lesion`: it weights the segmentation loss

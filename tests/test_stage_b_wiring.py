@@ -266,3 +266,33 @@ def test_stage_a_structures_replace_the_real_ones_after_pretraining(tiny_config)
     np.testing.assert_array_equal(adv.organ[..., 0], masks)
     np.testing.assert_array_equal(pre.label, batch["label"])  # Its own label while pre-training.
     assert not np.array_equal(np.asarray(adv.structure), np.asarray(real_s))
+
+
+def test_mixed_precision_computes_in_bf16_and_keeps_float32_parameters():
+    seen = []
+
+    def layer(params, x):
+        seen.append((params["w"].dtype, x.dtype))
+        return jnp.sum(params["w"] * x)
+
+    params, x = {"w": jnp.linspace(0.5, 1.5, 8)}, jnp.linspace(-1.0, 1.0, 8)
+    value, grads = jax.value_and_grad(synthesis.in_dtype("bfloat16", layer))(params, x)
+    assert seen[-1] == (jnp.bfloat16, jnp.bfloat16) and value.dtype == jnp.float32
+    assert grads["w"].dtype == jnp.float32  # The update stays in float32.
+    np.testing.assert_allclose(grads["w"], x.astype(jnp.bfloat16).astype(jnp.float32))
+    assert synthesis.in_dtype("float32", layer) is layer
+
+
+def test_bf16_generator_loss_is_close_to_float32(random_stage_b):
+    b = random_stage_b
+    values = {}
+    for dtype in ("float32", "bfloat16"):
+        config = b.config.copy_and_resolve_references()
+        config.synthesis.compute_dtype = dtype
+        loss, (terms, fakes, _) = jax.jit(
+            functools.partial(synthesis.generator_loss, models=b.models, config=config)
+        )(b.state.g_params, b.state.d_params, b.frozen, b.batch, b.key, jnp.asarray(10**6))
+        assert fakes.dtype == jnp.float32 and np.isfinite(float(loss))
+        values[dtype] = {name: float(v) for name, v in terms.items()}
+    for name, exact in values["float32"].items():
+        assert values["bfloat16"][name] == pytest.approx(exact, rel=0.05, abs=1e-3), name

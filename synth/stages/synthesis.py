@@ -312,6 +312,22 @@ def _discriminate(models: Models, d_params, images: jax.Array, rng=None):
     return reshape(d), reshape(c)
 
 
+def in_dtype(dtype, fn: Callable) -> Callable:
+    """`fn` computed in `dtype` (mixed precision; identity for float32).
+
+    Its floating arguments, parameters included, are cast to `dtype` and its floating results back to
+    float32, so losses are reduced in float32 and gradients reach float32 parameters through the casts.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return fn
+
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    return lambda *args: cast(fn(*cast(args, dtype)), jnp.float32)
+
+
 def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Models, config):
     """L_G of §6.1.3 (plus L_pre of §6.1.4 while pre-training) for one batch of real slices.
 
@@ -327,8 +343,9 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
     inputs = make_inputs(batch, input_key, frozen, models=models, config=config, pretraining=pretraining)
     real = registration.by_modality(batch["image"], channels_per_modality(config))  # (K, B, H, W, C)
     k = real.shape[0]
-    fakes = synthesize(models, g_params, inputs.g_input, k)
-    d_fake, c_fake = _discriminate(models, d_params, fakes, d_key)
+    dtype = sy.compute_dtype
+    fakes = in_dtype(dtype, functools.partial(synthesize, models, num_modalities=k))(g_params, inputs.g_input)
+    d_fake, c_fake = in_dtype(dtype, functools.partial(_discriminate, models))(d_params, fakes, d_key)
     zero = jnp.zeros((), jnp.float32)
     terms = {
         "g_adversarial": registration.per_modality_mse(d_fake, 1.0),
@@ -338,13 +355,17 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
         "lesion": zero,
     }
     if models.translator is not None:
-        translate = functools.partial(models.translator.generator.apply, frozen["translator"])
+        translate = functools.partial(
+            in_dtype(dtype, models.translator.generator.apply), frozen["translator"]
+        )
         translations = registration.translate_pairs(translate, fakes)
         terms["registration"] = registration.registration_loss(fakes, translations)
         terms["agreement"] = registration.agreement_loss(translations)
     if models.lesion is not None:
         terms["lesion"] = jnp.sum(
-            models.lesion.loss(frozen["lesion"], registration.channels_last(fakes), inputs.label)
+            in_dtype(dtype, models.lesion.loss)(
+                frozen["lesion"], registration.channels_last(fakes), inputs.label
+            )
         )
     # L_pre: the whole image and, re-weighted, its background (the authors' mask M = 1 - organ).
     background = 1.0 - inputs.organ[None]
@@ -362,8 +383,9 @@ def discriminator_loss(d_params, batch, fakes, rng, *, models: Models, config):
     real = registration.by_modality(batch["image"], channels_per_modality(config))
     k = real.shape[0]
     real_key, fake_key = jax.random.split(rng)
-    d_real, c_real = _discriminate(models, d_params, real, real_key)
-    d_fake, c_fake = _discriminate(models, d_params, fakes, fake_key)
+    discriminate = in_dtype(config.synthesis.compute_dtype, functools.partial(_discriminate, models))
+    d_real, c_real = discriminate(d_params, real, real_key)
+    d_fake, c_fake = discriminate(d_params, fakes, fake_key)
     category = registration.category_sum(c_real, kind=kind, num_modalities=k)
     if loss_config.category_on_fakes:
         category += registration.category_sum(c_fake, kind=kind, num_modalities=k)
