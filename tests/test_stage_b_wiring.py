@@ -283,6 +283,16 @@ def test_mixed_precision_computes_in_bf16_and_keeps_float32_parameters():
     assert synthesis.in_dtype("float32", layer) is layer
 
 
+def test_stage_b_config_errors_name_the_key():
+    from configs import phantom
+
+    for key, value in (("compute_dtype", "bf16"), ("label_rule", "loose"), ("structure_source", "vae")):
+        config = phantom.get_config("runlocal")
+        config.synthesis[key] = value
+        with pytest.raises(ValueError, match=f"config.synthesis.{key}"):
+            synthesis.build(config, workdir="/nonexistent")
+
+
 def test_bf16_generator_loss_is_close_to_float32(random_stage_b):
     b = random_stage_b
     values = {}

@@ -572,6 +572,9 @@ def _grid_rows(inputs: Inputs, images, predicted, num_classes: int, max_rows: in
 # The stage.
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")  # config.synthesis.compute_dtype; bfloat16 = mixed (`in_dtype`).
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
     sy = config.synthesis
     if sy.structure_source not in STRUCTURE_SOURCES:
@@ -591,6 +594,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         )
     extraction.fused_channels(sy.label_fusion, config.data.num_classes)  # Validates the fusion mode.
     registration.check_loss_weights(NAME, sy.loss.weights, G_TERMS + D_TERMS)
+    if sy.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"Unknown config.synthesis.compute_dtype {sy.compute_dtype!r}; choose one of {COMPUTE_DTYPES}"
+        )
     low, high = sy.noise
     if not 0.0 <= low <= high:
         raise ValueError(f"config.synthesis.noise must be (low, high) with 0 <= low <= high, got {sy.noise}")
