@@ -13,6 +13,7 @@ import pathlib
 import re
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -496,6 +497,53 @@ def test_tianchi_every_box_slice(data_dir):
     assert slices == sorted(
         [("641414", 6), ("641414", 7), ("641414", 8), ("650031", 5), ("663157", 0), ("688588", 4)]
     )
+
+
+def test_tianchi_slices_resized_to_image_size(data_dir):
+    native = {ex["id"]: ex for v in _read_all("tianchi_lung_ct/slices", data_dir).values() for ex in v}
+    resized = _read_all("tianchi_lung_ct/slices", data_dir, image_size=32)
+    examples = {ex["id"]: ex for v in resized.values() for ex in v}
+    assert examples.keys() == native.keys()
+    builder = data_builders.get_builder("tianchi_lung_ct/slices", data_dir=data_dir, image_size=32)
+    assert builder.info.features["image"].shape == (32, 32, 3)
+    assert _metadata("tianchi_lung_ct/slices", data_dir, image_size=32)["generation"]["image_size"] == 32
+    scale = np.array([32 / 16, 32 / 12, 32 / 16, 32 / 12])
+    for key, ex in examples.items():
+        before = native[key]
+        assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.float32
+        assert 0 <= ex["image"].min() and ex["image"].max() <= 1
+        assert ex["label"].shape == (32, 32) and ex["label"].dtype == np.uint8
+        assert len(ex["boxes"]) == len(before["boxes"]) > 0
+        np.testing.assert_allclose(ex["boxes"], before["boxes"] * scale, rtol=1e-6)
+        assert ex["box_labels"].tolist() == before["box_labels"].tolist()
+        # `label` is the scaled boxes filled: 1 exactly on pixels whose centre lies in a box.
+        centres_y, centres_x = np.mgrid[:32, :32] + 0.5
+        filled = np.zeros((32, 32), bool)
+        for y0, x0, y1, x1 in ex["boxes"]:
+            filled |= (y0 <= centres_y) & (centres_y <= y1) & (x0 <= centres_x) & (centres_x <= x1)
+        np.testing.assert_array_equal(ex["label"], filled.astype(np.uint8))
+        # The HU slices resized with OpenCV's area interpolation, then windowed.
+        raw_image = _raw_series(ex["subject_id"].decode())
+        raw = sitk.GetArrayFromImage(raw_image).astype(np.float32)
+        k = ex["slice_index"]
+        for channel, neighbour in enumerate((k - 1, k, k + 1)):
+            hu = cv2.resize(raw[np.clip(neighbour, 0, 9)], (32, 32), interpolation=cv2.INTER_AREA)
+            np.testing.assert_allclose(
+                ex["image"][..., channel], np.clip((hu + 1200) / 1800, 0, 1), atol=1e-6
+            )
+        # The resized pixel grid: pixel n's centre is the source continuous index (n + 1/2) s - 1/2.
+        np.testing.assert_allclose(
+            ex["spacing"], np.array(raw_image.GetSpacing()) * [12 / 32, 16 / 32, 1], rtol=1e-6
+        )
+        corner = raw_image.TransformContinuousIndexToPhysicalPoint(
+            (12 / 64 - 0.5, 16 / 64 - 0.5, float(ex["slice_index"]))
+        )
+        np.testing.assert_allclose(ex["origin"], corner, atol=1e-4)
+    with pytest.raises(ValueError, match="image_size"):
+        data_builders.get_builder("tianchi_lung_ct/volumes", data_dir=data_dir, image_size=32)
+    for bad in (4, -1, True):
+        with pytest.raises(ValueError, match="image_size must be 0"):
+            data_builders.get_builder("tianchi_lung_ct/slices", data_dir=data_dir, image_size=bad)
 
 
 def test_tianchi_volumes_and_geometry_round_trip(data_dir):

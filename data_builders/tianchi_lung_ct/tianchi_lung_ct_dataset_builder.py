@@ -9,15 +9,20 @@ order of the SimpleITK array.
 
 Box coordinates are in voxel-edge units: voxel `array[k, i, j]` covers `[k, k+1) x [i, i+1) x [j, j+1)`,
 so a box is `[z_min, y_min, x_min, z_max, y_max, x_max]` (3D) or `[y_min, x_min, y_max, x_max]` (2D),
-not clipped to the image, not normalised.
+not clipped to the image, not normalised; 2D boxes are in pixels of the stored (possibly resized) slice.
 
 Configs (`tianchi_lung_ct/<name>`; fields can be overridden, e.g. `--set classes=1,5,31,32`):
 
 - `slices` (default): as the authors (METHOD.md §2.1), one example per slice holding a selected
   lesion's centre: that slice and its two neighbours as 3 channels (edge slices repeat), HU windowed
   to [0, 1], the boxes of the selected classes that cross the slice, and `label`, those boxes filled
-  with 1 on background 0. Nodules only (`classes="1"`) by default.
-- `volumes`: whole series as int16 Hounsfield units with their 3D boxes, all four classes.
+  with 1 on background 0. Nodules only (`classes="1"`) by default. Slices keep the series' in-plane
+  size unless `image_size` is set (e.g. `--set image_size=256`): then the 3 channels are resized to
+  image_size x image_size with OpenCV's `area` interpolation (`imaging.resize`, before the HU window),
+  the boxes are scaled per axis to stay in pixel-edge units of the resized image, `label` is filled
+  again from the scaled boxes, and `spacing` / `origin` describe the resized pixel grid.
+- `volumes`: whole series as int16 Hounsfield units with their 3D boxes, all four classes (native
+  size only: `image_size` is refused).
 
 Splits are by series (`medical.split_subjects`, fixed recorded seed). Series without an annotation
 row (e.g. the test sets) are left out, and logged.
@@ -36,7 +41,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import base, medical, schema
+from data_builders import base, imaging, medical, schema
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +218,11 @@ class TianchiConfig(tfds.core.BuilderConfig):
         slices holding a box centre.
       intensity: `slices` only: `window` (clip to [hu_min, hu_max], scale to [0, 1]) or `minmax`
         (per example, over its three slices).
+      image_size: `slices` only: stored height and width in pixels (>= 8); the slices are resized to a
+        square with `area` interpolation, boxes scaled, `label` filled again from the scaled boxes. 0
+        (the default) keeps each series' native in-plane size. `volumes` refuses it (must stay 0).
+        0 rather than None means "native", as in `imaging.ImageConfig`: `data_builders.build` and
+        `--set` convert overrides to the type of the field's default.
       hu_min: lower end of the HU window.
       hu_max: upper end of the HU window.
       validation_fraction: share of the series in `validation`.
@@ -224,6 +234,7 @@ class TianchiConfig(tfds.core.BuilderConfig):
     classes: str = "1"
     all_box_slices: bool = False
     intensity: str = "window"
+    image_size: int = 0
     hu_min: float = -1200.0
     hu_max: float = 600.0
     validation_fraction: float = 0.1
@@ -234,6 +245,20 @@ class TianchiConfig(tfds.core.BuilderConfig):
         parse_classes(self.classes)
         if self.intensity not in ("window", "minmax"):
             raise ValueError(f"TianchiConfig {self.name!r}: intensity must be 'window' or 'minmax'.")
+        if (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, int)
+            or not (self.image_size == 0 or self.image_size >= 8)
+        ):
+            raise ValueError(
+                f"TianchiConfig {self.name!r}: image_size must be 0 (native size) or an int >= 8, "
+                f"got {self.image_size!r}."
+            )
+        if self.volumes and self.image_size != 0:
+            raise ValueError(
+                f"TianchiConfig {self.name!r}: volumes keep their native size and geometry; image_size "
+                f"applies to slices only and must be 0, got {self.image_size}."
+            )
         if self.hu_max <= self.hu_min:
             raise ValueError(f"TianchiConfig {self.name!r}: hu_max must be above hu_min.")
         for field in ("validation_fraction", "test_fraction"):
@@ -274,12 +299,13 @@ class Builder(base.ArrayRecordBuilder):
             if f.name not in {g.name for g in dataclasses.fields(tfds.core.BuilderConfig)}
         }
         return self.dataset_info_from_configs(
-            features=_volume_features() if config.volumes else _slice_features(),
+            features=_volume_features() if config.volumes else _slice_features(config.image_size),
             metadata=tfds.core.MetadataDict(
                 label_names={str(k): v for k, v in LABEL_NAMES.items()},
                 classes=list(parse_classes(config.classes)),
                 box_format="voxel-edge units; 2D [y_min, x_min, y_max, x_max], 3D [z_min, y_min, x_min, "
-                "z_max, y_max, x_max]; voxel (k, i, j) covers [k, k+1) x [i, i+1) x [j, j+1)",
+                "z_max, y_max, x_max]; voxel (k, i, j) covers [k, k+1) x [i, i+1) x [j, j+1)"
+                + ("; 2D boxes in pixels of the resized image" if config.image_size else ""),
                 split_seed=config.split_seed,
                 generation=generation,
             ),
@@ -385,22 +411,16 @@ def _geometry_features() -> dict[str, tfds.features.Tensor]:
     }
 
 
-def _slice_features() -> tfds.features.FeaturesDict:
-    """Features of the `slices` config."""
+def _slice_features(image_size: int) -> tfds.features.FeaturesDict:
+    """Features of the `slices` config: (image_size, image_size) images, (None, None) when it is 0."""
     return tfds.features.FeaturesDict(
         {
-            "image": tfds.features.Tensor(
-                shape=(None, None, 3),
-                dtype=np.float32,
-                encoding=schema.IMAGE_ENCODING,
-                doc="Slices k-1, k, k+1 as channels, scaled to [0, 1] (see info.metadata['generation']).",
+            "image": imaging.image_feature(
+                image_size,
+                3,
+                "Slices k-1, k, k+1 as channels, scaled to [0, 1] (see info.metadata['generation']).",
             ),
-            "label": tfds.features.Tensor(
-                shape=(None, None),
-                dtype=np.uint8,
-                encoding=schema.LABEL_ENCODING,
-                doc="1 inside a box of slice k, else 0.",
-            ),
+            "label": imaging.mask_feature(image_size, "1 inside a box of slice k, else 0."),
             "boxes": tfds.features.Tensor(
                 shape=(None, 4), dtype=np.float32, doc="[y_min, x_min, y_max, x_max], pixel-edge units."
             ),
@@ -482,23 +502,42 @@ def _slice_examples(
         slices = {k for lo, hi in zip(z_min, z_max) for k in range(int(np.floor(lo)), int(np.ceil(hi)))}
     else:
         slices = {int(np.floor((lo + hi) / 2)) for lo, hi in zip(z_min, z_max)}
+    size = config.image_size
+    # Source pixels per stored pixel along y and x (1 at native size).
+    scale_y, scale_x = (height / size, width / size) if size else (1.0, 1.0)
+    # Stored pixel n (edges [n, n+1)) covers source edges [n s, (n+1) s): its centre is at continuous
+    # source index (n + 1/2) s - 1/2, the half-pixel convention of OpenCV's resize.
+    offset_y, offset_x = scale_y / 2 - 0.5, scale_x / 2 - 0.5
+    out_height, out_width = (size, size) if size else (height, width)
     for k in sorted(s for s in slices if 0 <= s < depth):
         crossing = (z_min < k + 1) & (z_max > k)
         slice_boxes = boxes[crossing][:, [1, 2, 4, 5]]
         neighbours = np.clip([k - 1, k, k + 1], 0, depth - 1)
         image = np.moveaxis(volume.array[neighbours], 0, -1)
+        if size:
+            # Resize the HU values first, then window, as `imaging.prepare_image` normalises after
+            # resizing (so `minmax` spans [0, 1] exactly).
+            image = imaging.resize(image.astype(np.float32), size, "area")
+            # Edge units scale exactly: source edge e is stored edge e / s.
+            slice_boxes = (slice_boxes / np.array([scale_y, scale_x, scale_y, scale_x])).astype(np.float32)
+        # `label` is filled from the (scaled) boxes rather than resized: a nearest-resized label would
+        # disagree with the scaled boxes near their edges and could lose boxes narrower than a stored
+        # pixel, whereas filling keeps `label` exactly "1 on the stored pixels whose centre lies in a
+        # box of slice k (or the pixel holding a too-small box's centre)", as at native size.
         key = f"{uid}/slice{k:04d}"
-        _, origin = medical.resampled_geometry(volume, (0.0, 0.0, float(k)))
+        spacing, origin = medical.resampled_geometry(
+            volume, (offset_x, offset_y, float(k)), (scale_x, scale_y, 1.0)
+        )
         yield (
             key,
             {
                 "image": window(image, config),
-                "label": fill_boxes(slice_boxes, height, width),
+                "label": fill_boxes(slice_boxes, out_height, out_width),
                 "boxes": slice_boxes,
                 "box_labels": labels[crossing],
                 "id": key,
                 "subject_id": uid,
                 "slice_index": k,
-                **volume.geometry(origin=origin),
+                **volume.geometry(origin=origin, spacing=spacing),
             },
         )
