@@ -3,9 +3,10 @@
 Usage: python -m benchmarks.family_step [--family retina] [--size 512] [--model base] [--batch 2]
                                         [--steps 3] [--gen_batch 4]
 
-One training example is one structure map made into the family's image (RGB for the retina): extraction
-of the real map, noise fusion, one G call, D on real and synthetic images, the frozen lesion processor
-where the family has one (the X-ray classifier), and both updates. One generated image is G alone on a
+One training example is one structure map made into the family's image (RGB for the retina, 3 slices for
+Tianchi): extraction of the real map, noise fusion, one G call, D on real and synthetic images, the frozen
+lesion processor where the family has one (the X-ray classifier, Tianchi's SSD detector with its multibox
+loss against the drawn label's boxes), and both updates. One generated image is G alone on a
 noise-fused map. Inputs are random images of the family's shape: speed does not depend on the pixels, and
 frozen networks are randomly initialised.
 """
@@ -19,18 +20,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from synth import optim
-from synth.stages import classifier, synthesis
+from synth import input_pipeline, optim
+from synth.stages import classifier, detector, synthesis
 
 
 def _batch(config, size: int, n: int, seed: int = 0) -> dict[str, jnp.ndarray]:
     rng = np.random.default_rng(seed)
     channels = config.data.channels * len(config.data.modalities)
     label = rng.integers(0, config.data.num_classes, n)[:, None, None] * np.ones((1, size, size), np.int32)
-    return {
+    batch = {
         "image": jnp.asarray(rng.random((n, size, size, channels), np.float32)),
         "label": jnp.asarray(label if config.data.adapter == "class_map" else np.zeros_like(label)),
     }
+    if config.data.adapter == "boxes":  # Tianchi: one nodule box per slice, its filled box as the label.
+        m = config.data.adapter_options.max_boxes
+        corner = rng.uniform(0.2, 0.6, (n, 2))
+        boxes = np.zeros((n, m, 4), np.float32)
+        boxes[:, 0] = np.concatenate([corner, corner + rng.uniform(0.02, 0.1, (n, 2))], axis=1)
+        classes = np.zeros((n, m), np.int32)
+        classes[:, 0] = 1
+        painted = [input_pipeline.paint_boxes(b, c, (size, size)) for b, c in zip(boxes, classes)]
+        batch.update(
+            label=jnp.asarray(np.stack(painted)), boxes=jnp.asarray(boxes), box_classes=jnp.asarray(classes)
+        )
+    return batch
 
 
 def _frozen(config, size, batch):
@@ -41,6 +54,11 @@ def _frozen(config, size, batch):
             jax.random.key(2), batch, model=model, tx=tx, channels=config.data.channels
         )
         return {"lesion": state.params}
+    if config.synthesis.lesion_processor == "detector":
+        model = detector.make_model(config, (size, size))
+        tx = optim.make_optimizer(config.segmentor.optim)
+        init = functools.partial(detector.init_state, model=model, tx=tx, channels=config.data.channels)
+        return {"lesion": jax.jit(init)(jax.random.key(2), batch).params}
     return {}
 
 
@@ -53,7 +71,9 @@ def _generate(g_params, batch, key, *, models, config, dtype):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--family", default="retina", choices=("retina", "lung_ct", "chest_xray"))
+    parser.add_argument(
+        "--family", default="retina", choices=("retina", "lung_ct", "chest_xray", "tianchi_lung_ct")
+    )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--model", default="base")
     parser.add_argument("--batch", type=int, default=2)

@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.manual_dir = ""  # Raw files for a builder that needs them ("": none / already built).
     config.data.builder_overrides = ml_collections.ConfigDict()  # Builder config fields, e.g. image_size.
     config.data.adapter = "none"  # How the dataset's features become (image, label): synth.input_pipeline.
+    config.data.adapter_options = ml_collections.ConfigDict()  # The adapter's keyword arguments, if any.
     # An unlabelled dataset whose images the GAN stages (A, B) also learn from ("": none); see
     # synth.input_pipeline.gan_training_source. The retina adds FIRE.
     config.data.gan_extra = ml_collections.ConfigDict(

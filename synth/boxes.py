@@ -2,8 +2,8 @@
 
 This is the *standard* SSD box pipeline (Liu et al. 2016; ssd.pytorch), replacing the authors' variant
 (§11.22: raw boxes as location targets, random negatives, non-negative logits). Everything but
-:func:`tianchi_ground_truth` is pure ``jax.numpy`` with static shapes, so it runs under ``jit`` and
-``vmap`` (batch the per-image :func:`match` with ``jax.vmap``).
+:func:`tianchi_ground_truth` and :func:`boxes_from_label_map` is pure ``jax.numpy`` with static shapes,
+so it runs under ``jit`` and ``vmap`` (batch the per-image :func:`match` with ``jax.vmap``).
 
 Conventions:
 
@@ -16,11 +16,17 @@ Conventions:
   ``t_hw = log(g_hw / p_hw) / 0.2``.
 * **Classes**: 0 = background (and padding of ground-truth rows), 1..C = foreground classes; detector
   logits have C + 1 channels.
+* **Box maps**: a filled-box class map (the Tianchi builder's ``label``, stage B's lesion labels) is the
+  same information as a box list: :func:`filled_box_maps` paints boxes (jittable),
+  :func:`boxes_from_label_map` reads them back (numpy/OpenCV, host). Pixel (i, j), centre
+  ((i + ½)/H, (j + ½)/W), lies in a box when y0 <= (i + ½)/H < y1 and x0 <= (j + ½)/W < x1.
 """
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +37,9 @@ VARIANCES = (0.1, 0.2)  # SSD's centre and size variances.
 MAX_LOG_SCALE = float(np.log(1000.0 / 16.0))
 MIN_SIZE = 1e-6  # Floor on box sizes before log(): a degenerate box encodes to a finite target.
 TIANCHI_CLASSES = (1, 5, 31, 32)  # Nodule, stripe, arteriosclerosis/calcification, lymph-node calcification.
+LABEL_CONNECTIVITY = 8  # boxes_from_label_map: diagonal neighbours join a region (a rotated box stays whole).
+
+log = logging.getLogger("synth")
 
 
 def corners_to_centre(boxes: jax.Array) -> jax.Array:
@@ -365,3 +374,90 @@ def tianchi_ground_truth(
     gt_boxes[: keep.sum()] = normalised[keep]
     gt_classes[: keep.sum()] = classes[keep]
     return gt_boxes, gt_classes
+
+
+def filled_box_maps(
+    det_boxes: jax.Array, det_classes: jax.Array, valid: jax.Array, image_hw: tuple[int, int]
+) -> jax.Array:
+    """Paint boxes with their classes on a background of 0: the filled-box class maps of a batch.
+
+    Pixel (i, j) is inside a box when ``y0 <= (i + ½)/H < y1`` and ``x0 <= (j + ½)/W < x1`` (its centre,
+    half-open box), so a box with pixel-edge corners divided by (H, W) paints exactly its pixels. Where
+    boxes overlap, the higher class wins. Vectorised over the boxes (a max over a broadcast, which XLA
+    fuses into one reduction); jittable, ``image_hw`` static.
+
+    Args:
+        det_boxes: (B, D, 4) normalised corners ``(y0, x0, y1, x1)``, e.g. :func:`detect`'s boxes.
+        det_classes: (B, D) int classes 1..C.
+        valid: (B, D) bool; invalid rows (padding, suppressed or low-scoring detections) paint nothing.
+        image_hw: the (H, W) of the maps.
+
+    Returns:
+        (B, H, W) int32 maps, 0 = background.
+    """
+    height, width = image_hw
+    det_boxes = jnp.asarray(det_boxes, jnp.float32)
+    centre_y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height  # (H,)
+    centre_x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width  # (W,)
+    in_y = (det_boxes[..., 0:1] <= centre_y) & (centre_y < det_boxes[..., 2:3])  # (B, D, H)
+    in_x = (det_boxes[..., 1:2] <= centre_x) & (centre_x < det_boxes[..., 3:4])  # (B, D, W)
+    classes = jnp.where(valid, det_classes, 0).astype(jnp.int32)  # (B, D)
+    painted = jnp.where(in_y[..., :, None] & in_x[..., None, :], classes[..., None, None], 0)  # (B, D, H, W)
+    return jnp.max(painted, axis=1, initial=0)
+
+
+def boxes_from_label_map(label: Any, *, max_boxes: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read the boxes of a filled-box class map back (numpy/OpenCV, on the host): the inverse of painting.
+
+    Each connected region of class c (1..``num_classes`` − 1; 8-connectivity, so a box that rotation and
+    nearest resampling left touching only at corners stays one region) gives one box: its bounding box in
+    pixel-edge units divided by (H, W). For maps made of non-touching filled rectangles,
+    ``filled_box_maps(boxes_from_label_map(m)) == m``. Overlapping or touching boxes of one class are
+    one region, hence one (enclosing) box.
+
+    Args:
+        label: (H, W) integer map, 0 = background, values in 0..``num_classes`` − 1.
+        max_boxes: rows of the output. With more regions (an augmented label broken into pieces), the
+            ``max_boxes`` largest by pixel count are kept and a warning names the count; nothing raises.
+        num_classes: background + foreground classes (``config.data.num_classes``).
+
+    Returns:
+        ``(boxes, classes)``: (max_boxes, 4) float32 normalised corners ``(y0, x0, y1, x1)`` and
+        (max_boxes,) int32 classes, 0 = padding (zero box). Regions are ordered by class, then by
+        OpenCV's scan order (top to bottom); when some are dropped, by size, largest first.
+
+    Raises:
+        ValueError: ``label`` is not 2-D or holds values outside 0..``num_classes`` − 1.
+    """
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"Expected an (H, W) label map, got shape {label.shape}.")
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        raise ValueError(
+            f"Label values must lie in 0..{num_classes - 1} (num_classes = {num_classes}); "
+            f"got {label.min()}..{label.max()}."
+        )
+    height, width = label.shape
+    regions = []  # (area, class, y0, x0, y1, x1) in pixel-edge units.
+    for cls in range(1, num_classes):
+        mask = np.ascontiguousarray(label == cls, np.uint8)
+        if not mask.any():
+            continue
+        count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=LABEL_CONNECTIVITY)
+        for x0, y0, w, h, area in stats[1:count]:  # Row 0 is the background.
+            regions.append((int(area), cls, y0, x0, y0 + h, x0 + w))
+    if len(regions) > max_boxes:
+        log.warning(
+            "The label map has %d lesion regions but max_boxes = %d: keeping the %d largest.",
+            len(regions),
+            max_boxes,
+            max_boxes,
+        )
+        regions = sorted(regions, key=lambda r: -r[0])[:max_boxes]  # Stable: ties keep their order.
+    boxes = np.zeros((max_boxes, 4), np.float32)
+    classes = np.zeros((max_boxes,), np.int32)
+    scale = np.array([height, width, height, width], np.float32)
+    for row, (_, cls, *corners) in enumerate(regions):
+        boxes[row] = np.asarray(corners, np.float32) / scale
+        classes[row] = cls
+    return boxes, classes

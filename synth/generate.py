@@ -102,8 +102,9 @@ def synthesize_images(g_params, structure, organ, label, key, *, models, config)
 
 
 def _lesion_processor_name(config: ml_collections.ConfigDict) -> str:
-    """The real-trained network of stage `segmentor`, as a lesion processor: segmentors or classifier."""
-    return "classifier" if config.segmentor.get("task", "segment") == "classify" else "segmentor"
+    """Stage `segmentor`'s real-trained network as a lesion processor: segmentors, classifier, detector."""
+    task = config.segmentor.get("task", "segment")
+    return {"classify": "classifier", "detect": "detector"}.get(task, "segmentor")
 
 
 def _needed_stages(config: ml_collections.ConfigDict) -> list[str]:

@@ -9,6 +9,7 @@ The iterator's state is a small dict saved beside every checkpoint.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -55,30 +56,76 @@ def _unlabelled_fov(example: Example) -> Example:
     return {**example, "label": np.zeros(image.shape[:2], np.uint8), "fov": example["mask"]}
 
 
+def paint_boxes(boxes: np.ndarray, classes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) int32 map of normalised corner boxes (M, 4) filled with their classes (M,), 0 elsewhere.
+
+    A pixel belongs to a box when its centre does (`synth.boxes.filled_box_maps`' convention, on the
+    host); where boxes overlap the higher class wins. Class 0 rows (padding) paint nothing.
+    """
+    height, width = image_hw
+    ys, xs = (np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width
+    out = np.zeros((height, width), np.int32)
+    for (y0, x0, y1, x1), cls in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(classes).reshape(-1)):
+        if cls > 0:
+            inside = ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
+            out = np.where(inside, np.maximum(out, int(cls)), out)
+    return out
+
+
+def _boxes(example: Example, *, max_boxes: int, classes: tuple[int, ...]) -> Example:
+    """A slice with lesion boxes (Tianchi, or its synthetic counterpart): padded normalised boxes.
+
+    The builder's pixel-edge `boxes` and Tianchi `box_labels` become `boxes` (max_boxes, 4) normalised
+    corners and `box_classes` (max_boxes,) in 1..len(classes) (0 = padding; other Tianchi classes are
+    dropped), and the label is the box-label image of §6.6 repainted from them, each box with its class,
+    so label and boxes agree whatever classes are kept.
+    """
+    from synth import boxes as boxes_lib
+
+    image = np.asarray(example["image"])
+    gt_boxes, gt_classes = boxes_lib.tianchi_ground_truth(
+        example["boxes"],
+        example["box_labels"],
+        image.shape[:2],
+        max_boxes=max_boxes,
+        selected_classes=classes,
+    )
+    label = paint_boxes(gt_boxes, gt_classes, image.shape[:2])
+    return {**example, "label": label, "boxes": gt_boxes, "box_classes": gt_classes}
+
+
 # config.data.adapter -> raw example -> the example with "image" (H, W, K·C), "label" (H, W) and optionally
-# "fov" (H, W): every stage consumes that one form, whatever the dataset's own features are.
-ADAPTERS: dict[str, Preprocess] = {
+# "fov" (H, W) or "boxes" (M, 4) with "box_classes" (M,): every stage consumes that one form, whatever the
+# dataset's own features are. `config.data.adapter_options` are the adapter's keyword arguments.
+ADAPTERS: dict[str, Callable[..., Example]] = {
     "none": _identity,
     "class_map": _class_map,
     "mask_label": _mask_label,
     "vessels": _vessels,
     "unlabelled_fov": _unlabelled_fov,
+    "boxes": _boxes,
 }
 
 
 class AdaptedSource:
     """A random-access source whose examples pass through a dataset adapter (picklable for grain)."""
 
-    def __init__(self, source: Any, adapter: str):
+    def __init__(self, source: Any, adapter: str, options: dict[str, Any] | None = None):
         if adapter not in ADAPTERS:
             raise ValueError(f"Unknown config.data.adapter {adapter!r}; choose one of {sorted(ADAPTERS)}")
-        self.source, self.adapter = source, adapter
+        self.source, self.adapter, self.options = source, adapter, dict(options or {})
+        try:  # A mistyped or missing option fails here, naming it, not in a loader worker.
+            inspect.signature(ADAPTERS[adapter]).bind({}, **self.options)
+        except TypeError as e:
+            raise ValueError(
+                f"config.data.adapter_options {self.options} for adapter {adapter!r}: {e}"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> Example:
-        return ADAPTERS[self.adapter](self.source[index])
+        return ADAPTERS[self.adapter](self.source[index], **self.options)
 
 
 class Subset:
@@ -125,6 +172,7 @@ def gan_training_source(data: ml_collections.ConfigDict):
     extra_data = ml_collections.ConfigDict(data.to_dict())
     for key in ("name", "builder_config", "manual_dir", "adapter"):
         extra_data[key] = extra[key]
+    extra_data.adapter_options = dict(extra.get("adapter_options", {}) or {})
     return ConcatSource([source, open_source(extra_data, extra.get("split", "train"))])
 
 
@@ -157,18 +205,33 @@ def open_source(data: ml_collections.ConfigDict, split: str):
 
             multihost_utils.sync_global_devices("synth_dataset_built")
     source = data_builders.data_source(data.name, split, **kwargs)
+    return adapt(source, data)
+
+
+def adapt(source: Any, data: ml_collections.ConfigDict) -> Any:
+    """`source` through `config.data`'s adapter and its options (unchanged for adapter "none")."""
     adapter = data.get("adapter", "none")
-    return source if adapter == "none" else AdaptedSource(source, adapter)
+    options = adapter_options(data)
+    return source if adapter == "none" else AdaptedSource(source, adapter, options)
+
+
+def adapter_options(data: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.data.adapter_options` as keyword arguments (tuples for sequences, so they pickle plainly)."""
+    options = dict(data.get("adapter_options", {}) or {})
+    return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in options.items()}
 
 
 def image_and_label(example: Example) -> Example:
-    """The preprocessing of stages that train on real slices: float32 image, int32 label (and the FOV)."""
+    """The preprocessing of stages that train on real slices: float32 image, int32 label (FOV, boxes)."""
     out = {
         "image": np.asarray(example["image"], np.float32),
         "label": np.asarray(example["label"], np.int32),
     }
     if "fov" in example:
         out["fov"] = np.asarray(example["fov"], bool)
+    if "box_classes" in example:  # The detection families' padded, normalised boxes (the `boxes` adapter).
+        out["boxes"] = np.asarray(example["boxes"], np.float32)
+        out["box_classes"] = np.asarray(example["box_classes"], np.int32)
     return out
 
 

@@ -1,8 +1,8 @@
-"""The single-modality families (lung CT, retina, chest X-ray) through the same stages as the phantom.
+"""The single-modality families (lung CT, retina, chest X-ray, Tianchi) through the phantom's stages.
 
 Each family's `runlocal` config runs `stage=all` on its builder's dummy data; the cheap tests pin the
-small pluggable parts those families add: dataset adapters, RGB modalities, the "no placement check" rule,
-coarse vessel labels, FOV-only vessel metrics and the classifier.
+small pluggable parts those families add: dataset adapters (boxes too), RGB modalities, the "no placement
+check" rule, coarse vessel labels, FOV-only vessel metrics, the classifier and boxes in stage D's mixes.
 """
 
 import functools
@@ -36,7 +36,7 @@ def _family_config(family: str, data_dir: str, arg: str = "runlocal"):
 # out to keep the suite under 10 minutes. Their parts are covered by the fast tests below, and the
 # classifier's stage by the X-ray test after them.
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["chest_xray", "retina", "lung_ct"])
+@pytest.mark.parametrize("family", ["chest_xray", "retina", "lung_ct", "tianchi_lung_ct"])
 def test_runlocal_pipeline_runs_every_stage(family, family_data_dir, tmp_path):
     config = _family_config(family, family_data_dir)
     workdir = str(tmp_path / family)
@@ -68,6 +68,12 @@ def test_runlocal_pipeline_runs_every_stage(family, family_data_dir, tmp_path):
         assert "| accuracy |" in summary
         with open(os.path.join(workdir, "dataset", "done.json")) as f:
             assert json.load(f)["num_examples"] == config.dataset.num_examples
+    elif family == "tianchi_lung_ct":
+        # Box labels with their boxes (stage C reads them back from the label), scored by mAP.
+        assert set(np.unique(label)) <= {0, 1} and sample["boxes"].shape == (4, 4)
+        painted = input_pipeline.paint_boxes(sample["boxes"], sample["box_classes"], (32, 32))
+        np.testing.assert_array_equal(painted, label)
+        assert "| mAP@0.5 |" in summary
     else:
         assert set(np.unique(label)) <= {0, 1}  # The real-trained lung segmentor's reading.
         assert "| Dice whole |" in summary
@@ -94,7 +100,8 @@ def test_xray_classifier_stage_trains_and_reports_accuracy(family_data_dir, tmp_
     label = jnp.broadcast_to(jnp.arange(4)[:, None, None] % 3, (4, 32, 32))
     predicted = processor.predict(params, images)
     assert predicted.shape == (1, 4, 32, 32) and bool(jnp.all(predicted == predicted[:, :, :1, :1]))
-    assert np.isfinite(np.asarray(processor.loss(params, images, label))).all()
+    inputs = synthesis.Inputs(None, None, label, None)
+    assert np.isfinite(np.asarray(processor.loss(params, images, inputs))).all()
 
 
 @pytest.mark.slow
@@ -126,6 +133,62 @@ def test_adapters_give_the_one_batch_form():
     assert retina["fov"].dtype == bool and np.array_equal(retina["fov"], fov > 0)
     with pytest.raises(ValueError, match="config.data.adapter"):
         input_pipeline.AdaptedSource([], "rgb")
+
+
+def test_boxes_adapter_repaints_the_label_from_the_kept_classes(family_data_dir):
+    """Tianchi: padded normalised boxes, and a label image painted from exactly the boxes kept."""
+    image = np.zeros((8, 10, 3), np.float32)
+    example = {
+        "image": image,
+        "label": np.zeros((8, 10), np.uint8),
+        "boxes": np.array([[2, 1, 4, 4], [0, 5, 8, 10]], np.float32),  # Pixel edges.
+        "box_labels": np.array([1, 5], np.int32),
+    }
+    both = input_pipeline.ADAPTERS["boxes"](example, max_boxes=3, classes=(1, 5))
+    np.testing.assert_allclose(both["boxes"][:2], [[0.25, 0.1, 0.5, 0.4], [0.0, 0.5, 1.0, 1.0]])
+    assert both["box_classes"].tolist() == [1, 2, 0]
+    expected = np.zeros((8, 10), np.int32)
+    expected[2:4, 1:4], expected[:, 5:] = 1, 2
+    np.testing.assert_array_equal(both["label"], expected)
+    nodules = input_pipeline.ADAPTERS["boxes"](example, max_boxes=3, classes=(1,))
+    assert nodules["box_classes"].tolist() == [1, 0, 0] and nodules["label"].max() == 1
+    with pytest.raises(ValueError, match="adapter_options.*max_box"):
+        input_pipeline.AdaptedSource([], "boxes", {"max_box": 3, "classes": (1,)})
+
+    # Through the Tianchi config on the builder's dummy data (resized to 32²): the one batch form.
+    config = _family_config("tianchi_lung_ct", family_data_dir)
+    batch = input_pipeline.image_and_label(input_pipeline.open_source(config.data, "train")[0])
+    assert batch["image"].shape == (32, 32, 3) and batch["boxes"].shape == (4, 4)
+    assert batch["box_classes"][0] == 1 and batch["label"].max() == 1
+    painted = input_pipeline.paint_boxes(batch["boxes"], batch["box_classes"], (32, 32))
+    np.testing.assert_array_equal(batch["label"], painted)
+
+
+def test_mix_source_gives_every_detection_example_boxes():
+    """Stage D: a real slice keeps its own boxes; synthetic and augmented ones get their label's."""
+    from synth.stages import verify
+
+    label = np.zeros((16, 16), np.int32)
+    label[2:6, 3:9] = 1
+    real_boxes = np.array([[0.125, 0.1875, 0.375, 0.5625], [0, 0, 0, 0]], np.float32)
+    real = [
+        {
+            "image": np.zeros((16, 16, 3), np.float32),
+            "label": label,
+            "boxes": real_boxes,
+            "box_classes": np.array([1, 0], np.int32),
+        }
+    ]
+    synthetic = [{"image": np.zeros((16, 16, 3), np.float32), "label": label.astype(np.uint8)}]
+    entries = np.array([[verify.REAL, 0], [verify.SYNTHETIC, 0], [verify.AUGMENTED, 0]])
+    augment = label_pool.AugmentParams(max_rotation=0.0, max_shift=0.2, scale=(1.0, 1.0), flip=True)
+    mix = verify.MixSource(entries, real, synthetic, seed=0, augment=augment, max_boxes=2, num_classes=2)
+    for i in range(3):
+        example = mix[i]
+        assert example["boxes"].shape == (2, 4) and example["box_classes"].tolist() == [1, 0]
+        painted = input_pipeline.paint_boxes(example["boxes"], example["box_classes"], (16, 16))
+        np.testing.assert_array_equal(painted, example["label"])  # Boxes and label agree, moved or not.
+    np.testing.assert_allclose(mix[1]["boxes"], real_boxes)
 
 
 def test_retina_generators_also_learn_from_fire(family_data_dir):

@@ -72,14 +72,16 @@ def test_labels_are_drawn_to_fit_the_organ():
     labels = np.zeros((3, 4, 4), np.int32)
     labels[0, :, 3] = 2  # right edge
     labels[1, :, 0] = 1  # left edge
-    label, fitted = synthesis.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="code")
+    label, fitted, source = synthesis.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="code")
     np.testing.assert_array_equal(label[0], labels[1])  # The next slice's label fits anywhere.
     np.testing.assert_array_equal(label[1], labels[2])  # The empty label fits (code rule)…
     np.testing.assert_array_equal(label[2], 0)  # …and is the fallback when nothing fits.
     assert fitted.tolist() == [True, True, False]
-    label, fitted = synthesis.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="paper")
+    assert source.tolist() == [1, 2, -1]  # The rows the labels came from: boxes follow them.
+    label, fitted, source = synthesis.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="paper")
     assert fitted.tolist() == [True, False, False]  # Paper rule: an empty label does not fit.
     np.testing.assert_array_equal(label[1], labels[0])  # The last draw is kept.
+    assert source.tolist() == [1, 0, 1]
 
 
 @pytest.mark.parametrize(

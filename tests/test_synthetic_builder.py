@@ -64,3 +64,25 @@ def test_damaged_or_short_chunk_folders_are_named(tmp_path):
         chunks.read_chunk(str(tmp_path / "bad"), 0)
     with pytest.raises(FileNotFoundError, match="not a stage-C chunk folder"):
         chunks.read_manifest(str(tmp_path))
+
+
+def test_detection_chunks_give_the_real_datasets_box_features(tmp_path):
+    """A detection family's samples carry boxes like Tianchi's `slices`: pixel edges, dataset label ids."""
+    folder = tmp_path / "chunks"
+    shutil.copytree(DUMMY, folder)
+    chunk = chunks.read_chunk(str(folder), 0)
+    n = len(chunk["id"])
+    boxes = np.zeros((n, 2, 4), np.float32)
+    classes = np.zeros((n, 2), np.int32)
+    boxes[0] = [[0.25, 0.1, 0.5, 0.4], [0.0, 0.5, 1.0, 1.0]]
+    classes[0] = [1, 2]
+    boxes[1, 0], classes[1, 0] = [0.5, 0.5, 0.75, 0.7], 1  # One box and a padding row.
+    chunks.write_chunk(str(folder), 0, {**chunk, "boxes": boxes, "box_classes": classes})
+    config = chunks.config_for(
+        "dummy", (8, 10), 4, schema.BRATS_MODALITIES, LABEL_NAMES, box_label_ids=(1, 5)
+    )
+    source = chunks.build(str(folder), str(tmp_path / "tfds"), config).as_data_source("train")
+    np.testing.assert_allclose(source[0]["boxes"], [[2, 1, 4, 4], [0, 5, 8, 10]], atol=1e-5)
+    assert source[0]["box_labels"].tolist() == [1, 5]
+    np.testing.assert_allclose(source[1]["boxes"], [[4, 5, 6, 7]], atol=1e-5)
+    assert source[1]["box_labels"].tolist() == [1]

@@ -40,6 +40,9 @@ MANIFEST = "dataset.json"
 CHUNK_PATTERN = "batch_{:06d}.npz"
 # Per-sample arrays of a chunk (accepted samples only), in the builder's feature names.
 SAMPLE_KEYS = ("id", "image", "label", "structure", "organ", "lesion_dice")
+# Per-sample arrays of a detection family's chunks: padded normalised corners (M, 4) and classes (M,),
+# 1..C in the order of `SyntheticConfig.box_label_ids`, 0 = padding.
+BOX_KEYS = ("boxes", "box_classes")
 
 
 def chunk_path(chunks_dir: str, index: int) -> str:
@@ -109,7 +112,7 @@ def iterate_samples(chunks_dir: str, num_examples: int) -> Iterator[dict[str, np
         for i in range(len(chunk["id"])):
             if seen == num_examples:
                 return
-            yield {k: chunk[k][i] for k in SAMPLE_KEYS}
+            yield {k: chunk[k][i] for k in SAMPLE_KEYS + BOX_KEYS if k in chunk}
             seen += 1
     if seen < num_examples:
         raise ValueError(f"{chunks_dir} holds {seen} accepted samples; {num_examples} were asked for")
@@ -125,6 +128,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
       channels: channels of `image` (K modalities × channels per modality).
       modalities: the modality names, in channel order.
       label_names: the name of each label value.
+      box_label_ids: a detection family's dataset label ids of box classes 1..C (Tianchi's 1 = nodule,
+        …); non-empty adds the real dataset's `boxes` and `box_labels` features.
     """
 
     height: int = 0
@@ -132,13 +137,20 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     channels: int = 0
     modalities: tuple[str, ...] = ()
     label_names: tuple[str, ...] = ()
+    box_label_ids: tuple[int, ...] = ()
 
 
 def config_for(
-    source_name: str, image_hw: Sequence[int], channels: int, modalities: Sequence[str], label_names
+    source_name: str,
+    image_hw: Sequence[int],
+    channels: int,
+    modalities: Sequence[str],
+    label_names,
+    box_label_ids: Sequence[int] = (),
 ) -> SyntheticConfig:
     """The config of the synthetic counterpart of real dataset `source_name` (e.g. `phantom_demo`)."""
     return SyntheticConfig(
+        box_label_ids=tuple(int(i) for i in box_label_ids),
         name=source_name.replace("/", "_"),
         description=f"Stage-C samples of a generator trained on {source_name}.",
         height=int(image_hw[0]),
@@ -164,6 +176,13 @@ def features(config: SyntheticConfig) -> tfds.features.FeaturesDict:
             dtype=np.float32, doc="Dice of the real-trained segmentors' reading against `label`."
         ),
     }
+    if config.box_label_ids:  # As the real detection dataset (Tianchi's `slices`): pixel-edge boxes.
+        extra["boxes"] = tfds.features.Tensor(
+            shape=(None, 4), dtype=np.float32, doc="[y_min, x_min, y_max, x_max], pixel-edge units."
+        )
+        extra["box_labels"] = tfds.features.Tensor(
+            shape=(None,), dtype=np.int32, doc="Dataset label id of each box (Tianchi's 1 = nodule)."
+        )
     return tfds.features.FeaturesDict({**{k: base[k] for k in base.keys()}, **extra})
 
 
@@ -210,9 +229,19 @@ class Builder(base.ArrayRecordBuilder):
                     f"Sample {key} in {chunks_dir} has shape {image.shape}; the dataset config "
                     f"{config.name} expects {(config.height, config.width, config.channels)}"
                 )
+            boxes = {}
+            if config.box_label_ids:  # Padding rows (class 0) dropped, classes back to the dataset's ids.
+                keep = np.asarray(sample["box_classes"]) > 0
+                scale = np.array([config.height, config.width] * 2, np.float32)
+                ids = np.asarray(config.box_label_ids, np.int32)
+                boxes = {
+                    "boxes": np.asarray(sample["boxes"], np.float32)[keep].reshape(-1, 4) * scale,
+                    "box_labels": ids[np.asarray(sample["box_classes"])[keep] - 1],
+                }
             yield (
                 key,
                 {
+                    **boxes,
                     "image": image,
                     "label": np.asarray(sample["label"], np.uint8),
                     "structure": np.asarray(sample["structure"], np.uint8),

@@ -222,9 +222,9 @@ def lesion_processor(config: ml_collections.ConfigDict, image_hw) -> Any:
         state = segmentor.load_state(cfg, workdir)
         return state.params, {"segmentor_step": int(jax.device_get(state.step))}
 
-    def loss(params, images, label):
+    def loss(params, images, inputs):
         scores = class_scores(params, images, model=model, channels=channels)
-        classes = class_of(label)
+        classes = class_of(inputs.label)
         return jax.vmap(
             lambda s: classification_loss(s, classes, kind=kind, num_classes=config.data.num_classes)
         )(scores)

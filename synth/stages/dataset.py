@@ -34,8 +34,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from synth import extraction, generate, input_pipeline, label_pool, sharding, train
+from synth import boxes, extraction, generate, input_pipeline, label_pool, sharding, train
 from synth import writer as writer_lib
+from synth.stages import segmentor
 
 NAME = "dataset"
 REJECTION_REASONS = ("structure", "placement", "dice")
@@ -122,6 +123,7 @@ def generate_batch(gen: generate.Generator, pool, index: int, config) -> dict[st
     t1 = time.perf_counter()
     dice = gen.lesion_dice(images, labels, kind=ds.dice.kind)
     labels = synthetic_labels(gen, images, labels, structures, config)
+    boxes = _label_boxes(labels, config)
     t2 = time.perf_counter()
     structure_ok = structures["accepted"] | (not ds.structure_filter)
     reason = np.where(~structure_ok, 0, np.where(~placed, 1, np.where(dice < ds.dice.threshold, 2, -1)))
@@ -134,7 +136,20 @@ def generate_batch(gen: generate.Generator, pool, index: int, config) -> dict[st
         reason=reason,
         scored=structure_ok & placed,
         seconds=(t1 - t0, t2 - t1),
+        **boxes,
     )
+
+
+def _label_boxes(labels: np.ndarray, config) -> dict[str, np.ndarray]:
+    """A detection family's boxes of each written label (its filled boxes, moved by the augmentation)."""
+    if segmentor.task(config) != "detect":
+        return {}
+    options = config.data.adapter_options
+    pairs = [
+        boxes.boxes_from_label_map(m, max_boxes=options.max_boxes, num_classes=config.data.num_classes)
+        for m in labels
+    ]
+    return {"boxes": np.stack([b for b, _ in pairs]), "box_classes": np.stack([c for _, c in pairs])}
 
 
 SYNTHETIC_LABELS = ("lesion", "vessels", "segmentor")
@@ -172,6 +187,7 @@ def _chunk_arrays(batch: dict[str, Any], index: int) -> dict[str, np.ndarray]:
         "structure": batch["maps"][keep].astype(np.uint8),
         "organ": batch["masks"][keep].astype(np.uint8),
         "lesion_dice": batch["dice"][keep],
+        **{k: batch[k][keep] for k in ("boxes", "box_classes") if k in batch},
         # Statistics for the report.
         "generated": np.int64(len(keep)),
         "rejected": np.array([np.sum(batch["reason"] == r) for r in range(len(REJECTION_REASONS))]),
@@ -344,8 +360,14 @@ def _finish(config, gen, chunks_dir, out_dir, tally: _Tally, num_batches: int, p
     }
     chunks.write_manifest(chunks_dir, manifest)
     channels = next(chunks.iterate_samples(chunks_dir, 1))["image"].shape[-1]
+    detect = segmentor.task(config) == "detect"
     builder_config = chunks.config_for(
-        manifest["source_dataset"], gen.image_hw, channels, gen.modalities, manifest["label_names"]
+        manifest["source_dataset"],
+        gen.image_hw,
+        channels,
+        gen.modalities,
+        manifest["label_names"],
+        box_label_ids=tuple(config.data.adapter_options.classes) if detect else (),
     )
     tfds_dir = os.path.join(out_dir, "tfds")
     builder = chunks.build(chunks_dir, tfds_dir, builder_config)
@@ -379,7 +401,12 @@ def _label_names(config) -> list[str]:
     from data_builders import schema
 
     builder = data_builders.get_builder(config.data.name, **input_pipeline.builder_kwargs(config.data))
-    names = list((builder.info.metadata or {}).get("label_names", []))
+    names = (builder.info.metadata or {}).get("label_names", [])
+    if segmentor.task(config) == "detect" and isinstance(names, dict):  # Box classes by dataset id.
+        return ["background"] + [
+            str(names.get(str(c), f"class_{c}")) for c in config.data.adapter_options.classes
+        ]
+    names = list(names)
     if len(names) == config.data.num_classes:
         return [str(n) for n in names]
     if config.data.num_classes == len(schema.BRATS_LABEL_NAMES):

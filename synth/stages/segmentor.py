@@ -382,11 +382,11 @@ def _grid_rows(local, pred, num_classes, max_rows=4):
     return rows
 
 
-TASKS = ("segment", "classify")
+TASKS = ("segment", "classify", "detect")
 
 
 def task(config: ml_collections.ConfigDict) -> str:
-    """`config.segmentor.task`: "segment" (label maps) or "classify" (a class per image, X-ray)."""
+    """`config.segmentor.task`: "segment", "classify" (one class per image, X-ray) or "detect" (Tianchi)."""
     name = config.segmentor.get("task", "segment")
     if name not in TASKS:
         raise ValueError(f"Unknown config.segmentor.task {name!r}; choose one of {TASKS}")
@@ -397,6 +397,8 @@ def scores(config: ml_collections.ConfigDict) -> tuple[tuple[str, str], ...]:
     """The (evaluator key, report heading) of the downstream scores stage D tabulates, main one first."""
     if task(config) == "classify":
         return (("accuracy/mean", "accuracy"),)
+    if task(config) == "detect":
+        return (("map/mean", "mAP@0.5"),)
     if config.segmentor.get("metrics", "dice") == "vessel":
         return (
             ("sensitivity/mean", "sensitivity"),
@@ -409,11 +411,15 @@ def scores(config: ml_collections.ConfigDict) -> tuple[tuple[str, str], ...]:
 
 
 def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
-    """The stage's spec for the shared loop (the classifier's for `task = "classify"`)."""
+    """The stage's spec for the shared loop (the classifier's or the detector's for those tasks)."""
     if task(config) == "classify":
         from synth.stages import classifier
 
         return classifier.build(config, mesh)
+    if task(config) == "detect":
+        from synth.stages import detector
+
+        return detector.build(config, mesh)
     seg = config.segmentor
     source = input_pipeline.open_source(config.data, config.data.train_split)
     first = preprocess(source[0])

@@ -73,11 +73,14 @@ class LesionProcessor(NamedTuple):
 
     Attributes:
       load: `(config, workdir) -> (params, provenance)`: the trained parameters and what they came from.
-      loss: `(params, images (B, H, W, K), label) -> (K,)` lesion-guidance loss per modality.
+      loss: `(params, images (B, H, W, K·C), inputs) -> (K,)` lesion-guidance loss per modality against
+        what G was asked for: `inputs` is the step's `Inputs` (its `label`; a detector its `boxes` and
+        `box_classes`, which follow the drawn label).
       predict: `(params, images) -> (K, B, H, W)` predicted labels (for evaluation and stage C's filter);
-        a classifier gives constant maps of its class, like the class-map labels.
-      kind: "segment" (lesion fidelity is the Dice of the lesion) or "classify" (whether the class is
-        the asked-for one).
+        a classifier gives constant maps of its class, like the class-map labels; a detector paints its
+        confident boxes with their class, like the filled-box labels.
+      kind: "segment" (lesion fidelity is the Dice of the lesion), "classify" (whether the class is
+        the asked-for one) or "detect" (the Dice of the painted detections against the filled boxes).
     """
 
     load: Callable[[ml_collections.ConfigDict, str], tuple[Any, dict]]
@@ -105,12 +108,12 @@ def _segmentor_processor(config: ml_collections.ConfigDict, image_hw) -> LesionP
         state = segmentor.load_state(cfg, workdir)
         return state.params, {"segmentor_step": int(jax.device_get(state.step))}
 
-    def loss(params, images, label):
+    def loss(params, images, inputs):
         logits = logits_fn(params, images)
         return jax.vmap(
             lambda lg: losses.segmentation_loss(
                 lg,
-                label,
+                inputs.label,
                 kind=lesion.kind,
                 num_classes=config.data.num_classes,
                 dice_weight=lesion.dice_weight,
@@ -131,10 +134,18 @@ def _classifier_processor(config: ml_collections.ConfigDict, image_hw) -> Lesion
     return classifier.lesion_processor(config, image_hw)
 
 
+def _detector_processor(config: ml_collections.ConfigDict, image_hw) -> LesionProcessor:
+    """The real-trained SSD detector (Tianchi lung CT, §6.6) as the lesion processor."""
+    from synth.stages import detector
+
+    return detector.lesion_processor(config, image_hw)
+
+
 # config.synthesis.lesion_processor -> factory (config, image_hw) -> LesionProcessor; "none": no lesion loss.
 LESION_PROCESSORS: dict[str, Callable[..., LesionProcessor]] = {
     "segmentor": _segmentor_processor,
     "classifier": _classifier_processor,
+    "detector": _detector_processor,
 }
 
 
@@ -218,7 +229,7 @@ def load_frozen(config: ml_collections.ConfigDict, workdir: str, models: Models)
 # The forward pass.
 
 
-def draw_labels(labels: jax.Array, organ: jax.Array, *, rule: str) -> tuple[jax.Array, jax.Array]:
+def draw_labels(labels: jax.Array, organ: jax.Array, *, rule: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Algorithm 4 (§3.7) on device: for each sample, the first label of the other slices that fits.
 
     The batch is a uniform shuffle of the training set, so its other slices' labels are uniform draws from
@@ -230,9 +241,10 @@ def draw_labels(labels: jax.Array, organ: jax.Array, *, rule: str) -> tuple[jax.
       rule: "code" or "paper" (see `extraction.label_fits`).
 
     Returns:
-      `(label, fitted)`: (B, H, W) drawn labels and (B,) whether one fitted. When none fits, the code rule
-      falls back to the empty label (no lesion, which always fits); the paper rule keeps the last draw,
-      as the authors' generation script does.
+      `(label, fitted, source)`: (B, H, W) drawn labels, (B,) whether one fitted, and (B,) the batch row
+      each label came from (-1 for the empty fallback), so what belongs to a label (its boxes) can follow
+      it. When none fits, the code rule falls back to the empty label (no lesion, which always fits); the
+      paper rule keeps the last draw, as the authors' generation script does.
     """
     b = labels.shape[0]
     shifts = range(1, min(b, MAX_LABEL_CANDIDATES + 1)) if b > 1 else range(1)
@@ -242,7 +254,10 @@ def draw_labels(labels: jax.Array, organ: jax.Array, *, rule: str) -> tuple[jax.
     fitted = jnp.any(fits, axis=0)
     chosen = candidates[first, jnp.arange(b)]
     fallback = jnp.zeros_like(labels) if rule == "code" else candidates[-1]
-    return jnp.where(fitted[:, None, None], chosen, fallback), fitted
+    rows = jnp.arange(b)
+    shift = jnp.asarray(list(shifts))
+    source = jnp.where(fitted, (rows + shift[first]) % b, -1 if rule == "code" else (rows + shift[-1]) % b)
+    return jnp.where(fitted[:, None, None], chosen, fallback), fitted, source
 
 
 def synthesize(models: Models, g_params, g_input: jax.Array, num_modalities: int) -> jax.Array:
@@ -275,6 +290,10 @@ class Inputs(NamedTuple):
     organ: jax.Array  # (B, H, W, 1), 1 = organ.
     label: jax.Array  # (B, H, W) the lesion label G is asked for.
     g_input: jax.Array  # (B, H, W, C_in)
+    # The drawn label's boxes (B, M, 4) normalised corners and classes (B, M), 0 = padding, for a
+    # detector lesion processor; None when the batch has no boxes.
+    boxes: jax.Array | None = None
+    box_classes: jax.Array | None = None
 
 
 def make_inputs(batch, rng, frozen, *, models: Models, config, pretraining) -> Inputs:
@@ -295,9 +314,16 @@ def make_inputs(batch, rng, frozen, *, models: Models, config, pretraining) -> I
         use_real = pretraining  # Pre-training needs paired (structure, image); then the paper's s_g.
         s = jnp.where(use_real, s, maps[..., None].astype(s.dtype))
         organ = jnp.where(use_real, organ, masks[..., None].astype(organ.dtype))
-    drawn, _ = draw_labels(own, organ, rule=sy.label_rule)
+    drawn, _, source = draw_labels(own, organ, rule=sy.label_rule)
     label = jnp.where(pretraining, own, drawn)
-    return Inputs(s, organ, label, generator_input(noise_key, s, organ, label, config=config))
+    boxes = box_classes = None
+    if "boxes" in batch:  # The boxes follow the label (none for the empty fallback).
+        rows = jnp.where(pretraining, jnp.arange(own.shape[0]), source)
+        keep = (rows >= 0)[:, None]
+        boxes = jnp.where(keep[..., None], batch["boxes"][jnp.maximum(rows, 0)], 0.0)
+        box_classes = jnp.where(keep, batch["box_classes"][jnp.maximum(rows, 0)], 0)
+    g_input = generator_input(noise_key, s, organ, label, config=config)
+    return Inputs(s, organ, label, g_input, boxes, box_classes)
 
 
 def _discriminate(models: Models, d_params, images: jax.Array, rng=None):
@@ -363,8 +389,9 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
         terms["agreement"] = registration.agreement_loss(translations)
     if models.lesion is not None:
         terms["lesion"] = jnp.sum(
-            in_dtype(dtype, models.lesion.loss)(
-                frozen["lesion"], registration.channels_last(fakes), inputs.label
+            # Only the network and the images go to `dtype`: the targets (boxes) keep float32's precision.
+            in_dtype(dtype, lambda params, images: models.lesion.loss(params, images, inputs))(
+                frozen["lesion"], registration.channels_last(fakes)
             )
         )
     # L_pre: the whole image and, re-weighted, its background (the authors' mask M = 1 - organ).

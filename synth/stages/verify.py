@@ -96,9 +96,12 @@ class MixSource:
         seed: int,
         augment: label_pool.AugmentParams,
         class_labels: bool = False,
+        max_boxes: int = 0,
+        num_classes: int = 0,
     ):
         self.entries, self.real, self.synthetic = entries, real, synthetic
         self.seed, self.augment, self.class_labels = seed, augment, class_labels
+        self.max_boxes, self.num_classes = max_boxes, num_classes
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -113,7 +116,17 @@ class MixSource:
             moved, label_moved = label_pool.augment_image_and_label(image, label, rng, self.augment)
             # A class map is the image's class, wherever the image moved.
             image, label = moved, (np.full_like(label, label.flat[0]) if self.class_labels else label_moved)
-        return {"image": image, "label": label, "source": np.int32(kind)}
+        out = {"image": image, "label": label, "source": np.int32(kind)}
+        if self.max_boxes:  # A detection task: a real slice keeps its boxes, others get their label's.
+            from synth import boxes
+
+            if kind == REAL:
+                out["boxes"], out["box_classes"] = example["boxes"], example["box_classes"]
+            else:
+                out["boxes"], out["box_classes"] = boxes.boxes_from_label_map(
+                    label, max_boxes=self.max_boxes, num_classes=self.num_classes
+                )
+        return out
 
 
 def _identity(example):
@@ -121,8 +134,8 @@ def _identity(example):
 
 
 def step_with_sources(state, batch, rng, *, train_step):
-    """The segmentor's step, logging which source the batch came from."""
-    state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]}, rng)
+    """The downstream model's step, logging which source the batch came from."""
+    state, metrics = train_step(state, {k: v for k, v in batch.items() if k != "source"}, rng)
     metrics["frac_synthetic"] = jnp.mean(batch["source"] == SYNTHETIC)
     metrics["frac_augmented"] = jnp.mean(batch["source"] == AUGMENTED)
     return state, metrics
@@ -195,6 +208,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     base = segmentor.build(test_config)
     scores = segmentor.scores(config)
     class_labels = segmentor.task(config) == "classify"
+    # A detection task trains on boxes: padded to the real data's count, classes as in the label maps.
+    max_boxes = config.data.adapter_options.max_boxes if segmentor.task(config) == "detect" else 0
     step = functools.partial(step_with_sources, train_step=base.train_step)  # One compile for all runs.
     augment = label_pool.AugmentParams.from_config(v.augment)
     rows = []
@@ -224,6 +239,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
                         seed=run_config.seed,
                         augment=augment,
                         class_labels=class_labels,
+                        max_boxes=max_boxes,
+                        num_classes=config.data.num_classes,
                     ),
                     preprocess=_identity,
                     train_step=step,
@@ -347,11 +364,14 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
         [chunks.read_chunk(chunks_dir, i)["scored_dice"] for i in range(chunks.chunk_count(chunks_dir))]
     )
     kept = np.asarray([float(synthetic[i]["lesion_dice"]) for i in range(len(synthetic))])
-    reading = (
-        "the real-trained classifier on synthetic images, fraction given the asked-for class"
-        if kind == "class"
-        else f"the real-trained segmentors on synthetic images, {kind} Dice"
-    )
+    reading = f"the real-trained segmentors on synthetic images, {kind} Dice"
+    if kind == "class":
+        reading = "the real-trained classifier on synthetic images, fraction given the asked-for class"
+    elif segmentor.task(config) == "detect":
+        reading = (
+            f"the real-trained detector's confident boxes on synthetic images against the asked-for ones, "
+            f"{kind} Dice"
+        )
     lines += [
         "",
         f"Lesion fidelity ({reading}): "
@@ -385,6 +405,9 @@ def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthet
     amount = lambda x: "0" if x == 0 else (f"×{x:g}" if x >= 1 and float(x).is_integer() else pct(x))  # noqa: E731
     if segmentor.task(config) == "classify":
         model, meaning = "classifier", "accuracy is the fraction of test images given their class (T7)"
+    elif segmentor.task(config) == "detect":
+        model = "detector"
+        meaning = "mAP@0.5 is VOC's all-point average precision at IoU 0.5, mean over the box classes (T8)"
     elif config.segmentor.get("metrics", "dice") == "vessel":
         model = "vessel segmentor"
         meaning = "sensitivity, accuracy and AUC count the pixels inside the field of view only (T6)"
@@ -395,8 +418,8 @@ def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthet
             "Dice/MSE are the authors' (§9.4)"
         )
     lines = [
-        f"Downstream {model} (`config.segmentor`: {config.segmentor.variant}, "
-        f"{config.segmentor.model.size}) "
+        f"Downstream {model} (`config.segmentor`: "
+        f"{'SSD' if model == 'detector' else config.segmentor.variant}, {config.segmentor.model.size}) "
         f"trained on each mix for the same {rows[0]['steps']} steps ({config.verify.budget_epochs:g} "
         f"epochs of the {num_real} real training images, §8.1), evaluated on the real test split; mean ± std "
         f"over {table[0]['seeds']} seed(s). Synthetic data: `{synthetic_name or 'none'}`. Amounts are "
