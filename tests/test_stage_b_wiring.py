@@ -295,6 +295,7 @@ def test_stage_b_config_errors_name_the_key():
             synthesis.build(config, workdir="/nonexistent")
 
 
+@pytest.mark.slow  # Two more compiles of the loss (~12 s); the casts themselves are checked above.
 def test_bf16_generator_loss_is_close_to_float32(random_stage_b):
     b = random_stage_b
     values = {}
