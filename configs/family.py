@@ -23,6 +23,7 @@ SINGLE_MODALITY_WEIGHTS = dict(
     lesion=0.0,
     pretrain=5.0,
     pretrain_background=5.0,
+    reconstruction=0.0,
     d_real=5.0,
     d_fake=3.0,
     d_category=0.0,

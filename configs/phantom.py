@@ -10,17 +10,21 @@ Options (after the colon, comma separated):
   demo        64² phantom and step counts chosen so `make demo` stays well under 15 minutes on 2 CPU cores
   runlocal    32² phantom, tiny models, a handful of steps: exercises every real code path in seconds
   paper_weights  stage A with the paper's unit loss weights instead of the code's (METHOD.md §5.2)
+  variant=full|basegan|skrgan|A|B|C|D|E|F   a baseline or ablation of §9.1-9.2 (configs/variants.py)
 Everything else is an override, e.g. `--config.segmentor.train.num_steps=2000`.
 """
 
 import ml_collections
 
+from configs import variants
 from synth import configlib, losses
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the phantom config; see the module docstring for the options in `arg`."""
-    options = configlib.parse_arg(arg, stage="all", demo=False, runlocal=False, paper_weights=False)
+    options = configlib.parse_arg(
+        arg, stage="all", demo=False, runlocal=False, paper_weights=False, variant="full"
+    )
     configlib.check_stage(options.stage)
 
     config = ml_collections.ConfigDict()
@@ -150,6 +154,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.synthesis.label_rule = "code"  # Placement check of §3.7: "code" (default) or "paper".
     config.synthesis.noise = (0.5, 0.6)  # s' = s + U(low, high) inside the organ (§3.5).
     config.synthesis.lesion_processor = "segmentor"  # or "none"
+    # The baselines and ablations of §9.1-9.2 (configs/variants.py): what G is fed, and whether each
+    # modality has its own G/D pair (BaseGAN, SkrGAN*: unregistered by construction).
+    config.synthesis.g_input = (
+        "structure"  # or "noise", "inverse_structure" (synth.stages.synthesis.G_INPUTS)
+    )
+    config.synthesis.separate_models = False
     config.synthesis.pretrain_steps = 1000  # Self-supervised pre-training on real pairs (§6.1.4).
     # "bfloat16": the training step's networks compute in bf16 (parameters stay float32, losses in float32),
     # for GPUs; CPUs gain nothing from it.
@@ -168,6 +178,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 lesion=10.0,
                 pretrain=5.0,
                 pretrain_background=5.0,
+                reconstruction=0.0,  # SkrGAN*'s 5·mse(x_g, x) in every step (configs/variants.py).
                 d_real=5.0,
                 d_fake=3.0,
                 d_category=5.0,
@@ -230,6 +241,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # The generator's image quality (T3/T4): MS-SSIM pairs per modality (0: skip), images per set,
             # and the FID Inception-v3 weights file (see synth/metrics/inception.py; "": no FID/KID).
             quality=dict(num_pairs=100, max_images=200, inception_weights=""),
+        )
+    )
+
+    # The baselines and ablations side by side (§9.1-9.2, T1/T4; `stage=compare`, synth/stages/compare.py):
+    # each variant of configs/variants.py trains its own stage B beside the method, against the same frozen
+    # segmentors and G_t, then makes `num_samples` samples from the real test split's structure maps.
+    config.compare = ml_collections.ConfigDict(
+        dict(
+            variants=("basegan", "skrgan", "B", "C", "D", "E", "full"),  # A = basegan, F = full.
+            num_samples=64,
+            batch_size=8,
+            num_pairs=100,  # Random MS-SSIM pairs per modality (real vs synthetic).
+            grid_samples=4,  # Rows of the side-by-side grid.
         )
     )
 
@@ -311,4 +335,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.verify.log_every = 1  # Every step's sources are logged: the S and R orders are checked.
         config.verify.eval_max_examples = 8
         config.verify.quality.num_pairs = 4
-    return config
+        config.compare.update(dict(num_samples=8, batch_size=4, num_pairs=4, grid_samples=2))
+    return variants.apply(config, options.variant)

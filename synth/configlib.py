@@ -16,7 +16,9 @@ import ml_collections
 
 # The stages of the full pipeline, in the order `stage=all` runs them.
 PIPELINE_STAGES = ("structure", "segmentor", "translator", "synthesis", "dataset", "verify")
-STAGE_CHOICES = ("all",) + PIPELINE_STAGES
+# Stages run only when asked for by name: `compare` trains the baselines and ablations (§9) beside the method.
+EXTRA_STAGES = ("compare",)
+STAGE_CHOICES = ("all",) + PIPELINE_STAGES + EXTRA_STAGES
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 
-from synth.configlib import PIPELINE_STAGES
+from synth.configlib import EXTRA_STAGES, PIPELINE_STAGES
 from synth.writer import read_jsonl
 
 
@@ -32,7 +32,7 @@ def _table(row: dict, prefix: str) -> list[str]:
 def write_report(workdir: str) -> str:
     """Writes `report.md` from what the stages left in `workdir`; returns its path."""
     lines = ["# synth run report", "", f"Workdir: `{os.path.abspath(workdir)}`", ""]
-    for name in PIPELINE_STAGES:
+    for name in PIPELINE_STAGES + EXTRA_STAGES:
         metrics = os.path.join(workdir, name, "metrics.jsonl")
         summary = os.path.join(workdir, name, "summary.md")
         if not os.path.exists(metrics) and not os.path.exists(summary):

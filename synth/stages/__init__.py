@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from synth.configlib import PIPELINE_STAGES
+from synth.configlib import EXTRA_STAGES, PIPELINE_STAGES
 
 # Stage name -> module. Stages of the method that are not listed here are not built yet.
 BUILT_STAGES = {
@@ -19,6 +19,7 @@ BUILT_STAGES = {
     "synthesis": "synth.stages.synthesis",
     "dataset": "synth.stages.dataset",
     "verify": "synth.stages.verify",
+    "compare": "synth.stages.compare",
 }
 
 # Where each unbuilt stage is tracked, for the error message.
@@ -40,8 +41,10 @@ def get(name: str) -> ModuleType:
       ValueError: `name` is not a stage of the pipeline.
       StageNotBuiltError: `name` is a stage of the method that is not built yet.
     """
-    if name not in PIPELINE_STAGES:
-        raise ValueError(f"Unknown stage {name!r}; the stages are: {', '.join(PIPELINE_STAGES)}")
+    if name not in PIPELINE_STAGES + EXTRA_STAGES:
+        raise ValueError(
+            f"Unknown stage {name!r}; the stages are: {', '.join(PIPELINE_STAGES + EXTRA_STAGES)}"
+        )
     if name not in BUILT_STAGES:
         raise StageNotBuiltError(
             f"Stage {name!r} ({_PLANNED.get(name, name)}) is not built yet. "

@@ -51,8 +51,13 @@ G_TERMS = (
     "lesion",
     "pretrain",
     "pretrain_background",
+    "reconstruction",
 )
 D_TERMS = ("d_real", "d_fake", "d_category")
+# config.synthesis.g_input: what G is fed (§9.1-9.2). "structure": the noise-fused structure map with the
+# lesion label (the method); "noise": N(0, 1) of the image's size (BaseGAN, ablation A); "inverse_structure":
+# the binary inverted map 1 − s without noise (SkrGAN*).
+G_INPUTS = ("structure", "noise", "inverse_structure")
 # At most this many pool labels are tried per sample and step (the batch's other slices).
 MAX_LABEL_CANDIDATES = 8
 
@@ -157,11 +162,15 @@ class Models(NamedTuple):
     translator: Any  # synth.stages.translator.Models, or None for K = 1 or registration off.
     lesion: LesionProcessor | None
     structure: Any  # synth.stages.structure.Models, or None unless structure_source="stage_a".
+    # K independent G/D pairs (BaseGAN, SkrGAN*): parameters stacked on a leading K axis, no modality
+    # code, single-head Ds; else one G for every modality with its code and one two-head D.
+    separate: bool = False
 
 
 def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> Models:
     sy = config.synthesis
     k = len(config.data.modalities)
+    separate = bool(sy.separate_models)
     common = dict(activation=sy.model.activation, kernel_init=sy.model.kernel_init)
     translator_models = structure_models = lesion = None
     if _uses_translator(config):
@@ -183,7 +192,7 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
         ),
         discriminator=PatchDiscriminator(
             **sizes.discriminator_kwargs(sy.model.size, image_hw),
-            heads=2 if k > 1 else 1,
+            heads=2 if k > 1 and not separate else 1,
             category_channels=registration.category_channels(sy.loss.category_kind, k),
             dropout_rate=sy.model.disc_dropout,
             **common,
@@ -191,6 +200,7 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
         translator=translator_models,
         lesion=lesion,
         structure=structure_models,
+        separate=separate,
     )
 
 
@@ -269,6 +279,13 @@ def synthesize(models: Models, g_params, g_input: jax.Array, num_modalities: int
     Returns:
       (K, B, H, W, channels) images by modality.
     """
+    if models.separate:  # K models, each on its own input (K, B, …) or on the shared one (B, …).
+        inputs = (
+            g_input
+            if g_input.ndim == 5
+            else jnp.broadcast_to(g_input[None], (num_modalities,) + g_input.shape)
+        )
+        return jax.vmap(lambda p, x: models.generator.apply(p, x, None))(g_params, inputs)
     k, b = num_modalities, g_input.shape[0]
     tiled = jnp.broadcast_to(g_input[None], (k,) + g_input.shape).reshape((k * b,) + g_input.shape[1:])
     cond = registration.modality_conditions(np.arange(k), b, k) if k > 1 else None
@@ -277,8 +294,19 @@ def synthesize(models: Models, g_params, g_input: jax.Array, num_modalities: int
 
 
 def generator_input(key, s, organ, label, *, config) -> jax.Array:
-    """G's input: the noise-fused structure map s', fused with the lesion label as configured (§3.5, §3.6)."""
+    """G's input (`config.synthesis.g_input`, `G_INPUTS`).
+
+    The method's is the noise-fused structure map s', fused with the lesion label as configured (§3.5,
+    §3.6): (B, H, W, C_in). BaseGAN's is N(0, 1) noise of the image's size, one draw per modality when the
+    modalities have separate models: (K, B, H, W, 1). SkrGAN*'s is the inverted binary map 1 − s.
+    """
     sy = config.synthesis
+    if sy.g_input == "noise":
+        k = len(config.data.modalities) if sy.separate_models else 1
+        noise = jax.random.normal(key, (k,) + s.shape, s.dtype)
+        return noise if sy.separate_models else noise[0]
+    if sy.g_input == "inverse_structure":
+        return 1.0 - (s > 0.5).astype(s.dtype)
     noisy = extraction.fuse_noise(key, s, organ, low=sy.noise[0], high=sy.noise[1])
     return extraction.fuse_label(noisy, label, mode=sy.label_fusion, num_classes=config.data.num_classes)
 
@@ -329,6 +357,12 @@ def make_inputs(batch, rng, frozen, *, models: Models, config, pretraining) -> I
 def _discriminate(models: Models, d_params, images: jax.Array, rng=None):
     """D's (real/fake, category or None) maps for images (K, B, H, W, C), keeping the leading axes."""
     train_mode = rng is not None and models.discriminator.dropout_rate > 0
+    if models.separate:  # Modality k's own single-head D on its images.
+        keys = jax.random.split(rng if rng is not None else jax.random.key(0), images.shape[0])
+        apply = lambda p, x, key: models.discriminator.apply(  # noqa: E731
+            p, x, train=train_mode, rngs={"dropout": key} if train_mode else None
+        )
+        return jax.vmap(apply)(d_params, images, keys), None
     out = models.discriminator.apply(
         d_params, registration.flat(images), train=train_mode, rngs={"dropout": rng} if train_mode else None
     )
@@ -399,6 +433,8 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
     gate = pretraining.astype(jnp.float32)
     terms["pretrain"] = gate * registration.per_modality_mse(fakes - real, 0.0)
     terms["pretrain_background"] = gate * registration.per_modality_mse((fakes - real) * background, 0.0)
+    # SkrGAN*'s self-supervised term, in every step alongside the adversarial one (§9.1).
+    terms["reconstruction"] = registration.per_modality_mse(fakes - real, 0.0)
     loss = sum(w[name] * terms[name] for name in G_TERMS)
     return loss, (terms, fakes, inputs)
 
@@ -430,9 +466,15 @@ def init_state(rng, batch, *, models: Models, config, g_tx, d_tx):
     s, organ = jnp.zeros_like(batch["image"][..., :1]), jnp.ones_like(batch["image"][..., :1])
     g_input = generator_input(jax.random.key(0), s, organ, batch["label"], config=config)
     g_key, d_key = jax.random.split(rng)
-    cond = registration.modality_conditions(np.zeros(1, int), g_input.shape[0], k) if k > 1 else None
-    g_params = models.generator.init(g_key, g_input, cond)
-    d_params = models.discriminator.init(d_key, batch["image"][..., : channels_per_modality(config)])
+    one_image = batch["image"][..., : channels_per_modality(config)]
+    if models.separate:  # K independent models: K independent inits, stacked.
+        g_one = g_input[0] if g_input.ndim == 5 else g_input
+        g_params = jax.vmap(lambda key: models.generator.init(key, g_one, None))(jax.random.split(g_key, k))
+        d_params = jax.vmap(lambda key: models.discriminator.init(key, one_image))(jax.random.split(d_key, k))
+    else:
+        cond = registration.modality_conditions(np.zeros(1, int), g_input.shape[0], k) if k > 1 else None
+        g_params = models.generator.init(g_key, g_input, cond)
+        d_params = models.discriminator.init(d_key, one_image)
     return SynthesisState(
         step=jnp.zeros((), jnp.int32),
         g_params=g_params,
@@ -621,6 +663,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         )
     extraction.fused_channels(sy.label_fusion, config.data.num_classes)  # Validates the fusion mode.
     registration.check_loss_weights(NAME, sy.loss.weights, G_TERMS + D_TERMS)
+    if sy.g_input not in G_INPUTS:
+        raise ValueError(f"Unknown config.synthesis.g_input {sy.g_input!r}; choose one of {G_INPUTS}")
     if sy.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
             f"Unknown config.synthesis.compute_dtype {sy.compute_dtype!r}; choose one of {COMPUTE_DTYPES}"
