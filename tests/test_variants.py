@@ -1,10 +1,9 @@
 """The baselines and ablations of §9.1-9.2 (configs/variants.py) through the one stage-B trainer.
 
-Each variant is a config of the same trainer: the cheap tests check what each one switches, that BaseGAN's
-modalities are independent models, and that a variant's training step runs and gives K images of the
-right shape. A step's compile costs 20-40 s here, so the make-test suite steps BaseGAN only: separate
-models on noise are the code path the variants add to the method's (which the stage-B tests step);
-`make test-slow` steps every variant, SkrGAN*'s inverted structure map and the ablations with G_t.
+Each variant is a config of the same trainer: the cheap tests check what each one switches and that
+BaseGAN's modalities are independent models. A training step's compile costs 20-40 s here, so the steps of
+every variant (K images of the right shape, G updated, the variant's own loss terms) run under the slow
+marker (`make test-slow`), as does the comparison run of tests/test_compare.py.
 """
 
 import functools
@@ -56,12 +55,18 @@ def test_each_variant_switches_what_section_9_says():
 
 
 @pytest.fixture(scope="module")
-def frozen_networks(phantom_data_dir):
+def phantom_batch(phantom_data_dir):
+    """Four tiny-phantom training slices."""
+    source = input_pipeline.open_source(_config("full", phantom_data_dir).data, "train")
+    examples = [input_pipeline.image_and_label(source[i]) for i in range(4)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+@pytest.fixture(scope="module")
+def frozen_networks(phantom_data_dir, phantom_batch):
     """A phantom batch and random frozen networks (G_t, segmentors): wiring and shapes only."""
     config = _config("full", phantom_data_dir)
-    source = input_pipeline.open_source(config.data, "train")
-    batch = input_pipeline.image_and_label(source[0])
-    batch = {k: np.stack([input_pipeline.image_and_label(source[i])[k] for i in range(4)]) for k in batch}
+    batch = phantom_batch
 
     @jax.jit
     def init(keys, batch):
@@ -106,29 +111,11 @@ def _step(name, data_dir, batch, frozen):
     return models, *run(batch, needed)
 
 
-@pytest.fixture(scope="module")
-def basegan_step(phantom_data_dir, frozen_networks):
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["basegan", "skrgan", "B", "C", "D", "E"])
+def test_each_variant_takes_a_training_step(name, phantom_data_dir, frozen_networks):
     batch, frozen = frozen_networks
-    return _step("basegan", phantom_data_dir, batch, frozen)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "basegan",
-        pytest.param("skrgan", marks=pytest.mark.slow),
-        pytest.param("B", marks=pytest.mark.slow),
-        pytest.param("C", marks=pytest.mark.slow),
-        pytest.param("D", marks=pytest.mark.slow),
-        pytest.param("E", marks=pytest.mark.slow),
-    ],
-)
-def test_each_variant_takes_a_training_step(name, phantom_data_dir, frozen_networks, request):
-    batch, frozen = frozen_networks
-    if name == "basegan":
-        models, state, new, metrics, images = request.getfixturevalue("basegan_step")
-    else:
-        models, state, new, metrics, images = _step(name, phantom_data_dir, batch, frozen)
+    models, state, new, metrics, images = _step(name, phantom_data_dir, batch, frozen)
     assert images.shape == (K, 4, *HW, 1) and bool(jnp.all(jnp.isfinite(images)))
     assert np.isfinite(float(metrics["g_loss"])) and np.isfinite(float(metrics["d_loss"]))
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.g_params, new.g_params)
@@ -145,10 +132,15 @@ def test_each_variant_takes_a_training_step(name, phantom_data_dir, frozen_netwo
         assert float(metrics["reconstruction"]) > 0 and float(metrics["pretrain"]) == 0.0
 
 
-def test_basegan_modalities_are_independent_models(phantom_data_dir, basegan_step):
+def test_basegan_modalities_are_independent_models(phantom_data_dir, phantom_batch):
     """Changing modality 1's generator changes modality 1's images only: the models are not registered."""
-    models, state = basegan_step[:2]
+    batch = phantom_batch
     config = _config("basegan", phantom_data_dir)
+    models = synthesis.make_models(config, HW)
+    tx = optim.make_optimizer(config.synthesis.optim.g)
+    init = functools.partial(synthesis.init_state, models=models, config=config, g_tx=tx, d_tx=tx)
+    state = jax.jit(init)(jax.random.key(0), batch)
+    assert {leaf.shape[0] for leaf in jax.tree.leaves(state.g_params)} == {K}  # K stacked models.
     s = jnp.zeros((4, *HW, 1))
     noise = synthesis.generator_input(jax.random.key(5), s, s, jnp.zeros((4, *HW), jnp.int32), config=config)
     assert noise.shape == (K, 4, *HW, 1)  # One independent noise draw per modality's model.

@@ -645,9 +645,8 @@ def write_outputs(
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at=None):
     """Trains the frozen stages and every variant's stage B, samples and scores them, writes the report."""
-    del (
-        stop_at
-    )  # Each variant trains to its own budget; an interrupted comparison resumes variant by variant.
+    # Each variant trains to its own budget; an interrupted comparison resumes variant by variant.
+    del stop_at
     names = check_config(config)
     workdir = os.path.abspath(os.fspath(workdir))
     frozen = train_frozen(config, workdir)
