@@ -275,23 +275,18 @@ def train_step(state, batch, rng, *, model, tx, priors, channels: int, neg_pos_r
 
 
 def preprocess(example) -> dict[str, np.ndarray]:
-    """`input_pipeline.image_and_label` plus the ground-truth boxes, which this stage trains on.
-
-    Until `image_and_label` passes `boxes` and `box_classes` through itself, they are added here.
+    """`input_pipeline.image_and_label` (which keeps the `boxes` adapter's boxes), checked for this stage.
 
     Raises:
         KeyError: the example has no boxes (the dataset's adapter must provide them).
         ValueError: boxes outside [0, 1] (pixel units instead of normalised corners).
     """
     out = input_pipeline.image_and_label(example)
-    for key, dtype in (("boxes", np.float32), ("box_classes", np.int32)):
-        if key not in out:
-            if key not in example:
-                raise KeyError(
-                    f"The detector needs {key!r} in every example (padded normalised boxes and their "
-                    f"classes); this one has {sorted(example)}: check config.data.adapter"
-                )
-            out[key] = np.asarray(example[key], dtype)
+    if "boxes" not in out:
+        raise KeyError(
+            "The detector needs 'boxes' and 'box_classes' in every example (padded normalised boxes and "
+            f"their classes); this one has {sorted(example)}: check config.data.adapter"
+        )
     corners = out["boxes"]
     if corners.size and (corners.min() < -1e-6 or corners.max() > 1 + 1e-6):
         raise ValueError(
