@@ -23,14 +23,19 @@ demo: setup
 	SYNTH_DATA_DIR=$(DATA_DIR) $(PY) launch.py --config configs/phantom.py:demo --workdir $(DEMO_DIR)
 
 # A persistent compilation cache for the run: tests, subprocesses and the notebook kernel compile many
-# identical programs, and each is then compiled once. Fresh per run, removed afterwards.
+# identical programs, and each is then compiled once. Fresh per run, removed afterwards. The processes
+# share it at once, and JAX writes an entry in place: only with a size limit does it lock entries
+# (with filelock), so a reader never deserialises a half-written executable (which aborted a worker).
+JAX_CACHE_ENV = JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
+  JAX_COMPILATION_CACHE_MAX_SIZE=17179869184
+
 test: setup
-	@cache=$$(mktemp -d); JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
+	@cache=$$(mktemp -d); $(JAX_CACHE_ENV) \
 	  $(PY) -m pytest -q -n 2 --dist loadfile; status=$$?; rm -rf $$cache; exit $$status
 
 # The whole-pipeline runs of the other families on their dummy data (minutes each; see tests/test_families.py).
 test-slow: setup
-	@cache=$$(mktemp -d); JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
+	@cache=$$(mktemp -d); $(JAX_CACHE_ENV) \
 	  $(PY) -m pytest -q -n 2 --dist load -m slow; status=$$?; rm -rf $$cache; exit $$status
 
 lint: setup

@@ -6,7 +6,7 @@ Usage:
   python launch.py --config configs/brats2015.py:runlocal --workdir /tmp/brats   # dummy data, CPU
 
 Options: stage=..., runlocal (the builder's dummy volumes, slices resized to 32², tiny models), and the
-phantom's `paper_weights` and `variant=` (the baselines and ablations A-F, configs/variants.py).
+phantom's `paper_weights` and `variant=` (baselines, ablations A-F, the old ecai design: configs/variants.py).
 
 Everything but the data is the phantom's config, which was designed as a stand-in for BRATS: the same
 modalities, classes, networks, losses and stage settings. The slices are the authors' 184×144 crop of axial

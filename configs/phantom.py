@@ -10,14 +10,14 @@ Options (after the colon, comma separated):
   demo        64² phantom and step counts chosen so `make demo` stays well under 15 minutes on 2 CPU cores
   runlocal    32² phantom, tiny models, a handful of steps: exercises every real code path in seconds
   paper_weights  stage A with the paper's unit loss weights instead of the code's (METHOD.md §5.2)
-  variant=full|basegan|skrgan|A|B|C|D|E|F   a baseline or ablation of §9.1-9.2 (configs/variants.py)
+  variant=full|basegan|skrgan|A|B|C|D|E|F|ecai   a baseline or ablation of §9.1-9.2, or the old §6.7 design
 Everything else is an override, e.g. `--config.segmentor.train.num_steps=2000`.
 """
 
 import ml_collections
 
 from configs import variants
-from synth import configlib, losses
+from synth import configlib, ecai, losses
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -160,6 +160,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "structure"  # or "noise", "inverse_structure" (synth.stages.synthesis.G_INPUTS)
     )
     config.synthesis.separate_models = False
+    # "unet": the final design; "ecai": the AAAI/ECAI drafts' encoder/decoder design (§6.7, variant=ecai),
+    # whose extra loss terms (its own translation, real-data reconstruction/cycle, codes) weigh as below.
+    config.synthesis.design = "unet"
+    config.synthesis.ecai = ml_collections.ConfigDict(dict(weights=dict(ecai.CODE_WEIGHTS)))
     config.synthesis.pretrain_steps = 1000  # Self-supervised pre-training on real pairs (§6.1.4).
     # "bfloat16": the training step's networks compute in bf16 (parameters stay float32, losses in float32),
     # for GPUs; CPUs gain nothing from it.

@@ -12,6 +12,13 @@
 - `C`: B with the noise fusion.
 - `D`: C with the frozen G_t: registration 20 and translation agreement 5.
 - `E`: D with the lesion label and the frozen segmentors' lesion loss, but no placement check.
+- `ecai`: the AAAI/ECAI drafts' design (§6.7): encoders EC_R (fusion map) and EC_M (images), a decoder
+  DC_M conditioned at H/4, D_M plus the code discriminator FD_R, trained on generation together with
+  reconstruction, translation and cycle on unpaired real images; its own EC_M/DC_M translate for the
+  registration terms (no frozen G_t). The fusion map is 0.8·s + 0.2·one_hot(l) without noise; the code's
+  weights (D 50/35/50 + 5 on translations, G 35/50, registration 2, agreement 1, the rest in
+  `config.synthesis.ecai.weights`); no pre-training, category on real images only (the code). The
+  lesion term is the method's (the same frozen segmentors and loss), not the old 4-seg weighted MSE.
 
 Each is a function of the config (`apply`), so any dataset config built on the phantom's (BRATS) takes
 them; stage C and D then run on the variant's generator as on the method's. Where the variant does not
@@ -94,6 +101,29 @@ def ablation_e(config: ml_collections.ConfigDict) -> None:
     config.synthesis.label_rule = "none"
 
 
+# §6.7's D_M and G weights of the shared terms (the rest: synth.ecai.CODE_WEIGHTS).
+ECAI_WEIGHTS = dict(
+    g_adversarial=35.0,
+    g_category=50.0,
+    registration=2.0,
+    agreement=1.0,
+    d_real=50.0,
+    d_fake=35.0,
+    d_category=50.0,
+)
+
+
+def ecai(config: ml_collections.ConfigDict) -> None:
+    """The old encoder/decoder design of the AAAI/ECAI drafts (§6.7) on the one trainer."""
+    sy = config.synthesis
+    sy.design = "ecai"
+    sy.label_fusion = "weighted_sum"  # f_rm: channel k = 0.8·s + 0.2·one_hot(l)_k (§3.6 [OLD]).
+    sy.noise = (0.0, 0.0)
+    sy.pretrain_steps = 0
+    sy.loss.category_on_fakes = False
+    _only(config, lesion=sy.loss.weights.lesion, **ECAI_WEIGHTS)
+
+
 def full(config: ml_collections.ConfigDict) -> None:
     """F: the method as configured."""
     del config
@@ -109,6 +139,7 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "D": ablation_d,
     "E": ablation_e,
     "F": full,
+    "ecai": ecai,
 }
 
 

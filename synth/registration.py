@@ -170,12 +170,12 @@ def category_sum(category: jax.Array | None, *, kind: str, num_modalities: int) 
     )
 
 
-def check_loss_weights(section: str, weights, terms: tuple[str, ...]) -> None:
-    """Raises a ValueError naming `config.<section>.loss.weights` if its terms differ from `terms`."""
+def check_loss_weights(section: str, weights, terms: tuple[str, ...], *, where: str = "") -> None:
+    """Raises a ValueError naming `config.<section>.loss.weights` (or `where`) if its terms differ."""
     unknown, missing = sorted(set(weights) - set(terms)), sorted(set(terms) - set(weights))
     if unknown or missing:
         raise ValueError(
-            f"config.{section}.loss.weights: unknown terms {unknown}, missing terms {missing}; "
+            f"{where or f'config.{section}.loss.weights'}: unknown terms {unknown}, missing terms {missing}; "
             f"the terms are {terms}"
         )
 

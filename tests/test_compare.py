@@ -53,7 +53,7 @@ def test_settings_follow_each_variants_config():
     base = phantom.get_config("runlocal")
     flags = {
         name: compare.settings(compare.variant_config(base, name))
-        for name in ("basegan", "skrgan", "B", "C", "D", "E", "full")
+        for name in ("basegan", "skrgan", "B", "C", "D", "E", "full", "ecai")
     }
     assert base.variant == "full" and base.synthesis.g_input == "structure"  # The base is left alone.
     on = {name: {k for k, v in f.items() if v} for name, f in flags.items()}
@@ -64,6 +64,8 @@ def test_settings_follow_each_variants_config():
     assert on["D"] == {"structure_map", "noise", "registration_loss"}
     assert on["E"] == {"structure_map", "noise", "registration_loss", "lesion_label_loss"}
     assert on["full"] == on["E"] | {"placement_check"}
+    # The old design registers through its own translations, on a fusion map without noise (§6.7).
+    assert on["ecai"] == {"structure_map", "registration_loss", "lesion_label_loss", "placement_check"}
     assert compare.description("D").startswith("D: C with the frozen G_t")
     assert compare.frozen_stages(base) == ["segmentor", "translator"]
 

@@ -149,7 +149,7 @@ def test_frozen_networks_take_no_gradient_but_pass_it_on(random_stage_b):
     terms = ("registration", "agreement", "lesion")
 
     def term_values(g_params, frozen):
-        _, (values, _, _) = synthesis.generator_loss(
+        _, (values, _, _, _) = synthesis.generator_loss(
             g_params,
             b.state.d_params,
             frozen,

@@ -46,6 +46,11 @@ def test_each_variant_switches_what_section_9_says():
         assert c[name].lesion_processor == "none" and c[name].label_fusion == "none"
     assert c["E"].lesion_processor == "segmentor" and c["E"].label_rule == "none"  # No placement check.
     assert c["F"] == full and c["A"] == c["basegan"]
+    s = c["ecai"]  # §6.7: its own encoders/decoder translate (no frozen G_t); 0.8·s + 0.2·one_hot(l).
+    assert s.design == "ecai" and full.design == "unet" and s.label_fusion == "weighted_sum"
+    assert s.noise == (0.0, 0.0) and s.pretrain_steps == 0 and s.lesion_processor == "segmentor"
+    assert (s.loss.weights.g_adversarial, s.loss.weights.d_real, s.ecai.weights.cycle) == (35.0, 50.0, 10.0)
+    assert not synthesis._uses_translator(phantom.get_config("runlocal,variant=ecai"))
     assert phantom.get_config("runlocal,variant=B").variant == "B"
     with pytest.raises(ValueError, match="Unknown variant='G'"):
         phantom.get_config("variant=G")
@@ -112,7 +117,7 @@ def _step(name, data_dir, batch, frozen):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["basegan", "skrgan", "B", "C", "D", "E"])
+@pytest.mark.parametrize("name", ["basegan", "skrgan", "B", "C", "D", "E", "ecai"])
 def test_each_variant_takes_a_training_step(name, phantom_data_dir, frozen_networks):
     batch, frozen = frozen_networks
     models, state, new, metrics, images = _step(name, phantom_data_dir, batch, frozen)
@@ -130,6 +135,18 @@ def test_each_variant_takes_a_training_step(name, phantom_data_dir, frozen_netwo
         assert float(metrics["registration"]) > 0 and float(metrics["lesion"]) == 0.0
     if name == "skrgan":
         assert float(metrics["reconstruction"]) > 0 and float(metrics["pretrain"]) == 0.0
+    if name == "ecai":  # Its own translations register; real-data and code terms train G and D.
+        assert models.translator is None and set(state.g_params["params"]) == {
+            "fusion_encoder",
+            "image_encoder",
+            "decoder",
+        }
+        for term in ("registration", "agreement", "real_reconstruction", "cycle", "semantic_translation"):
+            assert float(metrics[term]) > 0, term
+        for term in ("translation_adversarial", "code_adversarial", "d_translation", "d_code_real"):
+            assert np.isfinite(float(metrics[term])), term
+        moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.d_params, new.d_params)
+        assert max(jax.tree.leaves(moved["params"]["code"])) > 0.0  # FD_R was trained too.
 
 
 def test_basegan_modalities_are_independent_models(phantom_data_dir, phantom_batch):

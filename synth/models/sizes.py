@@ -6,7 +6,8 @@ is the paper's ngf = 64 (G_m: 32) and depth; ``"small"`` halves the widths and, 
 levels so 128² images keep the paper's 8×8 bottleneck; ``"tiny"`` is for tests and ``runlocal``
 smoke runs (32² images). Networks: ``unet`` (G, G_t, segmentors, §4.1), ``discriminator`` (D, D_s,
 §4.2), ``vae`` (E_s and G_s, §4.3–4.4), ``code_discriminator`` (D_z, §4.5), ``mask_generator``
-(G_m, a U-Net, §4.6), ``detector`` (the SSD lesion detector, §6.6).
+(G_m, a U-Net, §4.6), ``detector`` (the SSD lesion detector, §6.6), ``ecai`` (the AAAI/ECAI drafts'
+encoders and decoder, §6.7).
 """
 
 from typing import Any
@@ -20,6 +21,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "code_discriminator": {"features": 8},
         "mask_generator": {"features": 4, "num_levels": 3},
         "detector": {"features": 8},
+        "ecai": {"features": 4},
     },
     "small": {
         "unet": {"features": 32, "num_levels": 3},  # ngf 32 = the paper's G_m width.
@@ -28,6 +30,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "code_discriminator": {"features": 32},
         "mask_generator": {"features": 16, "num_levels": 3},
         "detector": {"features": 32},
+        "ecai": {"features": 32},
     },
     "base": {
         "unet": {"features": 64, "num_levels": 3},  # The paper/code's ngf 64 (G, G_t, G_l).
@@ -37,6 +40,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "code_discriminator": {"features": 64},  # D_z: widths 128, 256 (§4.5).
         "mask_generator": {"features": 32, "num_levels": 3},  # G_m: the U-Net at ngf 32 (§4.6).
         "detector": {"features": 64},  # SSD lesion detector G_l: ngf 64 (§6.6).
+        "ecai": {"features": 64},  # The old design's EC_R, EC_M, DC_M: ngf 64, codes 8·64 = 512 ch (§6.7).
     },
 }
 
@@ -199,4 +203,25 @@ def detector_kwargs(variant: str, image_hw: tuple[int, int], num_maps: int = 6) 
     """
     kwargs = variant_sizes(variant, "detector")
     _check_depth(variant, image_hw, num_maps + 2)
+    return kwargs
+
+
+ECAI_LEVELS = 2  # The old design's encoders halve twice: codes at H/4 (§6.7).
+
+
+def ecai_kwargs(variant: str, image_hw: tuple[int, int]) -> dict[str, Any]:
+    """Return the size kwargs of :class:`~synth.models.ecai.EcaiGenerator` (``features``).
+
+    Args:
+        variant: a key of :data:`SIZES`.
+        image_hw: the (H, W) it will run on; checked against the encoders' two stride-2 convs.
+
+    Returns:
+        Kwargs to splat into ``EcaiGenerator(...)``.
+
+    Raises:
+        ValueError: unknown variant, or an image too small.
+    """
+    kwargs = variant_sizes(variant, "ecai")
+    _check_depth(variant, image_hw, ECAI_LEVELS)
     return kwargs

@@ -70,7 +70,13 @@ NAME = "compare"
 REAL = "real"  # The reference row: the real test slices themselves.
 # Aliases of configs/variants.py that name the same variant: a list with both trains it once.
 ALIASES = {"A": "basegan", "F": "full"}
-TITLES = {"basegan": "A (BaseGAN)", "skrgan": "SkrGAN*", "full": "F (method)", REAL: "real slices"}
+TITLES = {
+    "basegan": "A (BaseGAN)",
+    "skrgan": "SkrGAN*",
+    "full": "F (method)",
+    "ecai": "ECAI (old design)",
+    REAL: "real slices",
+}
 SAMPLE_SALT = 29  # Folded into the seed: the key of the comparison's samples.
 log = logging.getLogger("synth")
 
@@ -151,7 +157,9 @@ def settings(vconfig: ml_collections.ConfigDict) -> dict[str, bool]:
     return {
         "structure_map": structure,
         "noise": sy.g_input == "noise" or (sy.g_input == "structure" and float(sy.noise[1]) > 0),
-        "registration_loss": synthesis._uses_translator(vconfig),  # noqa: SLF001
+        # The method's through the frozen G_t; the old design's through its own EC_M and DC_M (§6.7).
+        "registration_loss": synthesis._uses_translator(vconfig)  # noqa: SLF001
+        or (sy.design == "ecai" and sy.loss.weights.registration > 0),
         "lesion_label_loss": lesion,
         "placement_check": lesion and sy.label_rule != "none",
         "separate_models": bool(sy.separate_models),

@@ -35,10 +35,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synth import extraction, input_pipeline, losses, metrics, optim, registration, sharding, train
+from synth import ecai, extraction, input_pipeline, losses, metrics, optim, registration, sharding, train
 from synth import writer as writer_lib
+from synth.models import ecai as ecai_models
 from synth.models import sizes
 from synth.models.discriminator import PatchDiscriminator
+from synth.models.ecai import EcaiDiscriminator, EcaiGenerator
 from synth.models.unet import UNet
 
 NAME = "synthesis"
@@ -58,6 +60,9 @@ D_TERMS = ("d_real", "d_fake", "d_category")
 # lesion label (the method); "noise": N(0, 1) of the image's size (BaseGAN, ablation A); "inverse_structure":
 # the binary inverted map 1 − s without noise (SkrGAN*).
 G_INPUTS = ("structure", "noise", "inverse_structure")
+# config.synthesis.design: "unet", the final design's conditional U-Net G and two-head D; "ecai", the
+# AAAI/ECAI drafts' encoders, decoder and code discriminator with their extra losses (§6.7, `synth.ecai`).
+DESIGNS = ("unet", "ecai")
 # At most this many pool labels are tried per sample and step (the batch's other slices).
 MAX_LABEL_CANDIDATES = 8
 
@@ -157,14 +162,15 @@ LESION_PROCESSORS: dict[str, Callable[..., LesionProcessor]] = {
 class Models(NamedTuple):
     """Stage B's networks: the trained G and D, and the frozen ones' definitions."""
 
-    generator: UNet
-    discriminator: PatchDiscriminator
+    generator: UNet | EcaiGenerator
+    discriminator: PatchDiscriminator | EcaiDiscriminator
     translator: Any  # synth.stages.translator.Models, or None for K = 1 or registration off.
     lesion: LesionProcessor | None
     structure: Any  # synth.stages.structure.Models, or None unless structure_source="stage_a".
     # K independent G/D pairs (BaseGAN, SkrGAN*): parameters stacked on a leading K axis, no modality
     # code, single-head Ds; else one G for every modality with its code and one two-head D.
     separate: bool = False
+    design: str = "unet"  # `DESIGNS`; "ecai": G = EC_R + EC_M + DC_M, D = D_M + FD_R (§6.7).
 
 
 def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> Models:
@@ -183,6 +189,23 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
         structure_models = structure.make_models(config, image_hw)
     if sy.lesion_processor != "none":
         lesion = LESION_PROCESSORS[sy.lesion_processor](config, image_hw)
+    if sy.design == "ecai":
+        features = sizes.ecai_kwargs(sy.model.size, image_hw)["features"]
+        return Models(
+            generator=EcaiGenerator(features=features, out_channels=channels_per_modality(config), **common),
+            discriminator=EcaiDiscriminator(
+                **sizes.discriminator_kwargs(sy.model.size, image_hw),
+                code_features=sizes.code_discriminator_kwargs(sy.model.size, image_hw)["features"],
+                code_channels=features * ecai_models.CODE_MULTIPLIER,
+                category_channels=registration.category_channels(sy.loss.category_kind, k),
+                dropout_rate=sy.model.disc_dropout,
+                **common,
+            ),
+            translator=None,  # The design translates with its own EC_M and DC_M.
+            lesion=lesion,
+            structure=structure_models,
+            design="ecai",
+        )
     return Models(
         generator=UNet(
             **sizes.unet_kwargs(sy.model.size, image_hw),
@@ -210,8 +233,11 @@ def channels_per_modality(config: ml_collections.ConfigDict) -> int:
 
 
 def _uses_translator(config) -> bool:
-    weights = config.synthesis.loss.weights
-    return len(config.data.modalities) > 1 and (weights.registration > 0 or weights.agreement > 0)
+    """Whether stage B needs the frozen G_t (the old design translates with its own networks)."""
+    sy = config.synthesis
+    weights = sy.loss.weights
+    needed = weights.registration > 0 or weights.agreement > 0
+    return len(config.data.modalities) > 1 and needed and sy.design != "ecai"
 
 
 def load_frozen(config: ml_collections.ConfigDict, workdir: str, models: Models) -> tuple[dict, dict]:
@@ -392,12 +418,13 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
     """L_G of §6.1.3 (plus L_pre of §6.1.4 while pre-training) for one batch of real slices.
 
     Returns:
-      `(loss, (terms, fakes, inputs))`; fakes are (K, B, H, W, C) for D's update.
+      `(loss, (terms, fakes, inputs, for_d))`; fakes are (K, B, H, W, C) for D's update, and `for_d`
+      what else D judges (the old design's real translations and codes; empty for the U-Net design).
     """
     sy = config.synthesis
     w, kind = sy.loss.weights, sy.loss.category_kind
     pretraining = step < sy.pretrain_steps
-    input_key, d_key = jax.random.split(rng)
+    input_key, d_key, ecai_key = jax.random.split(rng, 3)
     # Frozen: no gradient into their parameters; gradients still flow through their activations.
     frozen = jax.lax.stop_gradient(frozen)
     inputs = make_inputs(batch, input_key, frozen, models=models, config=config, pretraining=pretraining)
@@ -421,6 +448,12 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
         translations = registration.translate_pairs(translate, fakes)
         terms["registration"] = registration.registration_loss(fakes, translations)
         terms["agreement"] = registration.agreement_loss(translations)
+    for_d = {}
+    if models.design == "ecai":  # Registration by its own networks, and its real-data training (§6.7).
+        ecai_terms, for_d = in_dtype(dtype, functools.partial(_ecai_generator_terms, models, config))(
+            g_params, d_params, inputs.g_input, fakes, real, inputs.organ, ecai_key
+        )
+        terms.update(ecai_terms)
     if models.lesion is not None:
         terms["lesion"] = jnp.sum(
             # Only the network and the images go to `dtype`: the targets (boxes) keep float32's precision.
@@ -436,16 +469,37 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
     # SkrGAN*'s self-supervised term, in every step alongside the adversarial one (§9.1).
     terms["reconstruction"] = registration.per_modality_mse(fakes - real, 0.0)
     loss = sum(w[name] * terms[name] for name in G_TERMS)
-    return loss, (terms, fakes, inputs)
+    if models.design == "ecai":
+        loss += sum(sy.ecai.weights[name] * terms[name] for name in ecai.ECAI_G_TERMS)
+    return loss, (terms, fakes, inputs, for_d)
 
 
-def discriminator_loss(d_params, batch, fakes, rng, *, models: Models, config):
-    """L_D of §6.1.3: real slices against the synthetic ones, plus the category head."""
+def _ecai_generator_terms(models: Models, config, g_params, d_params, g_input, fakes, real, organ, key):
+    return ecai.generator_terms(
+        g_params,
+        d_params,
+        g_input,
+        fakes,
+        real,
+        organ,
+        key,
+        generator=models.generator,
+        discriminator=models.discriminator,
+        discriminate=functools.partial(_discriminate, models),
+        category_kind=config.synthesis.loss.category_kind,
+    )
+
+
+def discriminator_loss(d_params, batch, fakes, rng, for_d=None, *, models: Models, config):
+    """L_D of §6.1.3: real slices against the synthetic ones, plus the category head.
+
+    `for_d`: the old design's real translations and codes, for its extra terms (§6.7).
+    """
     loss_config = config.synthesis.loss
     w, kind = loss_config.weights, loss_config.category_kind
     real = registration.by_modality(batch["image"], channels_per_modality(config))
     k = real.shape[0]
-    real_key, fake_key = jax.random.split(rng)
+    real_key, fake_key, ecai_key = jax.random.split(rng, 3)
     discriminate = in_dtype(config.synthesis.compute_dtype, functools.partial(_discriminate, models))
     d_real, c_real = discriminate(d_params, real, real_key)
     d_fake, c_fake = discriminate(d_params, fakes, fake_key)
@@ -458,7 +512,21 @@ def discriminator_loss(d_params, batch, fakes, rng, *, models: Models, config):
         "d_category": category,
         "d_accuracy": 0.5 * (jnp.mean(d_real > 0.5) + jnp.mean(d_fake < 0.5)),
     }
-    return sum(w[name] * terms[name] for name in D_TERMS), terms
+    loss = sum(w[name] * terms[name] for name in D_TERMS)
+    if models.design == "ecai":
+        ecai_d = in_dtype(
+            config.synthesis.compute_dtype,
+            lambda params, inputs, key: ecai.discriminator_terms(
+                params,
+                inputs,
+                key,
+                discriminator=models.discriminator,
+                discriminate=functools.partial(_discriminate, models),
+            ),
+        )
+        terms.update(ecai_d(d_params, for_d, ecai_key))
+        loss += sum(config.synthesis.ecai.weights[name] * terms[name] for name in ecai.ECAI_D_TERMS)
+    return loss, terms
 
 
 def init_state(rng, batch, *, models: Models, config, g_tx, d_tx):
@@ -487,11 +555,17 @@ def init_state(rng, batch, *, models: Models, config, g_tx, d_tx):
 def train_step(state: SynthesisState, batch, rng, frozen, *, models: Models, config, g_tx, d_tx):
     """One simultaneous G/D update; only G and D are optimised, the frozen networks are arguments."""
     g_key, d_key = jax.random.split(rng)
-    (g_loss, (terms, fakes, _)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
+    (g_loss, (terms, fakes, _, for_d)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
         state.g_params, state.d_params, frozen, batch, g_key, state.step, models=models, config=config
     )
     (d_loss, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-        state.d_params, batch, jax.lax.stop_gradient(fakes), d_key, models=models, config=config
+        state.d_params,
+        batch,
+        jax.lax.stop_gradient(fakes),
+        d_key,
+        jax.lax.stop_gradient(for_d),
+        models=models,
+        config=config,
     )
     new, norms = registration.gan_update(state, g_grads, d_grads, g_tx=g_tx, d_tx=d_tx)
     metrics_out = dict(terms, **d_terms, **norms, g_loss=g_loss, d_loss=d_loss)
@@ -669,6 +743,17 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"Unknown config.synthesis.compute_dtype {sy.compute_dtype!r}; choose one of {COMPUTE_DTYPES}"
         )
+    if sy.design not in DESIGNS:
+        raise ValueError(f"Unknown config.synthesis.design {sy.design!r}; choose one of {DESIGNS}")
+    if sy.design == "ecai":
+        registration.check_loss_weights(
+            NAME, sy.ecai.weights, ecai.ECAI_TERMS, where="config.synthesis.ecai.weights"
+        )
+        if sy.separate_models or len(config.data.modalities) < 2 or sy.structure_source != "real":
+            raise ValueError(
+                "config.synthesis.design='ecai' is the multimodal design of §6.7: it needs K >= 2 "
+                "modalities, separate_models=False and structure_source='real'"
+            )
     low, high = sy.noise
     if not 0.0 <= low <= high:
         raise ValueError(f"config.synthesis.noise must be (low, high) with 0 <= low <= high, got {sy.noise}")
