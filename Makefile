@@ -31,7 +31,7 @@ JAX_CACHE_ENV = JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPI
 
 test: setup
 	@cache=$$(mktemp -d); $(JAX_CACHE_ENV) \
-	  $(PY) -m pytest -q -n 2 --dist loadfile; status=$$?; rm -rf $$cache; exit $$status
+	  $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder; status=$$?; rm -rf $$cache; exit $$status
 
 # The whole-pipeline runs of the other families on their dummy data (minutes each; see tests/test_families.py).
 test-slow: setup

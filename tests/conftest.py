@@ -1,4 +1,4 @@
-"""Shared test set-up: four simulated CPU devices, set before the JAX backend starts."""
+"""Shared test set-up: four simulated CPU devices (set before the JAX backend starts); longest files first."""
 
 import os
 
@@ -33,3 +33,22 @@ def tiny_config(phantom_data_dir):
     config = phantom.get_config("runlocal")
     config.data.data_dir = phantom_data_dir
     return config
+
+
+# The files that take longest (minutes of training or compiling each), longest first. `make test` hands out
+# whole files to its two workers in collection order (`--dist loadfile --no-loadscope-reorder`): starting
+# these first keeps one long file from running alone at the end of the run.
+LONGEST_FIRST = (
+    "test_stage_b_trained.py",
+    "test_stage_c.py",
+    "test_structure_stage.py",
+    "test_loop.py",
+    "test_stage_b_wiring.py",
+    "test_families.py",
+    "test_segmentor_variants.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the rest keep their order.

@@ -39,6 +39,9 @@ def trained(phantom_data_dir, tmp_path_factory):
 
     config = phantom.get_config("runlocal")
     config.data.data_dir = phantom_data_dir
+    # One device: four simulated ones only split the same two cores, and run this tiny step ~2× slower.
+    # Sharding is the last test's subject.
+    config.mesh.shape = (1,)
     config.segmentor.train = configlib.loop_config(
         num_steps=85, batch_size=8, log_every=85, checkpoint_every=85, eval_every=85
     )

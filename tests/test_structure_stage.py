@@ -24,6 +24,7 @@ def trained(phantom_data_dir, tmp_path_factory):
     config.structure.train.log_every = 5
     config.structure.train.eval_every = 150
     config.structure.train.checkpoint_every = 150
+    config.mesh.shape = (1,)  # Faster than four simulated devices on two cores; sharding is tested below.
     workdir = tmp_path_factory.mktemp("structure")
     spec = structure.build(config)
     state = train.run_stage(spec, config, workdir)
