@@ -50,7 +50,18 @@ def test_each_variant_switches_what_section_9_says():
     assert s.design == "ecai" and full.design == "unet" and s.label_fusion == "weighted_sum"
     assert s.noise == (0.0, 0.0) and s.pretrain_steps == 0 and s.lesion_processor == "segmentor"
     assert (s.loss.weights.g_adversarial, s.loss.weights.d_real, s.ecai.weights.cycle) == (35.0, 50.0, 10.0)
-    assert not synthesis._uses_translator(phantom.get_config("runlocal,variant=ecai"))
+    ecai_config = phantom.get_config("runlocal,variant=ecai")
+    assert not synthesis._uses_translator(ecai_config)
+    synthesis._check_config(ecai_config)
+    del ecai_config.synthesis.ecai.weights["cycle"]
+    with pytest.raises(
+        ValueError, match=r"config.synthesis.ecai.weights: unknown terms \[\], missing terms \['cycle'\]"
+    ):
+        synthesis._check_config(ecai_config)
+    ecai_config = phantom.get_config("runlocal,variant=ecai")
+    ecai_config.synthesis.separate_models = True
+    with pytest.raises(ValueError, match="design='ecai' is the multimodal design"):
+        synthesis._check_config(ecai_config)
     assert phantom.get_config("runlocal,variant=B").variant == "B"
     with pytest.raises(ValueError, match="Unknown variant='G'"):
         phantom.get_config("variant=G")
