@@ -22,8 +22,8 @@ Weights are `config.synthesis.ecai.weights` (the code's, §6.7); D's extra terms
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,16 @@ CODE_WEIGHTS = dict(
 )
 
 
+class Networks(NamedTuple):
+    """The design's network calls, parameters first (stage B wraps each for its compute dtype)."""
+
+    encode_fusion: Callable  # (g_params, fusion maps (N, H, W, C_in)) -> codes, EC_R.
+    encode_image: Callable  # (g_params, images (N, H, W, C)) -> codes, EC_M.
+    decode: Callable  # (g_params, codes, one-hot conditions (N, K)) -> images (N, H, W, C), DC_M.
+    judge_code: Callable  # (d_params, codes) -> FD_R's raw score maps.
+    discriminate: Callable  # (d_params, images (K, N, H, W, C), key) -> D_M's (real/fake, category) maps.
+
+
 def unpaired(x: jax.Array) -> jax.Array:
     """(K, B, …) with modality i's rows rolled by i: no row holds a registered set (the authors' lists)."""
     return jnp.stack([jnp.roll(x[i], i, axis=0) for i in range(x.shape[0])])
@@ -102,9 +112,7 @@ def generator_terms(
     organ: jax.Array,
     d_key: jax.Array,
     *,
-    generator,
-    discriminator,
-    discriminate: Callable,
+    nets: Networks,
     category_kind: str,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """The old design's G terms (`ECAI_G_TERMS` plus `registration` and `agreement`), and D's inputs.
@@ -114,19 +122,17 @@ def generator_terms(
       fakes: (K, B, H, W, C) x_g = DC_M([EC_R(f), c]).
       real: (K, B, H, W, C) the batch's real images by modality (registered; unpaired here).
       organ: (B, H, W, 1) the batch's organ masks.
-      discriminate: `(d_params, images (K, N, H, W, C), key) -> (real/fake, category)` maps by modality.
+      nets: the networks' calls.
 
     Returns:
       `(terms, for_d)`: `for_d` holds what D's extra terms judge (gradients stopped by the caller):
       the real translations and the codes.
     """
     k, b = real.shape[:2]
-    hw = real.shape[2:4]
-    apply = functools.partial(generator.apply, g_params)
-    encode = lambda x: apply(x, method="encode_image")  # noqa: E731
-    translate = lambda x, c: apply(x, c, method="translate")  # noqa: E731
-    decode = lambda z, c: apply(z, c, hw, method="decode")  # noqa: E731
-    judge_code = lambda z: discriminator.apply(d_params, z, method="judge_code")  # noqa: E731
+    encode = lambda x: nets.encode_image(g_params, x)  # noqa: E731
+    decode = lambda z, c: nets.decode(g_params, z, c)  # noqa: E731
+    translate = lambda x, c: decode(encode(x), c)  # noqa: E731
+    judge_code = lambda z: nets.judge_code(d_params, z)  # noqa: E731
     background = 1.0 - organ  # (B, H, W, 1)
 
     # Synthetic registration: the fakes' translations by the design's own EC_M/DC_M.
@@ -162,12 +168,12 @@ def generator_terms(
     terms["cycle_agreement"] = registration.agreement_loss(by_source(cycled))
 
     # The translations face D_M as modality j's images.
-    d_t, c_t = discriminate(d_params, translations.reshape((k, (k - 1) * b) + x.shape[2:]), d_key)
+    d_t, c_t = nets.discriminate(d_params, translations.reshape((k, (k - 1) * b) + x.shape[2:]), d_key)
     terms["translation_adversarial"] = registration.per_modality_mse(d_t, 1.0)
     terms["translation_category"] = registration.category_sum(c_t, kind=category_kind, num_modalities=k)
 
     # Codes: FD_R, and semantic consistency.
-    fusion_code = apply(g_input, method="encode_fusion")  # (B, h, w, c)
+    fusion_code = nets.encode_fusion(g_params, g_input)  # (B, h, w, c)
     synthetic_codes = encode(registration.flat(fakes)).reshape(codes.shape)
     terms["code_adversarial"] = jnp.mean(jnp.square(judge_code(fusion_code) - 1.0))
     terms["code_adversarial_real"] = registration.per_modality_mse(
@@ -182,13 +188,13 @@ def generator_terms(
 
 
 def discriminator_terms(
-    d_params, for_d: dict[str, jax.Array], d_key: jax.Array, *, discriminator, discriminate: Callable
+    d_params, for_d: dict[str, jax.Array], d_key: jax.Array, *, nets: Networks
 ) -> dict[str, jax.Array]:
     """D's extra terms (`ECAI_D_TERMS`): real translations are fakes to D_M; FD_R tells codes apart."""
     translations = for_d["translations"]
     k = translations.shape[0]
-    d_t, _ = discriminate(d_params, translations.reshape((k, -1) + translations.shape[3:]), d_key)
-    judge_code = lambda z: discriminator.apply(d_params, z, method="judge_code")  # noqa: E731
+    d_t, _ = nets.discriminate(d_params, translations.reshape((k, -1) + translations.shape[3:]), d_key)
+    judge_code = lambda z: nets.judge_code(d_params, z)  # noqa: E731
     codes = for_d["image_codes"]
     return {
         "d_translation": registration.per_modality_mse(d_t, 0.0),

@@ -302,7 +302,7 @@ def test_bf16_generator_loss_is_close_to_float32(random_stage_b):
     for dtype in ("float32", "bfloat16"):
         config = b.config.copy_and_resolve_references()
         config.synthesis.compute_dtype = dtype
-        loss, (terms, fakes, _) = jax.jit(
+        loss, (terms, fakes, _, _) = jax.jit(
             functools.partial(synthesis.generator_loss, models=b.models, config=config)
         )(b.state.g_params, b.state.d_params, b.frozen, b.batch, b.key, jnp.asarray(10**6))
         assert fakes.dtype == jnp.float32 and np.isfinite(float(loss))

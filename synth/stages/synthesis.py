@@ -450,8 +450,16 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
         terms["agreement"] = registration.agreement_loss(translations)
     for_d = {}
     if models.design == "ecai":  # Registration by its own networks, and its real-data training (§6.7).
-        ecai_terms, for_d = in_dtype(dtype, functools.partial(_ecai_generator_terms, models, config))(
-            g_params, d_params, inputs.g_input, fakes, real, inputs.organ, ecai_key
+        ecai_terms, for_d = ecai.generator_terms(
+            g_params,
+            d_params,
+            inputs.g_input,
+            fakes,
+            real,
+            inputs.organ,
+            ecai_key,
+            nets=_ecai_networks(models, dtype, real.shape[2:4]),
+            category_kind=sy.loss.category_kind,
         )
         terms.update(ecai_terms)
     if models.lesion is not None:
@@ -474,19 +482,15 @@ def generator_loss(g_params, d_params, frozen, batch, rng, step, *, models: Mode
     return loss, (terms, fakes, inputs, for_d)
 
 
-def _ecai_generator_terms(models: Models, config, g_params, d_params, g_input, fakes, real, organ, key):
-    return ecai.generator_terms(
-        g_params,
-        d_params,
-        g_input,
-        fakes,
-        real,
-        organ,
-        key,
-        generator=models.generator,
-        discriminator=models.discriminator,
-        discriminate=functools.partial(_discriminate, models),
-        category_kind=config.synthesis.loss.category_kind,
+def _ecai_networks(models: Models, dtype, image_hw: tuple[int, int]) -> ecai.Networks:
+    """The old design's network calls, each computed in `dtype` (its losses stay float32, as the method's)."""
+    g, d = models.generator, models.discriminator
+    return ecai.Networks(
+        encode_fusion=in_dtype(dtype, functools.partial(g.apply, method="encode_fusion")),
+        encode_image=in_dtype(dtype, functools.partial(g.apply, method="encode_image")),
+        decode=in_dtype(dtype, functools.partial(g.apply, image_hw=tuple(image_hw), method="decode")),
+        judge_code=in_dtype(dtype, functools.partial(d.apply, method="judge_code")),
+        discriminate=in_dtype(dtype, functools.partial(_discriminate, models)),
     )
 
 
@@ -514,17 +518,8 @@ def discriminator_loss(d_params, batch, fakes, rng, for_d=None, *, models: Model
     }
     loss = sum(w[name] * terms[name] for name in D_TERMS)
     if models.design == "ecai":
-        ecai_d = in_dtype(
-            config.synthesis.compute_dtype,
-            lambda params, inputs, key: ecai.discriminator_terms(
-                params,
-                inputs,
-                key,
-                discriminator=models.discriminator,
-                discriminate=functools.partial(_discriminate, models),
-            ),
-        )
-        terms.update(ecai_d(d_params, for_d, ecai_key))
+        nets = _ecai_networks(models, config.synthesis.compute_dtype, real.shape[2:4])
+        terms.update(ecai.discriminator_terms(d_params, for_d, ecai_key, nets=nets))
         loss += sum(config.synthesis.ecai.weights[name] * terms[name] for name in ecai.ECAI_D_TERMS)
     return loss, terms
 
