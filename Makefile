@@ -25,7 +25,8 @@ demo: setup
 # A persistent compilation cache for the run: tests, subprocesses and the notebook kernel compile many
 # identical programs, and each is then compiled once. Fresh per run, removed afterwards. The processes
 # share it at once, and JAX writes an entry in place: only with a size limit does it lock entries
-# (with filelock), so a reader never deserialises a half-written executable (which aborted a worker).
+# (with filelock), so a reader never deserialises a half-written executable (the likely cause of a
+# worker's abort and the hang that followed in CI).
 JAX_CACHE_ENV = JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
   JAX_COMPILATION_CACHE_MAX_SIZE=17179869184
 

@@ -131,12 +131,13 @@ def generator_terms(
     k, b = real.shape[:2]
     encode = lambda x: nets.encode_image(g_params, x)  # noqa: E731
     decode = lambda z, c: nets.decode(g_params, z, c)  # noqa: E731
-    translate = lambda x, c: decode(encode(x), c)  # noqa: E731
     judge_code = lambda z: nets.judge_code(d_params, z)  # noqa: E731
     background = 1.0 - organ  # (B, H, W, 1)
 
-    # Synthetic registration: the fakes' translations by the design's own EC_M/DC_M.
-    synthetic_t = registration.translate_pairs(translate, fakes)  # (K, K−1, B, H, W, C)
+    # Synthetic registration: the fakes' translations by the design's own EC_M/DC_M, each fake encoded once.
+    synthetic_codes = encode(registration.flat(fakes))
+    synthetic_codes = synthetic_codes.reshape(fakes.shape[:2] + synthetic_codes.shape[1:])
+    synthetic_t = registration.translate_pairs(decode, synthetic_codes)  # (K, K−1, B, H, W, C)
     terms = {
         "registration": registration.registration_loss(fakes, synthetic_t),
         "agreement": registration.agreement_loss(synthetic_t),
@@ -174,7 +175,6 @@ def generator_terms(
 
     # Codes: FD_R, and semantic consistency.
     fusion_code = nets.encode_fusion(g_params, g_input)  # (B, h, w, c)
-    synthetic_codes = encode(registration.flat(fakes)).reshape(codes.shape)
     terms["code_adversarial"] = jnp.mean(jnp.square(judge_code(fusion_code) - 1.0))
     terms["code_adversarial_real"] = registration.per_modality_mse(
         judge_code(registration.flat(codes)).reshape((k, b, -1)), 0.0

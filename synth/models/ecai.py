@@ -37,13 +37,16 @@ from synth.models.unet import UNet
 # (stride, width multiplier of ngf) of the encoders' 3×3 convs (§6.7).
 ENCODER_CONVS = ((1, 1), (1, 1), (2, 2), (1, 4), (1, 4), (2, 8), (1, 8))
 CODE_MULTIPLIER = ENCODER_CONVS[-1][1]
-DOWNSAMPLING = 4  # The code is at H/4 × W/4.
+
+
+def _half(hw) -> tuple[int, ...]:
+    """A stride-2 SAME conv's output size: ceil(n / 2) per axis."""
+    return tuple(-(-n // 2) for n in hw)
 
 
 def code_hw(image_hw: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) of the code for (H, W) images: two stride-2 SAME convs, ceil twice (46×36 at 184×144)."""
-    half = lambda n: -(-n // 2)  # noqa: E731
-    return tuple(half(half(n)) for n in image_hw)
+    """(h, w) of the code for (H, W) images: two stride-2 SAME convs (46×36 at 184×144)."""
+    return _half(_half(image_hw))
 
 
 class EcaiEncoder(nn.Module):
@@ -79,9 +82,8 @@ class EcaiDecoder(nn.Module):
         w = self.features
         conv = functools.partial(ConvBlock, activation=self.activation, kernel_init=self.kernel_init)
         up = functools.partial(UpConvBlock, activation=self.activation, kernel_init=self.kernel_init)
-        half_hw = tuple(-(-n // 2) for n in image_hw)
         h = conv(8 * w, name="conv0")(code)
-        h = up(4 * w, name="up1")(h, half_hw)
+        h = up(4 * w, name="up1")(h, _half(image_hw))
         h = conv(4 * w, name="conv2")(conv(4 * w, name="conv1")(h))
         h = up(2 * w, name="up2")(h, tuple(image_hw))
         h = conv(2 * w, name="conv4")(conv(2 * w, name="conv3")(h))

@@ -158,8 +158,7 @@ def settings(vconfig: ml_collections.ConfigDict) -> dict[str, bool]:
         "structure_map": structure,
         "noise": sy.g_input == "noise" or (sy.g_input == "structure" and float(sy.noise[1]) > 0),
         # The method's through the frozen G_t; the old design's through its own EC_M and DC_M (§6.7).
-        "registration_loss": synthesis._uses_translator(vconfig)  # noqa: SLF001
-        or (sy.design == "ecai" and sy.loss.weights.registration > 0),
+        "registration_loss": synthesis.registers(vconfig),
         "lesion_label_loss": lesion,
         "placement_check": lesion and sy.label_rule != "none",
         "separate_models": bool(sy.separate_models),

@@ -232,12 +232,15 @@ def channels_per_modality(config: ml_collections.ConfigDict) -> int:
     return int(config.data.get("channels", 1))
 
 
+def registers(config) -> bool:
+    """Whether stage B has registration terms: K > 1 and a registration or agreement weight."""
+    weights = config.synthesis.loss.weights
+    return len(config.data.modalities) > 1 and (weights.registration > 0 or weights.agreement > 0)
+
+
 def _uses_translator(config) -> bool:
     """Whether stage B needs the frozen G_t (the old design translates with its own networks)."""
-    sy = config.synthesis
-    weights = sy.loss.weights
-    needed = weights.registration > 0 or weights.agreement > 0
-    return len(config.data.modalities) > 1 and needed and sy.design != "ecai"
+    return registers(config) and config.synthesis.design != "ecai"
 
 
 def load_frozen(config: ml_collections.ConfigDict, workdir: str, models: Models) -> tuple[dict, dict]:
