@@ -10,18 +10,68 @@
 It prints a progress bar over the generated examples and then a summary: split sizes and the path.
 Exit status: 0 on success, 2 on bad input (unknown dataset, config or override, bad flag), 1 if the
 build itself fails.
+
+Errors print as one message (`error: ...`) when this project's code raised them on purpose (a check that
+names the file or the value: a missing manual directory, an undecodable image); any other exception keeps
+its traceback, as a bug should. `SYNTH_TRACEBACK=1` prints the traceback for every error. `launch.py`
+reports its errors the same way, with `report_error` below.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import linecache
+import os
+import pathlib
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 
 import data_builders
+
+TRACEBACK_ENV = "SYNTH_TRACEBACK"
+# The project's packages: an exception raised by a `raise` statement in one of them is a check with a
+# message written for the user. Found from this file, so it holds for an editable and an installed copy.
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_OWN_PACKAGES = frozenset({"synth", "configs", "data_builders"})
+
+
+def raised_on_purpose(error: BaseException) -> bool:
+    """Whether `error` was raised by a `raise` statement of this project's own code.
+
+    Such errors (`ValueError("Unknown stage 'x'")`, `FileNotFoundError("... the manual-download directory
+    ...")`) are checks whose message says what to fix, so the message alone is enough. Anything else, an
+    exception from a library or from the interpreter (a `TypeError` in our code, an `AssertionError`), is
+    taken for a bug and keeps its traceback.
+    """
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = pathlib.Path(tb.tb_frame.f_code.co_filename).resolve()
+    if not path.is_relative_to(_ROOT) or path.relative_to(_ROOT).parts[0] not in _OWN_PACKAGES:
+        return False
+    return linecache.getline(str(path), tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def show_traceback() -> bool:
+    """Whether `SYNTH_TRACEBACK` asks for full tracebacks (set and not "0")."""
+    return os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
+
+
+def report_error(message: str, error: BaseException | None = None, hint: str = "") -> None:
+    """Print `error: <message>` to stderr; before it, `error`'s traceback if `SYNTH_TRACEBACK` is set."""
+    if error is not None and show_traceback():
+        traceback.print_exception(error)
+    print(f"error: {message}", file=sys.stderr)
+    notes = [hint] if hint else []
+    if error is not None and not show_traceback():
+        notes.append(f"{TRACEBACK_ENV}=1 prints the traceback")
+    if notes:
+        print(f"({'; '.join(notes)})", file=sys.stderr)
 
 
 def _parse_sets(items: Sequence[str]) -> dict[str, str]:
@@ -108,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = _parse_sets(args.sets)
         builder = data_builders.get_builder(args.name, data_dir=args.data_dir, **overrides)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not raised_on_purpose(e):
+            raise
+        report_error(str(e), e)
         return 2
     if builder.data_path.exists() and builder.is_prepared() and not args.overwrite:
         print(_summary(builder, None))
@@ -126,8 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             **overrides,
         )
     except Exception as e:  # noqa: BLE001 - any build failure becomes a message and a status.
-        traceback.print_exc()
-        print(f"error: building {args.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if raised_on_purpose(e):
+            report_error(f"building {args.name} failed: {e}", e)
+        else:  # A bug or a library's failure: its traceback, whatever SYNTH_TRACEBACK says.
+            traceback.print_exc()
+            print(f"error: building {args.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(_summary(builder, time.perf_counter() - start))
     return 0

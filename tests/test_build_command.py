@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import data_builders
+from data_builders.__main__ import raised_on_purpose
 from data_builders.phantom import anatomy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+def _run(*args: str, cwd: pathlib.Path = REPO, traceback: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SYNTH_TRACEBACK")}
+    if traceback:
+        env["SYNTH_TRACEBACK"] = "1"
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
@@ -203,3 +208,52 @@ def test_cli_list():
     assert result.returncode == 0, result.stderr
     for needle in ("phantom/default [default]", "phantom/demo", "phantom/tiny", "image_size=128"):
         assert needle in result.stdout
+
+
+def _broken_chest_xray(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A copy of the chest X-ray dummy data with one image that is not an image."""
+    manual = tmp_path / "manual"
+    shutil.copytree(REPO / "data_builders" / "chest_xray" / "dummy_data" / "chest_xray", manual)
+    broken = manual / "chest_xray" / "train" / "NORMAL" / "IM-0117-0001.jpeg"
+    broken.write_bytes(b"not a jpeg")
+    return manual, broken
+
+
+def _build(name: str, tmp_path: pathlib.Path, manual: pathlib.Path, **kwargs) -> subprocess.CompletedProcess:
+    args = ("build", name, f"--data_dir={tmp_path}", f"--manual_dir={manual}", "--no_progress")
+    return _run("-m", "data_builders", *args, **kwargs)
+
+
+def test_cli_input_errors_print_one_message(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    result = _build("brats2015/slices", tmp_path, missing)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"manual-download directory {missing}" in result.stderr and "SYNTH_TRACEBACK=1" in result.stderr
+
+    manual, broken = _broken_chest_xray(tmp_path)
+    result = _build("chest_xray", tmp_path, manual)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"Cannot decode image file {broken}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+
+
+def test_cli_traceback_variable_prints_the_traceback(tmp_path):
+    manual, broken = _broken_chest_xray(tmp_path)
+    result = _build("chest_xray", tmp_path, manual, traceback=True)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "imaging.py" in result.stderr
+    assert f"error: building chest_xray failed: Cannot decode image file {broken}" in result.stderr
+
+
+def test_only_errors_raised_on_purpose_are_short(tmp_path):
+    with pytest.raises(ValueError) as ours:  # A check of ours, with a message for the user.
+        data_builders.get_builder("phantom/tiny", data_dir=tmp_path, image_size="big")
+    assert raised_on_purpose(ours.value)
+    with pytest.raises(AttributeError) as bug:  # Our code, but no `raise`: a bug keeps its traceback.
+        data_builders.get_builder(None, data_dir=tmp_path)
+    assert not raised_on_purpose(bug.value)
+    with pytest.raises(ValueError) as library:  # Raised inside numpy.
+        np.zeros(2).reshape(3)
+    assert not raised_on_purpose(library.value)

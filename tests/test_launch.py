@@ -13,12 +13,15 @@ from synth import configlib, pipeline, stages
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(*args, data_dir=None):
+def _launch(*args, data_dir=None, traceback=False):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    env.pop("SYNTH_TRACEBACK", None)
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # As in-process tests: compile fast, semantics unchanged.
     if data_dir:
         env["SYNTH_DATA_DIR"] = data_dir
+    if traceback:
+        env["SYNTH_TRACEBACK"] = "1"
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch.py"), *args],
         capture_output=True,
@@ -61,6 +64,17 @@ def test_dataset_stage_names_the_untrained_stages(tmp_path):
         pipeline.train_and_evaluate(config, tmp_path)
 
 
+def _assert_one_message(result, status, *needles, alone=True):
+    """The error ends stderr as `error: ...` and a hint (after the run's log if not `alone`), no traceback."""
+    assert result.returncode == status, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert len(lines) - first <= 3 and (first == 0 or not alone), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in result.stderr
+
+
 def test_mistyped_override_key_is_named(tmp_path):
     result = _launch(
         "--config",
@@ -72,12 +86,67 @@ def test_mistyped_override_key_is_named(tmp_path):
     assert result.returncode != 0
     assert "trian" in result.stderr + result.stdout
     assert not (tmp_path / "config.json").exists()
+    _assert_one_message(
+        result,
+        2,
+        "--config.segmentor.trian.num_steps",
+        "no key 'trian'",
+        'did you mean "train"',
+        "SYNTH_TRACEBACK=1",
+    )
 
 
 def test_unknown_stage_on_command_line(tmp_path):
     result = _launch("--config", "configs/phantom.py:stage=segmentr", "--workdir", str(tmp_path))
     assert result.returncode != 0
     assert "segmentr" in result.stderr + result.stdout
+    _assert_one_message(result, 2, "Unknown stage='segmentr'", "SYNTH_TRACEBACK=1")
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--config", "configs/phantom.py:runlokal"], ["--config=configs/phantom.py:runlokal", "'runlokal'"]),
+        (["--config", "configs/phantom.py:variant=Z"], ["variant='Z'"]),
+        (["--config", "configs/no_such.py"], ["no config file 'configs/no_such.py'"]),
+        (["--config", "configs/no_such.py", "--config.a.b=1"], ["no config file 'configs/no_such.py'"]),
+        (["--config", "configs/phantom.py", "--config.stage.x=1"], ["--config.stage.x", "TypeError"]),
+        (["--config", "configs/phantom.py", "--config.segmentor.train.num_steps=many"], ["num_steps=many"]),
+        (["--config", "configs/phantom.py", "--confg.stage=all"], ["'confg.stage'"]),
+        (["--config", "configs/phantom.py", "stray"], ["unexpected arguments: stray"]),
+    ],
+)
+def test_command_line_errors_print_one_message(tmp_path, args, needles):
+    result = _launch(*args, "--workdir", str(tmp_path / "run"))
+    _assert_one_message(result, 2, *needles, "--helpshort")
+    assert not (tmp_path / "run").exists()
+
+
+def test_traceback_variable_prints_the_traceback(tmp_path):
+    args = ["--config", "configs/phantom.py:runlokal", "--workdir", str(tmp_path)]
+    result = _launch(*args, traceback=True)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "configlib.py" in result.stderr  # Where get_config raised.
+    assert result.stderr.splitlines()[-2].startswith("error: --config=configs/phantom.py:runlokal")
+    assert "SYNTH_TRACEBACK=1" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [("return {}['stage']", "KeyError: 'stage'"), ("return int('x')", "ValueError: invalid literal")],
+)
+def test_bug_in_a_config_keeps_its_traceback(tmp_path, body, error):
+    config = tmp_path / "buggy.py"
+    config.write_text(f"def get_config(arg=None):\n    {body}\n")
+    result = _launch("--config", str(config), "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and error in result.stderr and "buggy.py" in result.stderr
+
+
+def test_run_error_prints_one_message(tmp_path):
+    # Stage C in an empty workdir: FileNotFoundError naming the stages to train first, raised on purpose.
+    result = _launch("--config", "configs/phantom.py:runlocal,stage=dataset", "--workdir", str(tmp_path))
+    _assert_one_message(result, 1, "stage=all", "SYNTH_TRACEBACK=1", alone=False)
 
 
 def test_launch_runs_and_resumes(phantom_data_dir, tmp_path):
