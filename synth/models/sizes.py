@@ -22,6 +22,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "mask_generator": {"features": 4, "num_levels": 3},
         "detector": {"features": 8},
         "ecai": {"features": 4},
+        "flow_unet": {"features": 8, "num_levels": 3, "groups": 4},  # Flow velocity net (synth.flow).
     },
     "small": {
         "unet": {"features": 32, "num_levels": 3},  # ngf 32 = the paper's G_m width.
@@ -31,6 +32,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "mask_generator": {"features": 16, "num_levels": 3},
         "detector": {"features": 32},
         "ecai": {"features": 32},
+        "flow_unet": {"features": 32, "num_levels": 3, "groups": 16},
     },
     "base": {
         "unet": {"features": 64, "num_levels": 3},  # The paper/code's ngf 64 (G, G_t, G_l).
@@ -41,6 +43,8 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "mask_generator": {"features": 32, "num_levels": 3},  # G_m: the U-Net at ngf 32 (§4.6).
         "detector": {"features": 64},  # SSD lesion detector G_l: ngf 64 (§6.6).
         "ecai": {"features": 64},  # The old design's EC_R, EC_M, DC_M: ngf 64, codes 8·64 = 512 ch (§6.7).
+        # G's convs at G's widths (ngf 64), plus FiLM and residual 1×1s: 1.05× G's FLOPs per call.
+        "flow_unet": {"features": 64, "num_levels": 3, "groups": 32},
     },
 }
 
@@ -224,4 +228,25 @@ def ecai_kwargs(variant: str, image_hw: tuple[int, int]) -> dict[str, Any]:
     """
     kwargs = variant_sizes(variant, "ecai")
     _check_depth(variant, image_hw, ECAI_LEVELS)
+    return kwargs
+
+
+def flow_unet_kwargs(variant: str, image_hw: tuple[int, int]) -> dict[str, Any]:
+    """Return the size kwargs of :class:`~synth.models.flow_unet.FlowUNet` (features, levels, groups).
+
+    Build it as ``FlowUNet(out_channels=K * C, **flow_unet_kwargs(v, hw))``; the flow family's velocity
+    network for stages A and B (``synth.flow``).
+
+    Args:
+        variant: a key of :data:`SIZES`.
+        image_hw: the (H, W) it will run on; checked against its depth.
+
+    Returns:
+        Kwargs to splat into ``FlowUNet(...)``.
+
+    Raises:
+        ValueError: unknown variant, or an image too small for the variant's depth.
+    """
+    kwargs = variant_sizes(variant, "flow_unet")
+    _check_depth(variant, image_hw, kwargs["num_levels"])
     return kwargs
