@@ -16,7 +16,7 @@ the networks are the paper's ngf 64.
 
 import ml_collections
 
-from configs import family, phantom
+from configs import family, phantom, tables
 from synth import configlib
 
 # The dummy volumes are 8×12×10 voxels: a crop that fits them, resized to the runlocal working size.
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = phantom.get_config(",".join(flags))
     config.data.name, config.data.builder_config = "brats2015", "slices"
     config.data.build_if_missing = False  # Needs the manual download: see data_builders/brats2015/README.md.
-    config.structure.extraction = ml_collections.ConfigDict(dict(dataset="brats2015"))
+    config.structure.extraction = tables.extraction("brats2015")
     if not options.runlocal:
         for stage in (config.structure, config.segmentor, config.translator, config.synthesis):
             stage.model.size = "base"

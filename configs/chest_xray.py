@@ -11,7 +11,7 @@ Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a f
   out rather than their lesions removed (§3.4).
 - The lesion label is the image's class as a constant map (the authors' form), given to G as one-hot
   planes + 0.1 (§3.6, the X-ray code); no placement check (§3.7).
-- Stage `segmentor` trains the classifier (`segmentor.task = "classify"`, synth/stages/classifier.py):
+- Stage `segmentor` trains the classifier (`segmentor.task = "classify"`, synth/lesion/classify.py):
   the authors' patch discriminator with 3 output channels, spatially averaged. Frozen, it is stage B's
   lesion processor, stage C's filter (the sample is kept if the classifier sees the asked-for class) and
   stage D's downstream model (accuracy on the real test split, T7).

@@ -10,7 +10,7 @@ import os
 import ml_collections
 
 import data_builders
-from configs import phantom
+from configs import phantom, tables
 from synth import configlib
 
 # §6.4-6.5: single-modality generators have a single-head D and no registration or translation terms.
@@ -66,9 +66,14 @@ def set_data(
     data.build_if_missing = False  # Real data needs its manual download: see the builder's README.
 
 
-def single_modality(config: ml_collections.ConfigDict, *, extraction: str, runlocal: bool) -> None:
-    """Stage A without lesion removal, and a single-modality, label-free stage B (§6.5)."""
-    config.structure.extraction = ml_collections.ConfigDict(dict(dataset=extraction))
+def single_modality(
+    config: ml_collections.ConfigDict, *, extraction: str, runlocal: bool, **extraction_overrides
+) -> None:
+    """Stage A without lesion removal, and a single-modality, label-free stage B (§6.5).
+
+    `extraction` names the dataset's row of configs/tables.py; `extraction_overrides` change its fields.
+    """
+    config.structure.extraction = tables.extraction(extraction, **extraction_overrides)
     if runlocal:
         # Extract at the image's own 32² instead of the authors' working size (512², 1500² for X-ray).
         config.structure.extraction.size = None

@@ -16,8 +16,8 @@ Everything else is an override, e.g. `--config.segmentor.train.num_steps=2000`.
 
 import ml_collections
 
-from configs import variants
-from synth import configlib, ecai, losses
+from configs import tables, variants
+from synth import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -62,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Stage A (§5): structure maps and organ masks from noise.
     config.structure = ml_collections.ConfigDict()
-    # Extraction parameters: a dataset's row of synth.extraction.DATASET_EXTRACTION, any field overridable.
-    config.structure.extraction = ml_collections.ConfigDict(dict(dataset="phantom"))
+    # Extraction parameters (§3.3): the dataset's row of configs/tables.py, every field overridable.
+    config.structure.extraction = tables.extraction("phantom")
     config.structure.remove_lesions = True  # §3.4: the tumour's own edges are not anatomy.
     config.structure.train_classes = ()  # (): every training image; X-ray: normal ones only (§3.4).
     config.structure.model = ml_collections.ConfigDict(
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             mask_dropout=0.1,  # G_m input, keep_prob 0.9.
         )
     )
-    weights = losses.STAGE_A_PAPER_WEIGHTS if options.paper_weights else losses.STAGE_A_CODE_WEIGHTS
+    weights = tables.STAGE_A_PAPER_WEIGHTS if options.paper_weights else tables.STAGE_A_CODE_WEIGHTS
     config.structure.loss = ml_collections.ConfigDict(
         dict(weights=dict(weights), parity=False)  # parity: the authors' mask-exclusion term (§11.10).
     )
@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Lesion processors (§6.3), trained on real data and frozen for synthesis.
     config.segmentor = ml_collections.ConfigDict()
-    config.segmentor.task = "segment"  # or "classify" (a class per image: X-ray, synth/stages/classifier.py)
+    config.segmentor.task = "segment"  # or "classify" (a class per image: X-ray, synth/lesion/)
     config.segmentor.metrics = "dice"  # or "vessel": sensitivity, accuracy, AUC inside the FOV (DRIVE)
     config.segmentor.variant = "n_seg"  # n_seg: N U-Nets; one_seg: 1 U-Net; shared_encoder: 1 enc + N dec
     config.segmentor.stacking = "auto"  # vmap | unrolled; auto: unrolled on CPU (see models/stacked.py)
@@ -156,14 +156,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.synthesis.lesion_processor = "segmentor"  # or "none"
     # The baselines and ablations of §9.1-9.2 (configs/variants.py): what G is fed, and whether each
     # modality has its own G/D pair (BaseGAN, SkrGAN*: unregistered by construction).
-    config.synthesis.g_input = (
-        "structure"  # or "noise", "inverse_structure" (synth.stages.synthesis.G_INPUTS)
-    )
+    config.synthesis.g_input = "structure"  # or "noise", "inverse_structure" (synth.conditioning.G_INPUTS)
     config.synthesis.separate_models = False
     # "unet": the final design; "ecai": the AAAI/ECAI drafts' encoder/decoder design (§6.7, variant=ecai),
     # whose extra loss terms (its own translation, real-data reconstruction/cycle, codes) weigh as below.
     config.synthesis.design = "unet"
-    config.synthesis.ecai = ml_collections.ConfigDict(dict(weights=dict(ecai.CODE_WEIGHTS)))
+    config.synthesis.ecai = ml_collections.ConfigDict(dict(weights=dict(tables.ECAI_CODE_WEIGHTS)))
     config.synthesis.pretrain_steps = 1000  # Self-supervised pre-training on real pairs (§6.1.4).
     # "bfloat16": the training step's networks compute in bf16 (parameters stay float32, losses in float32),
     # for GPUs; CPUs gain nothing from it.
@@ -258,6 +256,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             batch_size=8,
             num_pairs=100,  # Random MS-SSIM pairs per modality (real vs synthetic).
             grid_samples=4,  # Rows of the side-by-side grid.
+            # What each variant changes (configs/variants.py), as (dotted key, value) pairs: the stage
+            # builds every variant's config from these, so it needs no config file.
+            variant_overrides={
+                name: tuple(o.items())
+                for name, o in variants.overrides(tuple(config.synthesis.loss.weights)).items()
+            },
+            variant_descriptions=dict(variants.DESCRIPTIONS),
         )
     )
 
@@ -340,4 +345,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.verify.eval_max_examples = 8
         config.verify.quality.num_pairs = 4
         config.compare.update(dict(num_samples=8, batch_size=4, num_pairs=4, grid_samples=2))
-    return variants.apply(config, options.variant)
+    return configlib.apply_variant(config, options.variant, config.compare.variant_overrides)

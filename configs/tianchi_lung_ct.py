@@ -11,7 +11,7 @@ Each example is an annotated slice with its two neighbours as 3 channels (§2.1)
 lesions. The `boxes` adapter turns the builder's pixel boxes into padded, normalised ones and repaints the
 label as the box-label image L_image of §6.6 (each box filled with its class). G takes the noise-fused
 structure map with `one_hot(L_image) + 0.1` (the code's fusion) and makes the three slices; no placement
-check (§3.7). The real-trained SSD detector (`segmentor.task = "detect"`, `synth.stages.detector`, with
+check (§3.7). The real-trained SSD detector (`segmentor.task = "detect"`, `synth.lesion.detect`, with
 the §11.22 defects fixed) is frozen as G's lesion processor: its multibox loss against the boxes of the
 drawn label guides G (weight 1, §6.6). Stage C keeps a synthetic slice when the detector's confident boxes
 cover the asked-for ones (whole Dice of the painted boxes, `dataset.dice`) and writes each sample's boxes,
@@ -48,13 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         channels=3,  # Slices k-1, k, k+1.
     )
     config.data.adapter_options = ml_collections.ConfigDict(dict(max_boxes=16, classes=(1,)))
-    family.single_modality(config, extraction="tianchi", runlocal=options.runlocal)
-    config.structure.extraction.channel = 1  # The centre slice (see the module docstring).
+    # The centre slice's structure map (see the module docstring).
+    family.single_modality(config, extraction="tianchi", runlocal=options.runlocal, channel=1)
     config.structure.remove_lesions = True  # Nodules are localised lesions (§3.4).
     config.segmentor.task = "detect"
     config.segmentor.model.size = "base" if not options.runlocal else "tiny"
     config.segmentor.model.activation = "relu"  # The SSD's (§6.6), as VGG.
-    # SSD settings (synth.stages.detector): the code's six maps and scales at 512², standard matching.
+    # SSD settings (synth.lesion.detect): the code's six maps and scales at 512², standard matching.
     config.segmentor.detector = ml_collections.ConfigDict(
         dict(
             num_maps=6,

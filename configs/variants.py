@@ -1,6 +1,10 @@
-"""The baselines and ablations of §9.1-9.2 as config changes of the one trainer (no copied folders).
+"""The baselines and ablations of §9.1-9.2 as config overrides of the one trainer (no copied folders).
 
-`variant=<name>` on the phantom and BRATS configs applies one of `VARIANTS` to the method's config:
+`variant=<name>` on the phantom and BRATS configs applies one of `VARIANTS` to the method's config: each
+is a table of overrides (dotted config key -> value, `overrides`), applied by
+`synth.configlib.apply_variant`, which also records `config.variant`. The config keeps the whole table
+(`config.compare.variant_overrides`, with `config.compare.variant_descriptions`), so stage `compare`
+builds every variant's config from it.
 
 - `full` (= `F`): the method: one G for all K modalities on the noise-fused structure map and the lesion
   label, with every loss.
@@ -20,88 +24,22 @@
   `config.synthesis.ecai.weights`); no pre-training, category on real images only (the code). The
   lesion term is the method's (the same frozen segmentors and loss), not the old 4-seg weighted MSE.
 
-Each is a function of the config (`apply`), so any dataset config built on the phantom's (BRATS) takes
-them; stage C and D then run on the variant's generator as on the method's. Where the variant does not
-use a network (G_t, segmentors) its stage is skipped or its loss weight is 0, exactly as the method's
-config switches it off. The authors' BRATS ablations D–F never give G the label (§3.6); here E and F
-feed it the way the method does (concatenation, the paper), so E and F differ only by the placement check
-(§9.2's note). §11.24's defect (SkrGAN* unpacking two outputs from single-head discriminators) cannot occur:
-separate models have single-head Ds by construction.
+Each applies to any dataset config built on the phantom's (BRATS); stage C and D then run on the variant's
+generator as on the method's. Where the variant does not use a network (G_t, segmentors) its stage is
+skipped or its loss weight is 0, exactly as the method's config switches it off. The authors' BRATS
+ablations D–F never give G the label (§3.6); here E and F feed it the way the method does (concatenation,
+the paper), so E and F differ only by the placement check (§9.2's note). §11.24's defect (SkrGAN*
+unpacking two outputs from single-head discriminators) cannot occur: separate models have single-head Ds
+by construction.
 """
 
-from collections.abc import Callable
-
-import ml_collections
+from collections.abc import Sequence
 
 # §9.1, BaseGAN (= ablation A): L_D = 100·mse(d(x), 1) + 70·mse(d(x_g), 0); L_G = 70·mse(d(x_g), 1).
 BASEGAN_WEIGHTS = dict(g_adversarial=70.0, d_real=100.0, d_fake=70.0)
 # §9.1: SkrGAN*'s: L_D = 5·mse(d(x), 1) + 3·mse(d(x_g), 0); L_G = 3·mse(d(x_g), 1) + 5·mse(x_g, x).
 SKRGAN_WEIGHTS = dict(g_adversarial=3.0, d_real=5.0, d_fake=3.0, reconstruction=5.0)
-
-
-def _only(config: ml_collections.ConfigDict, **weights: float) -> None:
-    """Sets stage B's loss weights to `weights`, every other term 0."""
-    for name in config.synthesis.loss.weights:
-        config.synthesis.loss.weights[name] = float(weights.get(name, 0.0))
-
-
-def _no_lesion(config: ml_collections.ConfigDict) -> None:
-    """No label given to G and no lesion loss (its segmentors are not needed in stage B).
-
-    Stage C then has no asked-for lesion to check (no Dice filter), and writes each sample with what the
-    real-trained segmentors find in it (pseudo-labels) for stage D.
-    """
-    config.synthesis.label_fusion = "none"
-    config.synthesis.lesion_processor = "none"
-    config.synthesis.loss.weights.lesion = 0.0
-    config.dataset.dice.kind, config.dataset.dice.threshold = "none", 0.0
-    config.dataset.synthetic_label = "segmentor"
-
-
-def _separate(config: ml_collections.ConfigDict, g_input: str, weights: dict) -> None:
-    """K independent G/D pairs on `g_input`, with only `weights` (§9.1's baselines)."""
-    config.synthesis.g_input = g_input
-    config.synthesis.separate_models = True
-    _no_lesion(config)
-    _only(config, **weights)
-
-
-def basegan(config: ml_collections.ConfigDict) -> None:
-    """BaseGAN = ablation A: K unconditional U-Nets on image-sized N(0, 1) noise, single-head Ds."""
-    _separate(config, "noise", BASEGAN_WEIGHTS)
-    config.synthesis.pretrain_steps = 0  # No (structure, image) pairs to pre-train on.
-
-
-def skrgan(config: ml_collections.ConfigDict) -> None:
-    """SkrGAN*: K U-Nets on the inverted binary structure map, adversarial + self-supervised loss."""
-    _separate(config, "inverse_structure", SKRGAN_WEIGHTS)
-    config.synthesis.noise = (0.0, 0.0)
-    config.synthesis.pretrain_steps = 0  # The reconstruction term runs in every step instead.
-
-
-def ablation_b(config: ml_collections.ConfigDict) -> None:
-    """B: the conditional G on the structure map without noise; ACGAN D; no G_t, no lesion."""
-    ablation_c(config)
-    config.synthesis.noise = (0.0, 0.0)  # s' = s + 0: the raw map.
-
-
-def ablation_c(config: ml_collections.ConfigDict) -> None:
-    """C: B with the noise fusion of §3.5."""
-    ablation_d(config)
-    config.synthesis.loss.weights.registration = config.synthesis.loss.weights.agreement = 0.0
-
-
-def ablation_d(config: ml_collections.ConfigDict) -> None:
-    """D: C with the frozen G_t's registration (20) and translation-agreement (5) losses."""
-    _no_lesion(config)
-
-
-def ablation_e(config: ml_collections.ConfigDict) -> None:
-    """E: D with the lesion label and loss, but no placement check (labels drawn regardless of the organ)."""
-    config.synthesis.label_rule = "none"
-
-
-# §6.7's D_M and G weights of the shared terms (the rest: synth.ecai.CODE_WEIGHTS).
+# §6.7's D_M and G weights of the shared terms (the rest: configs/tables.py ECAI_CODE_WEIGHTS).
 ECAI_WEIGHTS = dict(
     g_adversarial=35.0,
     g_category=50.0,
@@ -113,40 +51,83 @@ ECAI_WEIGHTS = dict(
 )
 
 
-def ecai(config: ml_collections.ConfigDict) -> None:
-    """The old encoder/decoder design of the AAAI/ECAI drafts (§6.7) on the one trainer."""
-    sy = config.synthesis
-    sy.design = "ecai"
-    sy.label_fusion = "weighted_sum"  # f_rm: channel k = 0.8·s + 0.2·one_hot(l)_k (§3.6 [OLD]).
-    sy.noise = (0.0, 0.0)
-    sy.pretrain_steps = 0
-    sy.loss.category_on_fakes = False
-    _only(config, lesion=sy.loss.weights.lesion, **ECAI_WEIGHTS)
+def _weights(terms: Sequence[str], weights: dict, *, keep: tuple[str, ...] = ()) -> dict:
+    """Stage B's loss weights `weights`, its other `terms` 0 (but those in `keep`, left as they are).
+
+    A variant that sets its own weights sets every term, so no weight of the method leaks into a baseline.
+    """
+    return {f"synthesis.loss.weights.{t}": float(weights.get(t, 0.0)) for t in terms if t not in keep}
 
 
-def full(config: ml_collections.ConfigDict) -> None:
-    """F: the method as configured."""
-    del config
-
-
-VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    "full": full,
-    "basegan": basegan,
-    "skrgan": skrgan,
-    "A": basegan,
-    "B": ablation_b,
-    "C": ablation_c,
-    "D": ablation_d,
-    "E": ablation_e,
-    "F": full,
-    "ecai": ecai,
+# No label given to G and no lesion loss (its segmentors are not needed in stage B). Stage C then has no
+# asked-for lesion to check (no Dice filter), and writes each sample with what the real-trained segmentors
+# find in it (pseudo-labels) for stage D.
+NO_LESION = {
+    "synthesis.label_fusion": "none",
+    "synthesis.lesion_processor": "none",
+    "synthesis.loss.weights.lesion": 0.0,
+    "dataset.dice.kind": "none",
+    "dataset.dice.threshold": 0.0,
+    "dataset.synthetic_label": "segmentor",
 }
 
 
-def apply(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """`config` changed into variant `name` (in place; also returned), recorded as `config.variant`."""
-    if name not in VARIANTS:
-        raise ValueError(f"Unknown variant={name!r}; choose one of {', '.join(VARIANTS)}")
-    VARIANTS[name](config)
-    config.variant = name
-    return config
+def _separate(terms: Sequence[str], g_input: str, weights: dict) -> dict:
+    """K independent G/D pairs on `g_input`, with only `weights` (§9.1's baselines)."""
+    return {
+        "synthesis.g_input": g_input,
+        "synthesis.separate_models": True,
+        **NO_LESION,
+        **_weights(terms, weights),
+        # No pre-training: BaseGAN has no (structure, image) pairs; SkrGAN*'s reconstruction runs every step.
+        "synthesis.pretrain_steps": 0,
+    }
+
+
+ABLATION_D = dict(NO_LESION)
+ABLATION_C = {
+    **ABLATION_D,
+    "synthesis.loss.weights.registration": 0.0,
+    "synthesis.loss.weights.agreement": 0.0,
+}
+ABLATION_B = {**ABLATION_C, "synthesis.noise": (0.0, 0.0)}  # s' = s + 0: the raw map.
+
+# variant -> one line on what it is (the report's table).
+DESCRIPTIONS = {
+    "full": "F: the method as configured.",
+    "basegan": "BaseGAN = ablation A: K unconditional U-Nets on image-sized N(0, 1) noise, single-head Ds.",
+    "skrgan": "SkrGAN*: K U-Nets on the inverted binary structure map, adversarial + self-supervised loss.",
+    "B": "B: the conditional G on the structure map without noise; ACGAN D; no G_t, no lesion.",
+    "C": "C: B with the noise fusion of §3.5.",
+    "D": "D: C with the frozen G_t's registration (20) and translation-agreement (5) losses.",
+    "E": (
+        "E: D with the lesion label and loss, but no placement check (labels drawn regardless of the organ)."
+    ),
+    "ecai": "The old encoder/decoder design of the AAAI/ECAI drafts (§6.7) on the one trainer.",
+}
+DESCRIPTIONS["A"], DESCRIPTIONS["F"] = DESCRIPTIONS["basegan"], DESCRIPTIONS["full"]
+VARIANTS = tuple(DESCRIPTIONS)
+
+
+def overrides(terms: Sequence[str]) -> dict[str, dict]:
+    """Every variant's overrides, for a config whose stage-B loss weighs `terms` (its own weight names)."""
+    table = {
+        "full": {},
+        "basegan": _separate(terms, "noise", BASEGAN_WEIGHTS),
+        "skrgan": {**_separate(terms, "inverse_structure", SKRGAN_WEIGHTS), "synthesis.noise": (0.0, 0.0)},
+        "B": ABLATION_B,
+        "C": ABLATION_C,
+        "D": ABLATION_D,
+        "E": {"synthesis.label_rule": "none"},
+        "ecai": {
+            "synthesis.design": "ecai",
+            # f_rm: channel k = 0.8·s + 0.2·one_hot(l)_k (§3.6 [OLD]).
+            "synthesis.label_fusion": "weighted_sum",
+            "synthesis.noise": (0.0, 0.0),
+            "synthesis.pretrain_steps": 0,
+            "synthesis.loss.category_on_fakes": False,
+            **_weights(terms, ECAI_WEIGHTS, keep=("lesion",)),  # The method's lesion weight stays.
+        },
+    }
+    table["A"], table["F"] = table["basegan"], table["full"]
+    return {name: table[name] for name in VARIANTS}

@@ -64,6 +64,27 @@ class Checkpointer:
         data_state = restored["data"] if has_data else None
         return restored["state"], data_state
 
+    def restore_part(self, abstract_part: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        """Restores only the fields of the saved state named in `abstract_part` (orbax partial restore).
+
+        A frozen consumer reads a trained stage's parameters without building its optimiser state: the
+        other fields of the checkpoint (optimiser moments, the iterator state) are never read.
+
+        Args:
+          abstract_part: field name of the saved state pytree (e.g. `"g_params"`, `"step"`) -> its
+            abstract subtree of `jax.ShapeDtypeStruct`s with `sharding` set.
+          step: which checkpoint; None for the latest.
+
+        Returns:
+          The restored fields, as a dict like `abstract_part`.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}")
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_part)
+        args = ocp.args.PyTreeRestore(item=abstract_part, restore_args=restore_args, partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
     def wait(self) -> None:
         """Blocks until every asynchronous save has been written."""
         self._manager.wait_until_finished()

@@ -9,7 +9,7 @@ names it. Everything else is an override on the command line (`--config.a.b=v`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -78,6 +78,13 @@ def _parse_value(key: str, value: str, default: Any) -> Any:
     return value
 
 
+def check_choice(key: str, value: Any, choices) -> Any:
+    """Returns `value` if it is one of `choices`, else raises a ValueError naming `config.<key>`."""
+    if value not in choices:
+        raise ValueError(f"Unknown config.{key} {value!r}; choose one of {tuple(choices)}")
+    return value
+
+
 def check_stage(stage: str) -> str:
     """Returns `stage` if it names a pipeline stage or `all`, else raises a ValueError naming it."""
     if stage not in STAGE_CHOICES:
@@ -129,6 +136,44 @@ def adam_config(learning_rate: float, *, b1: float = 0.5, b2: float = 0.999, eps
     return ml_collections.ConfigDict(
         dict(name="adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, grad_clip_norm=0.0)
     )
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | Sequence) -> None:
+    """Sets every `dotted.key -> value` of `overrides` (a mapping or `(key, value)` pairs) in `config`.
+
+    Raises:
+      KeyError: a key that `config` does not have, naming it (an override never adds a setting).
+    """
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    for key, value in items:
+        *path, leaf = key.split(".")
+        section = config
+        for part in path:
+            section = section[part]
+        if leaf not in section:
+            raise KeyError(f"Override {key!r}: config.{key} does not exist")
+        section[leaf] = tuple(value) if isinstance(value, list) else value
+
+
+def apply_variant(
+    config: ml_collections.ConfigDict, name: str, variants: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """`config` changed into variant `name` of the table `variants` (in place; also returned).
+
+    Args:
+      config: the method's config.
+      name: a key of `variants`; recorded as `config.variant`.
+      variants: variant name -> its overrides (see `apply_overrides`), e.g. the config's own
+        `config.compare.variant_overrides`.
+
+    Raises:
+      ValueError: an unknown variant, naming the known ones.
+    """
+    if name not in variants:
+        raise ValueError(f"Unknown variant={name!r}; choose one of {', '.join(variants)}")
+    apply_overrides(config, variants[name])
+    config.variant = name
+    return config
 
 
 def to_dict(config: ml_collections.ConfigDict | Mapping) -> dict:

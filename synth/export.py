@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from synth import writer
+
 FORMATS = ("nifti", "png")
 _TMP_PREFIX = ".incomplete-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -105,8 +107,6 @@ def _write_png(
     folder: str, example: Mapping[str, Any], modalities: Sequence[str], *, num_classes: int, **_: Any
 ) -> None:
     from PIL import Image
-
-    from synth import writer  # Imports JAX; only PNG export needs its helpers.
 
     _, image, label = _checked(example, modalities)
     for k, modality in enumerate(modalities):

@@ -22,6 +22,7 @@ import numpy as np
 from absl import flags
 
 import data_builders
+from synth import boxes as boxes_lib
 from synth import sharding
 
 log = logging.getLogger("synth")
@@ -80,8 +81,6 @@ def _boxes(example: Example, *, max_boxes: int, classes: tuple[int, ...]) -> Exa
     dropped), and the label is the box-label image of §6.6 repainted from them, each box with its class,
     so label and boxes agree whatever classes are kept.
     """
-    from synth import boxes as boxes_lib
-
     image = np.asarray(example["image"])
     gt_boxes, gt_classes = boxes_lib.tianchi_ground_truth(
         example["boxes"],

@@ -17,11 +17,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-
-from synth import losses, optim
-
-CATEGORY_KINDS = ("index_mse", "cross_entropy")
 
 
 def ordered_pairs(num_modalities: int) -> tuple[tuple[int, int], ...]:
@@ -117,73 +112,6 @@ def translate_back(translate: Callable[[jax.Array, jax.Array], jax.Array], trans
     return out.reshape(translations.shape)
 
 
-def category_loss(category_out: jax.Array, index: jax.Array, *, kind: str, num_modalities: int) -> jax.Array:
-    """The ACGAN category term of a batch whose images all belong to modality `index` (a scalar or (B,)).
-
-    Kinds (§4.2, §11.15): `index_mse`, the authors' 1-channel map regressed to the modality index;
-    `cross_entropy`, a K-channel map with softmax cross-entropy per patch.
-    """
-    index = jnp.asarray(index)
-    if kind == "index_mse":
-        target = jnp.broadcast_to(index.reshape(index.shape + (1,) * (4 - index.ndim)), category_out.shape)
-        return losses.mse(category_out, target.astype(category_out.dtype))
-    if kind == "cross_entropy":
-        target = jnp.broadcast_to(
-            index.reshape(index.shape + (1,) * (3 - index.ndim)), category_out.shape[:3]
-        )
-        log_probs = jax.nn.log_softmax(category_out.astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(log_probs, target[..., None].astype(jnp.int32), axis=-1)
-        return -jnp.mean(picked)
-    raise ValueError(f"Unknown category loss kind {kind!r}; choose one of {CATEGORY_KINDS}")
-
-
-def category_channels(kind: str, num_modalities: int) -> int:
-    """Channels of the discriminator's category head for `kind`."""
-    if kind not in CATEGORY_KINDS:
-        raise ValueError(f"Unknown category loss kind {kind!r}; choose one of {CATEGORY_KINDS}")
-    return 1 if kind == "index_mse" else num_modalities
-
-
-def predicted_category(category_out: jax.Array, *, kind: str) -> jax.Array:
-    """(B,) modality index each image's category map points to (for the D accuracy metric)."""
-    if kind == "index_mse":
-        return jnp.round(jnp.mean(category_out, axis=(1, 2, 3))).astype(jnp.int32)
-    return jnp.argmax(jnp.mean(category_out, axis=(1, 2)), axis=-1).astype(jnp.int32)
-
-
 def flat(x: jax.Array) -> jax.Array:
     """Merges every leading axis before (H, W, C) into one batch axis."""
     return x.reshape((-1,) + x.shape[-3:])
-
-
-def per_modality_mse(out: jax.Array, value: float) -> jax.Array:
-    """Σ_j mse(out[j], value) for outputs (K, …) grouped by modality, e.g. LSGAN targets of D maps."""
-    return jnp.sum(jnp.mean(jnp.square(out - value), axis=tuple(range(1, out.ndim))))
-
-
-def category_sum(category: jax.Array | None, *, kind: str, num_modalities: int) -> jax.Array:
-    """Σ_j category_loss(category[j], j) for category maps (K, N, h, w, c); 0 without a category head."""
-    if category is None:
-        return jnp.zeros((), jnp.float32)
-    return sum(
-        category_loss(category[j], j, kind=kind, num_modalities=num_modalities) for j in range(num_modalities)
-    )
-
-
-def check_loss_weights(section: str, weights, terms: tuple[str, ...], *, where: str = "") -> None:
-    """Raises a ValueError naming `config.<section>.loss.weights` (or `where`) if its terms differ."""
-    unknown, missing = sorted(set(weights) - set(terms)), sorted(set(terms) - set(weights))
-    if unknown or missing:
-        raise ValueError(
-            f"{where or f'config.{section}.loss.weights'}: unknown terms {unknown}, missing terms {missing}; "
-            f"the terms are {terms}"
-        )
-
-
-def gan_update(state, g_grads, d_grads, *, g_tx, d_tx):
-    """Both sides' optimiser updates of a GAN state (fields g_params, d_params, g_opt, d_opt, step)."""
-    g_params, g_opt, _ = optim.apply(g_tx, g_grads, state.g_opt, state.g_params)
-    d_params, d_opt, _ = optim.apply(d_tx, d_grads, state.d_opt, state.d_params)
-    norms = {"g_grad_norm": optax.global_norm(g_grads), "d_grad_norm": optax.global_norm(d_grads)}
-    new = state.replace(step=state.step + 1, g_params=g_params, d_params=d_params, g_opt=g_opt, d_opt=d_opt)
-    return new, norms

@@ -73,6 +73,11 @@ def to_global(local_batch: Any, sharding: NamedSharding) -> Any:
     )
 
 
+def is_main_process() -> bool:
+    """Whether this is process 0, the one that writes files and logs for all."""
+    return jax.process_index() == 0
+
+
 def agree(flag: bool) -> bool:
     """Process 0's value of `flag` on every process.
 

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 from PIL import Image
 
@@ -35,7 +34,11 @@ class MetricWriter:
             before its next checkpoint) are dropped from the JSONL and hidden in TensorBoard.
         """
         self.logdir = os.fspath(logdir)
-        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        if enabled is None:
+            import jax  # Here, not at the top: the PNG exporter uses this module's pictures without JAX.
+
+            enabled = jax.process_index() == 0
+        self.enabled = enabled
         self._tb = None
         if self.enabled:
             os.makedirs(self.logdir, exist_ok=True)

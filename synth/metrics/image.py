@@ -88,7 +88,7 @@ def psnr(a: jax.Array, b: jax.Array, *, data_range: float = 1.0) -> jax.Array:
     return 10.0 * jnp.log10(data_range**2 / mse(a, b))
 
 
-def _gaussian_window(size: int, sigma: float) -> jax.Array:
+def gaussian_window(size: int, sigma: float) -> jax.Array:
     """1-D Gaussian taps summing to 1; their outer product is TF's ``_fspecial_gauss`` 2-D window."""
     coords = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0
     taps = jnp.exp(-0.5 * jnp.square(coords) / sigma**2)
@@ -129,7 +129,7 @@ def _ssim_per_channel(
     # One filter pass over the four statistics' inputs stacked along the channel axis.
     stats = _filter_valid(
         jnp.concatenate([x, y, x * y, jnp.square(x) + jnp.square(y)], axis=-1),
-        _gaussian_window(filter_size, filter_sigma),
+        gaussian_window(filter_size, filter_sigma),
     )
     mean_x, mean_y, mean_xy, mean_sq = jnp.split(stats, 4, axis=-1)
     num0 = 2.0 * mean_x * mean_y

@@ -18,7 +18,7 @@ the two-head D for that D plus a code discriminator:
 `EcaiGenerator.__call__(x, cond)` = DC_M([EC_R(x), cond]) has the U-Net's signature, so stage B's
 generation, evaluation, stage C and the comparison run the old design unchanged; its other methods give
 the image encoder, the decoder and image-to-image translation DC_M([EC_M(x), c]) to the old design's
-extra losses (`synth.ecai`). `EcaiDiscriminator.__call__` is the two-head patch D (D_M); its
+extra losses (`synth.ecai_losses`). `EcaiDiscriminator.__call__` is the two-head patch D (D_M); its
 `judge_code` method is FD_R. Both initialise every sub-network from `init(x, …)`.
 """
 

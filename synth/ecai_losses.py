@@ -17,7 +17,8 @@ EC_M and DC_M translate, and are trained on real images at the same time:
 The real images of each modality are taken from differently rolled batch rows, so the real-data losses
 never see registered pairs: the authors drew x, y, z, w from independently shuffled lists. The authors'
 structure-consistency terms are left out: their thresholded Sobel maps carry no gradient (§6.7).
-Weights are `config.synthesis.ecai.weights` (the code's, §6.7); D's extra terms are `ECAI_D_TERMS`.
+Weights are `config.synthesis.ecai.weights` (the code's, §6.7, handed in by the config); D's extra terms
+are `ECAI_D_TERMS`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synth import registration
+from synth import gan, registration
 
 # G's extra terms (weights in config.synthesis.ecai.weights, with D's extra terms).
 ECAI_G_TERMS = (
@@ -54,26 +55,6 @@ ECAI_D_TERMS = (
     "d_code_real",  # 1: FD_R(EC_M(x_i)) → 1.
 )
 ECAI_TERMS = ECAI_G_TERMS + ECAI_D_TERMS
-# §6.7's weights from the code.
-CODE_WEIGHTS = dict(
-    synthetic_background=1.5,
-    translation_adversarial=5.0,
-    translation_category=50.0,
-    code_adversarial=4.0,
-    code_adversarial_real=1.0,
-    real_reconstruction=5.0,
-    real_reconstruction_background=0.5,
-    real_translation_background=1.0,
-    cycle=10.0,
-    cycle_agreement=2.0,
-    semantic_synthetic=1.0,
-    semantic_synthetic_agreement=0.2,
-    semantic_translation=5.0,
-    semantic_translation_agreement=1.0,
-    d_translation=5.0,
-    d_code_fake=4.0,
-    d_code_real=1.0,
-)
 
 
 class Networks(NamedTuple):
@@ -170,13 +151,13 @@ def generator_terms(
 
     # The translations face D_M as modality j's images.
     d_t, c_t = nets.discriminate(d_params, translations.reshape((k, (k - 1) * b) + x.shape[2:]), d_key)
-    terms["translation_adversarial"] = registration.per_modality_mse(d_t, 1.0)
-    terms["translation_category"] = registration.category_sum(c_t, kind=category_kind, num_modalities=k)
+    terms["translation_adversarial"] = gan.per_modality_mse(d_t, 1.0)
+    terms["translation_category"] = gan.category_sum(c_t, kind=category_kind, num_modalities=k)
 
     # Codes: FD_R, and semantic consistency.
     fusion_code = nets.encode_fusion(g_params, g_input)  # (B, h, w, c)
     terms["code_adversarial"] = jnp.mean(jnp.square(judge_code(fusion_code) - 1.0))
-    terms["code_adversarial_real"] = registration.per_modality_mse(
+    terms["code_adversarial_real"] = gan.per_modality_mse(
         judge_code(registration.flat(codes)).reshape((k, b, -1)), 0.0
     )
     terms["semantic_synthetic"] = _sum_of_means(synthetic_codes - fusion_code[None], 1)
@@ -197,9 +178,9 @@ def discriminator_terms(
     judge_code = lambda z: nets.judge_code(d_params, z)  # noqa: E731
     codes = for_d["image_codes"]
     return {
-        "d_translation": registration.per_modality_mse(d_t, 0.0),
+        "d_translation": gan.per_modality_mse(d_t, 0.0),
         "d_code_fake": jnp.mean(jnp.square(judge_code(for_d["fusion_code"]))),
-        "d_code_real": registration.per_modality_mse(
+        "d_code_real": gan.per_modality_mse(
             judge_code(registration.flat(codes)).reshape((k, codes.shape[1], -1)), 1.0
         ),
     }

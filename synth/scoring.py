@@ -1,0 +1,225 @@
+"""How good synthetic images are, scored one way for every stage that reports it.
+
+  - image quality per modality (`image_quality`): MS-SSIM of seeded random real–synthetic pairs and
+    within each set (small images upsampled to MS-SSIM's 161 px, `synth.metrics.image`), and FID / KID
+    with a feature extractor (`synth.metrics.distribution`); stage D's report and the comparison;
+  - lesion fidelity (`lesion_dice_and_chance`, `class_accuracy_and_chance`): whether the real-trained
+    lesion processor finds the asked-for lesion, against the chance level of another sample's label;
+    stage B's evaluator and the comparison;
+  - stage C's filter score (`filter_dice`, `DICE_KINDS`);
+  - registration consistency (`structure_agreement`, `translation_error`): do the K modalities share one
+    anatomy.
+
+Per-modality quality draws its random pairs and subsets from one key per modality k, always laid out the
+same way: `fold_in(key, k)` real–synthetic pairs, `100 + k` pairs within the synthetic set, `200 + k`
+within the real set, `300 + k` KID's subsets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synth import extraction, metrics, registration
+from synth.metrics import distribution
+from synth.metrics import image as image_metrics
+
+# How stage C's lesion filter scores a sample (`filter_dice`):
+#   whole    Dice of lesion against background (labels > 0), the standard whole-tumour Dice; the default;
+#   classes  the mean Dice over the lesion classes present in the label or the prediction;
+#   parity   the authors' soft Dice on class indices (§9.4), as their selection script scores;
+#   class    the fraction of the K modalities whose classifier sees the asked-for class (X-ray);
+#   none     no lesion filter: every sample scores 1 (lung CT, retina: no lesion input).
+DICE_KINDS = ("whole", "classes", "parity", "class", "none")
+KID_SUBSET_SIZE, KID_SUBSETS = 100, 20  # At most 100 images per KID subset, 20 subsets.
+
+
+# --------------------------------------------------------------------------------------------------
+# Image quality.
+
+
+def modality_images(images: np.ndarray, k: int, channels: int) -> np.ndarray:
+    """Modality k's C channels of images (N, H, W, K·C)."""
+    return images[..., k * channels : (k + 1) * channels]
+
+
+def image_quality(
+    real: np.ndarray,
+    fake: np.ndarray | None,
+    *,
+    key: jax.Array,
+    num_pairs: int,
+    modalities: Sequence[str],
+    channels: int = 1,
+    extractor=None,
+    within: bool = False,
+) -> dict[str, float]:
+    """Per-modality MS-SSIM (and FID/KID with an extractor) of synthetic images against real ones.
+
+    Args:
+      real: (N, H, W, K·C) real images in [0, 1].
+      fake: (N, H, W, K·C) synthetic images, or None: the real set against itself (its diversity).
+      key: the root key (see the module docstring for its layout).
+      num_pairs: random real–synthetic pairs per modality; the within-set scores use at most the set's
+        number of distinct pairs.
+      modalities: the K names.
+      channels: C, channels per modality.
+      extractor: FID features of (N, H, W, C) images, or None for no FID/KID.
+      within: also score the diversity within the synthetic and within the real set.
+
+    Returns:
+      `ms_ssim/<m>`, `ms_ssim_std/<m>` (mean ± std over pairs; with `fake` None the real set's
+      diversity); with `within`, `ms_ssim_within_synthetic/<m>` and `ms_ssim_within_real/<m>`; with an
+      extractor `fid/<m>` and `kid/<m>`; and the mean over modalities of each (`ms_ssim`, `fid`, `kid`).
+    """
+    n = len(real)
+    distinct = min(num_pairs, math.comb(n, 2))
+    kw = dict(min_size=image_metrics.MS_SSIM_MIN_SIZE)
+    diversity = image_metrics.ms_ssim_diversity
+    out: dict[str, float] = {}
+    for k, name in enumerate(modalities):
+        r = modality_images(real, k, channels)
+        if fake is None:
+            mean, std = diversity(r, jax.random.fold_in(key, 200 + k), distinct, **kw)
+            out[f"ms_ssim/{name}"], out[f"ms_ssim_std/{name}"] = float(mean), float(std)
+            continue
+        f = modality_images(fake, k, channels)
+        mean, std = image_metrics.ms_ssim_real_vs_synthetic(r, f, jax.random.fold_in(key, k), num_pairs, **kw)
+        out[f"ms_ssim/{name}"], out[f"ms_ssim_std/{name}"] = float(mean), float(std)
+        if within:
+            synthetic, _ = diversity(f, jax.random.fold_in(key, 100 + k), distinct, **kw)
+            real_only, _ = diversity(r, jax.random.fold_in(key, 200 + k), distinct, **kw)
+            out[f"ms_ssim_within_synthetic/{name}"] = float(synthetic)
+            out[f"ms_ssim_within_real/{name}"] = float(real_only)
+        if extractor is not None:
+            fr, ff = extractor(r), extractor(f)
+            out[f"fid/{name}"] = float(distribution.fid_from_features(fr, ff))
+            subset = min(n, KID_SUBSET_SIZE)
+            kid, _ = distribution.kid(fr, ff, subset, KID_SUBSETS, jax.random.fold_in(key, 300 + k))
+            out[f"kid/{name}"] = float(kid)
+    for metric in ("ms_ssim", "fid", "kid"):
+        values = [out[f"{metric}/{m}"] for m in modalities if f"{metric}/{m}" in out]
+        if values:
+            out[metric] = float(np.mean(values))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Lesion fidelity.
+
+
+def lesion_dice_and_chance(found: jax.Array, label: jax.Array) -> dict[str, jax.Array]:
+    """Whole-lesion Dice of the lesion processor's masks against the asked-for labels, and its chance level.
+
+    Args:
+      found: (K, B, H, W) bool, what each modality's lesion processor finds (whole lesion).
+      label: (B, H, W) the labels asked for (for real slices: their own).
+
+    Returns:
+      `dice` (B, K), per sample and modality, meaningful where `has` (B,): the label has a lesion;
+      `chance` (B, K) against the next sample's label (cyclically), meaningful where `either` (B,): one
+      of the two labels has a lesion.
+    """
+    target = metrics.region_mask(label, "whole")
+    other = jnp.roll(target, 1, axis=0)  # Chance reference: another sample's lesion.
+    dice = jax.vmap(lambda p: metrics.binary_dice_per_image(p, target)[0])(found)
+    chance = jax.vmap(lambda p: metrics.binary_dice_per_image(p, other)[0])(found)
+    has, other_has = jnp.any(target, axis=(1, 2)), jnp.any(other, axis=(1, 2))
+    return {"dice": dice.T, "chance": chance.T, "has": has, "either": has | other_has}
+
+
+def class_accuracy_and_chance(predicted: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, K) whether each modality's classifier sees the asked-for class, and another sample's class.
+
+    Args:
+      predicted: (K, B, H, W) constant class maps (`synth.lesion.classify.predict_maps`).
+      label: (B, H, W) constant class maps asked for.
+    """
+    said = predicted[:, :, 0, 0]
+    accuracy = said == label[None, :, 0, 0]
+    chance = said == jnp.roll(label, 1, axis=0)[None, :, 0, 0]
+    return accuracy.T, chance.T
+
+
+def filter_dice(predicted: jax.Array, label: jax.Array, *, kind: str, num_classes: int) -> jax.Array:
+    """Stage C's lesion filter score: how well each sample's K predicted maps match its label.
+
+    Args:
+      predicted: (K, B, H, W) integer labels, one map per modality's lesion processor.
+      label: (B, H, W) the labels the samples were synthesised from.
+      kind: one of `DICE_KINDS`.
+      num_classes: C, background included.
+
+    Returns:
+      (B,) the score averaged over the K modalities; a sample without a lesion in either map scores 1.
+    """
+    if kind not in DICE_KINDS:
+        raise ValueError(f"Unknown config.dataset.dice.kind {kind!r}; choose one of {DICE_KINDS}")
+    if kind == "none":
+        return jnp.ones(label.shape[:1], jnp.float32)
+    if kind == "class":
+        return jnp.mean(predicted[:, :, 0, 0] == label[None, :, 0, 0], axis=0, dtype=jnp.float32)
+
+    def one_modality(pred):
+        if kind == "whole":
+            return metrics.binary_dice_per_image(pred > 0, label > 0)[0]
+        if kind == "parity":
+            return jax.vmap(lambda p, t: metrics.parity_dice(p[None], t[None]))(pred, label)
+        classes = jnp.arange(1, num_classes)
+        p = pred[..., None] == classes
+        t = label[..., None] == classes
+        inter = jnp.sum(p & t, axis=(1, 2)).astype(jnp.float32)
+        size = (jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))).astype(jnp.float32)
+        present = size > 0
+        dice = jnp.where(present, 2.0 * inter / jnp.maximum(size, 1.0), 0.0)
+        count = jnp.sum(present, axis=-1)
+        return jnp.where(count > 0, jnp.sum(dice, axis=-1) / jnp.maximum(count, 1), 1.0)
+
+    return jnp.mean(jax.vmap(one_modality)(predicted), axis=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration consistency.
+
+
+def _pairwise_dice(maps: jax.Array) -> jax.Array:
+    """(B,) mean Dice between every pair of modalities' binary maps (K, B, H, W)."""
+    k = maps.shape[0]
+    scores = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            inter = jnp.sum(maps[i] * maps[j], axis=(1, 2))
+            total = jnp.sum(maps[i], axis=(1, 2)) + jnp.sum(maps[j], axis=(1, 2))
+            scores.append(2.0 * inter / jnp.maximum(total, 1.0))
+    return jnp.mean(jnp.stack(scores), axis=0) if scores else jnp.ones(maps.shape[1])
+
+
+def translation_error(translate, x: jax.Array) -> jax.Array:
+    """(B,) registration consistency through G_t: each modality against the others translated into it.
+
+    The mean squared difference over modalities, translations and pixels, per sample.
+
+    Args:
+      translate: G_t's apply with its parameters bound, `(images, one-hot targets) -> images`.
+      x: (K, B, H, W, C) images by modality.
+    """
+    translations = registration.translate_pairs(translate, x)
+    return jnp.mean(jnp.square(translations - x[:, None]), axis=(0, 1, 3, 4, 5))
+
+
+def structure_agreement(
+    images: jax.Array, organ: jax.Array, params: extraction.ExtractionParams, channels: int = 1
+) -> jax.Array:
+    """(B,) registration consistency: mean pairwise Dice of the structure maps extracted from each modality.
+
+    Each modality's map uses the same organ mask, so only the edges inside it are compared.
+    """
+    x = registration.by_modality(images, channels)  # (K, B, H, W, C)
+    k, b = x.shape[:2]
+    flat = registration.flat(x)
+    s = extraction.structure_map_with(flat, jnp.tile(organ, (k, 1, 1, 1)), params)
+    return _pairwise_dice(s.reshape((k, b) + s.shape[1:3]))
