@@ -6,14 +6,13 @@ rerunning the same command resumes the pipeline where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
-import jax
 import ml_collections
 
-from synth import configlib, report, stages
+from synth import configlib, report, sharding, stages
+from synth import workdir as workdir_lib
 
 log = logging.getLogger("synth")
 
@@ -44,9 +43,9 @@ def train_and_evaluate(
         stages.get(stage)  # Fails early, naming the stage, if it is not built.
         names = [stage]
     # Written only once the request is known to be valid, so a bad one leaves the workdir untouched.
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
         os.makedirs(workdir, exist_ok=True)
-        write_config(config, workdir)
+        workdir_lib.write_config(config, workdir)
     for name in names:
         module = stages.get(name)
         reason = module.skip_reason(config) if hasattr(module, "skip_reason") else None
@@ -55,24 +54,7 @@ def train_and_evaluate(
             continue
         log.info("=== stage %s ===", name)
         module.run(config, workdir, stop_at=stop_at)
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
         path = report.write_report(workdir)
         log.info("Report: %s", path)
     return names
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the resolved config as `config.json`; keeps the previous one if it differs."""
-    path = os.path.join(workdir, "config.json")
-    text = json.dumps(configlib.to_dict(config), indent=2, sort_keys=True, default=str)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-        if old != text:
-            backup = os.path.join(workdir, f"config.{int(os.path.getmtime(path))}.json")
-            os.replace(path, backup)
-            log.warning("Config differs from the previous run's; the old one is kept as %s", backup)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

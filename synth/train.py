@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 from synth import checkpoint as checkpoint_lib
 from synth import input_pipeline, sharding
+from synth import workdir as workdir_lib
 from synth import writer as writer_lib
 
 log = logging.getLogger("synth")
@@ -70,20 +70,6 @@ class StageSpec:
     evaluate: Evaluator | None = None
     frozen: Any = None
     provenance: Mapping[str, Any] | None = None
-
-
-def stage_dir(workdir: str | os.PathLike, name: str) -> str:
-    return os.path.join(os.fspath(workdir), name)
-
-
-def is_complete(workdir: str | os.PathLike, name: str, num_steps: int) -> bool:
-    """True when the stage has a `done.json` for at least `num_steps` steps (process 0 decides for all)."""
-    path = os.path.join(stage_dir(workdir, name), "done.json")
-    done = False
-    if os.path.exists(path):
-        with open(path) as f:
-            done = json.load(f).get("step", -1) >= num_steps
-    return sharding.agree(done)
 
 
 def stage_rngs(seed: int, name: str) -> tuple[jax.Array, jax.Array]:
@@ -143,7 +129,7 @@ def run_stage(
     train = spec.train
     _check_loop_config(spec.name, train)
     num_steps = int(train.num_steps)
-    out_dir = stage_dir(workdir, spec.name)
+    out_dir = workdir_lib.stage_dir(workdir, spec.name)
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
@@ -169,9 +155,11 @@ def run_stage(
         abstract = checkpoint_lib.abstract_like(abstract, repl)
         ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train.keep_checkpoints)
         resumed = ckpt.latest_step() is not None
-        fingerprint = _fingerprint(spec.name, config, spec.provenance)
+        fingerprint = workdir_lib.fingerprint(spec.name, config, spec.provenance)
+        # What frozen consumers need to rebuild the stage's networks without opening its data.
+        workdir_lib.record_model(out_dir, example["image"].shape[1:])
         if resumed:
-            _check_same_config(spec.name, out_dir, fingerprint)
+            workdir_lib.check_same_config(spec.name, out_dir, fingerprint)
             state, data_state = ckpt.restore(abstract)
             if data_state is not None:
                 _restore_iterator(data_iter, data_state, config.data.num_workers)
@@ -180,9 +168,7 @@ def run_stage(
             state = jax.device_put(initial_state, repl)
         else:
             state = init(init_rng, example)
-            if jax.process_index() == 0:
-                os.makedirs(out_dir, exist_ok=True)
-                _write_json(os.path.join(out_dir, "stage_config.json"), fingerprint)
+            workdir_lib.write_fingerprint(out_dir, fingerprint)
         step = int(jax.device_get(state.step))
 
         step_fn = _jitted_step(spec.train_step, repl, batch_sh)
@@ -228,8 +214,8 @@ def run_stage(
         finally:
             ckpt.close()
             writer.close()
-    if step >= num_steps and jax.process_index() == 0:
-        _write_json(os.path.join(out_dir, "done.json"), {"step": step, "finished": time.time()})
+    if step >= num_steps:
+        workdir_lib.done(out_dir, {"step": step, "finished": time.time()})
     return state
 
 
@@ -267,8 +253,6 @@ def _check_finite(name, nonfinite, metrics, last_good, ckpt) -> None:
 
 
 _LOOP_KEYS = ("num_steps", "batch_size", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints")
-# Keys that may change between a run and its resume; everything else in the stage's config must not.
-_RESUMABLE_KEYS = ("num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints")
 
 
 def _check_loop_config(name: str, loop: ml_collections.ConfigDict) -> None:
@@ -276,45 +260,6 @@ def _check_loop_config(name: str, loop: ml_collections.ConfigDict) -> None:
         value = loop.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"config.{name}.train.{key} must be a positive integer, got {value!r}")
-
-
-def _fingerprint(name: str, config: ml_collections.ConfigDict, provenance=None) -> dict:
-    """What a checkpoint of stage `name` depends on.
-
-    That is its config section, the data, the seed and the earlier stages it froze.
-    """
-    section = config[name].to_dict() if name in config else {}
-    for key in _RESUMABLE_KEYS:
-        section.get("train", {}).pop(key, None)
-    data = {k: config.data[k] for k in ("name", "builder_config", "train_split")}
-    fingerprint = {"seed": config.seed, "data": data, name: section}
-    if provenance:
-        fingerprint["frozen"] = dict(provenance)
-    return json.loads(json.dumps(fingerprint, default=str))
-
-
-def _check_same_config(name: str, out_dir: str, fingerprint: dict) -> None:
-    path = os.path.join(out_dir, "stage_config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    diffs = sorted(_diff(saved, fingerprint))
-    if diffs:
-        raise ValueError(
-            f"[{name}] the config differs from the one its checkpoints in {out_dir} were trained with: "
-            + "; ".join(diffs)
-            + ". Resume with the same settings, or use a new --workdir."
-        )
-
-
-def _diff(old, new, prefix="config") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key), new.get(key), f"{prefix}.{key}")
-        return out
-    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
 def _restore_iterator(data_iter, data_state: dict, num_workers: int) -> None:
@@ -334,25 +279,13 @@ def _evaluate(spec: StageSpec, state: State, step: int, writer: writer_lib.Metri
     scalars["eval/seconds"] = time.perf_counter() - t0
     writer.write_scalars(step, scalars)
     writer.write_images(step, images)
-    if jax.process_index() == 0:
-        _write_json(os.path.join(writer.logdir, "last_eval.json"), {"step": step, **scalars})
+    if sharding.is_main_process():
+        workdir_lib.write_json(os.path.join(writer.logdir, "last_eval.json"), {"step": step, **scalars})
     log.info("[%s] eval at step %d: %s", spec.name, step, _fmt(scalars))
 
 
 def _evaluated_at(out_dir: str, step: int) -> bool:
-    path = os.path.join(out_dir, "last_eval.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("step") == step
-
-
-def _write_json(path: str, payload: dict) -> None:
-    """Writes atomically: a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    return workdir_lib.read_json(os.path.join(out_dir, "last_eval.json"), {}).get("step") == step
 
 
 def _fmt(scalars: Mapping[str, float]) -> str:
@@ -373,7 +306,7 @@ def run_unless_complete(
     stop_at: int | None = None,
 ) -> State | None:
     """Builds and trains stage `name` unless its `done.json` says it is complete (then returns None)."""
-    if is_complete(workdir, name, config[name].train.num_steps):
+    if workdir_lib.is_complete(workdir, name, config[name].train.num_steps):
         log.info("[%s] complete: nothing to do", name)
         return None
     return run_stage(build(config), config, workdir, stop_at=stop_at)
@@ -390,7 +323,7 @@ def load_trained_state(
     repl = sharding.replicated(sharding.make_mesh(config.mesh.shape, config.mesh.axes))
     example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
     abstract = jax.eval_shape(spec.init_state, jax.random.key(0), example)
-    directory = os.path.join(stage_dir(workdir, spec.name), "checkpoints")
+    directory = os.path.join(workdir_lib.stage_dir(workdir, spec.name), "checkpoints")
     with checkpoint_lib.Checkpointer(directory) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(

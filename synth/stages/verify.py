@@ -29,11 +29,14 @@ import logging
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synth import configlib, input_pipeline, label_pool, train
+from synth import boxes, configlib, input_pipeline, label_pool, lesion, scoring, train
+from synth import workdir as workdir_lib
+from synth.metrics import inception
 from synth.stages import segmentor
 
 NAME = "verify"
@@ -118,8 +121,6 @@ class MixSource:
             image, label = moved, (np.full_like(label, label.flat[0]) if self.class_labels else label_moved)
         out = {"image": image, "label": label, "source": np.int32(kind)}
         if self.max_boxes:  # A detection task: a real slice keeps its boxes, others get their label's.
-            from synth import boxes
-
             if kind == REAL:
                 out["boxes"], out["box_classes"] = example["boxes"], example["box_classes"]
             else:
@@ -145,7 +146,7 @@ def _synthetic_source(config, workdir):
     """The stage-C dataset of this run (or `config.verify.synthetic_data_dir`)."""
     import tensorflow_datasets as tfds
 
-    done = os.path.join(train.stage_dir(workdir, "dataset"), "done.json")
+    done = os.path.join(workdir_lib.stage_dir(workdir, "dataset"), workdir_lib.DONE_FILE)
     if not os.path.exists(done):
         raise FileNotFoundError(
             f"A mix asks for synthetic data, but {workdir} has no complete stage-C dataset ({done}): "
@@ -153,7 +154,9 @@ def _synthetic_source(config, workdir):
         )
     with open(done) as f:
         name = json.load(f)["dataset"]
-    data_dir = config.verify.synthetic_data_dir or os.path.join(train.stage_dir(workdir, "dataset"), "tfds")
+    data_dir = config.verify.synthetic_data_dir or os.path.join(
+        workdir_lib.stage_dir(workdir, "dataset"), "tfds"
+    )
     return tfds.data_source(name, split="train", data_dir=data_dir, download=False), name
 
 
@@ -207,9 +210,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     test_config.segmentor.train.batch_size = v.batch_size
     base = segmentor.build(test_config)
     scores = segmentor.scores(config)
-    class_labels = segmentor.task(config) == "classify"
+    class_labels = lesion.task(config) == "classify"
     # A detection task trains on boxes: padded to the real data's count, classes as in the label maps.
-    max_boxes = config.data.adapter_options.max_boxes if segmentor.task(config) == "detect" else 0
+    max_boxes = config.data.adapter_options.max_boxes if lesion.task(config) == "detect" else 0
     step = functools.partial(step_with_sources, train_step=base.train_step)  # One compile for all runs.
     augment = label_pool.AugmentParams.from_config(v.augment)
     rows = []
@@ -247,7 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
                     evaluate=base.evaluate if last else None,
                     provenance={"mix": mix.name, "synthetic": synthetic_name or "", "phase": phase},
                 )
-                if train.is_complete(workdir, spec.name, end):
+                if workdir_lib.is_complete(workdir, spec.name, end):
                     state, previous = None, spec
                     continue
                 if state is None and previous is not None:
@@ -263,7 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
                 )
                 state = train.run_stage(spec, run_config, workdir, initial_state=state)
                 previous = spec
-            with open(os.path.join(train.stage_dir(workdir, previous.name), "last_eval.json")) as f:
+            with open(os.path.join(workdir_lib.stage_dir(workdir, previous.name), "last_eval.json")) as f:
                 evaluated = json.load(f)
             sizes = {k: int(len(p)) for k, p in parts.items()}
             rows.append(
@@ -284,9 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
         test = input_pipeline.open_source(config.data, config.data.test_split)
         quality = generator_quality(config, workdir, test, synthetic)
     _write_report(workdir, config, rows, len(real), synthetic_name, quality)
-    train._write_json(  # noqa: SLF001
-        os.path.join(train.stage_dir(workdir, NAME), "done.json"), {"runs": len(rows)}
-    )
+    workdir_lib.done(workdir_lib.stage_dir(workdir, NAME), {"runs": len(rows)})
     return rows
 
 
@@ -308,15 +309,12 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
     """The generator's image quality against the real test split, in the layout of Tables T3/T4.
 
     Per modality: MS-SSIM of seeded random real-synthetic pairs (higher = more alike) and within each set
-    (diversity, lower = more diverse), small images upsampled to MS-SSIM's 161 px (`synth.metrics.image`);
+    (diversity, lower = more diverse), small images upsampled to MS-SSIM's 161 px (`synth.scoring`);
     FID and KID when `config.verify.quality.inception_weights` names the FID Inception weights; and the
     lesion fidelity of stage C: the real-trained segmentors' Dice on every sample that reached the filter
     (Table T2's "lesion effectiveness") and on the kept ones.
     """
-    import jax
-
     from data_builders.synthetic import synthetic_dataset_builder as chunks
-    from synth.metrics import distribution, image, inception
 
     q = config.verify.quality
 
@@ -327,11 +325,18 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
     n = min(q.max_images, len(real_test), len(synthetic))
     if n < 2:
         return [f"Generator quality needs at least 2 real test and 2 synthetic images; there are {n}."]
-    real, fake = take(real_test, n), take(synthetic, n)
-    key = jax.random.key(config.seed)
     pairs = min(q.num_pairs, n * (n - 1) // 2)
-    kw = dict(min_size=image.MS_SSIM_MIN_SIZE)
     extractor = inception.inception_v3_extractor(q.inception_weights) if q.inception_weights else None
+    quality = scoring.image_quality(
+        take(real_test, n),
+        take(synthetic, n),
+        key=jax.random.key(config.seed),
+        num_pairs=pairs,
+        modalities=config.data.modalities,
+        channels=int(config.data.get("channels", 1)),
+        extractor=extractor,
+        within=True,
+    )
     lines = [
         f"Generator quality against the real test split ({n} images per set, {pairs} random pairs per "
         "MS-SSIM; small images upsampled to 161 px):",
@@ -340,26 +345,18 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
         "| FID ↓ | KID ↓ |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for k, name in enumerate(config.data.modalities):
-        c = int(config.data.get("channels", 1))
-        r, f = real[..., k * c : (k + 1) * c], fake[..., k * c : (k + 1) * c]
-        cross = image.ms_ssim_real_vs_synthetic(r, f, jax.random.fold_in(key, k), pairs, **kw)
-        within_fake = image.ms_ssim_diversity(f, jax.random.fold_in(key, 100 + k), pairs, **kw)
-        within_real = image.ms_ssim_diversity(r, jax.random.fold_in(key, 200 + k), pairs, **kw)
-        fid = kid = "no weights"
-        if extractor is not None:
-            fr, ff = extractor(r), extractor(f)
-            fid = f"{distribution.fid_from_features(fr, ff):.2f}"
-            kid_mean, _ = distribution.kid(fr, ff, min(n, 100), 20, jax.random.fold_in(key, 300 + k))
-            kid = f"{float(kid_mean):.4f}"
+    for name in config.data.modalities:
+        fid = f"{quality[f'fid/{name}']:.2f}" if extractor is not None else "no weights"
+        kid = f"{quality[f'kid/{name}']:.4f}" if extractor is not None else "no weights"
+        cross, std = quality[f"ms_ssim/{name}"], quality[f"ms_ssim_std/{name}"]
+        synthetic_only, real_only = (quality[f"ms_ssim_within_{s}/{name}"] for s in ("synthetic", "real"))
         lines.append(
-            f"| {name} | {cross[0]:.3f} ± {cross[1]:.3f} | {within_fake[0]:.3f} | {within_real[0]:.3f} | "
-            f"{fid} | {kid} |"
+            f"| {name} | {cross:.3f} ± {std:.3f} | {synthetic_only:.3f} | {real_only:.3f} | {fid} | {kid} |"
         )
     kind = config.dataset.dice.kind
     if kind == "none":  # No lesion processor: nothing to say about lesions.
         return lines + _inception_note(extractor)
-    chunks_dir = os.path.join(train.stage_dir(workdir, "dataset"), "chunks")
+    chunks_dir = os.path.join(workdir_lib.stage_dir(workdir, "dataset"), "chunks")
     scored = np.concatenate(
         [chunks.read_chunk(chunks_dir, i)["scored_dice"] for i in range(chunks.chunk_count(chunks_dir))]
     )
@@ -367,7 +364,7 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
     reading = f"the real-trained segmentors on synthetic images, {kind} Dice"
     if kind == "class":
         reading = "the real-trained classifier on synthetic images, fraction given the asked-for class"
-    elif segmentor.task(config) == "detect":
+    elif lesion.task(config) == "detect":
         reading = (
             f"the real-trained detector's confident boxes on synthetic images against the asked-for ones, "
             f"{kind} Dice"
@@ -392,7 +389,7 @@ def _inception_note(extractor) -> list[str]:
 
 
 def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthetic_name, quality) -> None:
-    out_dir = train.stage_dir(workdir, NAME)
+    out_dir = workdir_lib.stage_dir(workdir, NAME)
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     with open(os.path.join(out_dir, "results.csv.tmp"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -403,9 +400,9 @@ def _write_report(workdir: str, config, rows: list[dict], num_real: int, synthet
     table = aggregate(rows, scores)
     pct = lambda x: f"{x * 100:g} %"  # noqa: E731
     amount = lambda x: "0" if x == 0 else (f"×{x:g}" if x >= 1 and float(x).is_integer() else pct(x))  # noqa: E731
-    if segmentor.task(config) == "classify":
+    if lesion.task(config) == "classify":
         model, meaning = "classifier", "accuracy is the fraction of test images given their class (T7)"
-    elif segmentor.task(config) == "detect":
+    elif lesion.task(config) == "detect":
         model = "detector"
         meaning = "mAP@0.5 is VOC's all-point average precision at IoU 0.5, mean over the box classes (T8)"
     elif config.segmentor.get("metrics", "dice") == "vessel":
