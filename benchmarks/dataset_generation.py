@@ -23,8 +23,9 @@ from benchmarks import common
 from configs import phantom
 from data_builders.phantom import anatomy
 from data_builders.synthetic import synthetic_dataset_builder as chunks
-from synth import generate, label_pool, optim
-from synth.stages import dataset, segmentor, structure, synthesis
+from synth import generate, label_pool, optim, structure_nets, synthesis_nets
+from synth.lesion import segment
+from synth.stages import dataset, structure, synthesis
 
 
 class _RealOrganGenerator(generate.Generator):
@@ -51,7 +52,7 @@ def _generator(config, size: int, batch: int) -> generate.Generator:
     g_state = jax.jit(
         functools.partial(
             synthesis.init_state,
-            models=synthesis.make_models(config, (size, size)),
+            models=synthesis_nets.make_models(config, (size, size)),
             config=config,
             g_tx=tx,
             d_tx=tx,
@@ -59,15 +60,15 @@ def _generator(config, size: int, batch: int) -> generate.Generator:
     )(keys[0], example)
     lesion_params = jax.jit(
         functools.partial(
-            segmentor.init_params,
-            model=segmentor.make_model(config, (size, size)),
+            segment.init_params,
+            model=segment.make_model(config, (size, size)),
             variant=config.segmentor.variant,
         )
     )(keys[1], example["image"])
     extract = functools.partial(
-        structure.real_structures, params=structure.extraction_params(config), remove_lesions=True
+        structure_nets.real_structures, params=structure_nets.extraction_params(config), remove_lesions=True
     )
-    s_models = structure.make_models(config, (size, size))
+    s_models = structure_nets.make_models(config, (size, size))
     s_state = jax.jit(
         functools.partial(structure.init_state, models=s_models, extract_fn=extract, g_tx=tx, d_tx=tx)
     )(keys[2], example)
@@ -76,13 +77,13 @@ def _generator(config, size: int, batch: int) -> generate.Generator:
         image_hw=(size, size),
         g_params=g_state.g_params,
         lesion_params=lesion_params,
-        structure_state=s_state,
+        structure_params={"g_params": s_state.g_params, "d_params": s_state.d_params},
         provenance={},
     )
     gen.organs = np.asarray(
-        structure.real_structures(example, params=structure.extraction_params(config), remove_lesions=True)[
-            1
-        ][..., 0]
+        structure_nets.real_structures(
+            example, params=structure_nets.extraction_params(config), remove_lesions=True
+        )[1][..., 0]
     ).astype(np.uint8)
     return gen, subject["label"]
 

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from synth import input_pipeline, optim
-from synth.stages import classifier, detector, synthesis
+from synth import conditioning, input_pipeline, optim, synthesis_nets
+from synth.lesion import classify, detect
+from synth.stages import synthesis
 
 
 def _batch(config, size: int, n: int, seed: int = 0) -> dict[str, jnp.ndarray]:
@@ -48,25 +49,27 @@ def _batch(config, size: int, n: int, seed: int = 0) -> dict[str, jnp.ndarray]:
 
 def _frozen(config, size, batch):
     if config.synthesis.lesion_processor == "classifier":
-        model = classifier.make_model(config, (size, size))
+        model = classify.make_model(config, (size, size))
         tx = optim.make_optimizer(config.segmentor.optim)
-        state = classifier.init_state(
+        state = classify.init_state(
             jax.random.key(2), batch, model=model, tx=tx, channels=config.data.channels
         )
         return {"lesion": state.params}
     if config.synthesis.lesion_processor == "detector":
-        model = detector.make_model(config, (size, size))
+        model = detect.make_model(config, (size, size))
         tx = optim.make_optimizer(config.segmentor.optim)
-        init = functools.partial(detector.init_state, model=model, tx=tx, channels=config.data.channels)
+        init = functools.partial(detect.init_state, model=model, tx=tx, channels=config.data.channels)
         return {"lesion": jax.jit(init)(jax.random.key(2), batch).params}
     return {}
 
 
 def _generate(g_params, batch, key, *, models, config, dtype):
-    inputs = synthesis.make_inputs(
+    inputs = conditioning.make_inputs(
         batch, key, {}, models=models, config=config, pretraining=jnp.asarray(False)
     )
-    return synthesis.synthesize(models, g_params, inputs.g_input.astype(dtype), len(config.data.modalities))
+    return synthesis_nets.synthesize(
+        models, g_params, inputs.g_input.astype(dtype), len(config.data.modalities)
+    )
 
 
 def main() -> None:
@@ -88,7 +91,7 @@ def main() -> None:
     config.structure.extraction.size = None  # Extract at the benchmarked size.
     shape = (args.size, args.size)
     batch = _batch(config, args.size, args.batch)
-    models = synthesis.make_models(config, shape)
+    models = synthesis_nets.make_models(config, shape)
     g_tx, d_tx = (
         optim.make_optimizer(config.synthesis.optim.g),
         optim.make_optimizer(config.synthesis.optim.d),

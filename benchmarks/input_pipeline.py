@@ -15,12 +15,12 @@ import jax
 
 from benchmarks import common
 from synth import input_pipeline, sharding
-from synth.stages import segmentor
+from synth.lesion import segment
 
 
 def measure(source, *, batch_size: int, batches: int, workers: int, mesh) -> float:
     it = input_pipeline.train_iterator(
-        source, preprocess=segmentor.preprocess, batch_size=batch_size, seed=0, num_workers=workers
+        source, preprocess=segment.preprocess, batch_size=batch_size, seed=0, num_workers=workers
     )
     sh = sharding.batch_sharding(mesh)
     jax.block_until_ready(sharding.to_global(next(it), sh))  # Warm-up: worker start, first reads.
@@ -43,7 +43,7 @@ def main() -> None:
     data_builders.build("phantom", data_dir=args.data_dir, config=args.config)
     source = data_builders.data_source("phantom", "train", data_dir=args.data_dir, config=args.config)
     mesh = sharding.make_mesh((-1,), ("data",))
-    example = segmentor.preprocess(source[0])
+    example = segment.preprocess(source[0])
     nbytes = sum(v.nbytes for v in example.values())
     h, w, k = example["image"].shape
     common.header(f"Input pipeline, phantom/{args.config} ({h}×{w}×{k}), global batch {args.batch}")

@@ -19,7 +19,7 @@ import numpy as np
 from benchmarks import common
 from configs import phantom
 from data_builders.phantom import anatomy
-from synth import extraction, optim
+from synth import optim, structure_nets
 from synth.stages import structure
 
 
@@ -31,18 +31,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     config = phantom.get_config()
-    params = extraction.DATASET_EXTRACTION["phantom"]
+    params = structure_nets.extraction_params(config)
     train_rows, extract_rows = [], []
     for size, model in zip((int(s) for s in args.sizes.split(",")), args.models.split(","), strict=True):
         config.structure.model.size = model
         subject = anatomy.make_subject(seed=0, image_size=size, num_slices=args.batch)
         batch = {"image": jnp.asarray(subject["image"]), "label": jnp.asarray(subject["label"], jnp.int32)}
-        extract = jax.jit(functools.partial(structure.real_structures, params=params, remove_lesions=True))
+        extract = jax.jit(
+            functools.partial(structure_nets.real_structures, params=params, remove_lesions=True)
+        )
         compiled_extract, ex_flops, ex_bytes = common.compile_once(extract, batch)
         ex_s = common.timed(compiled_extract, batch, steps=args.steps)
         extract_rows.append((size, args.batch / ex_s, ex_flops / args.batch, ex_bytes / args.batch))
 
-        models = structure.make_models(config, (size, size))
+        models = structure_nets.make_models(config, (size, size))
         g_tx, d_tx = (
             optim.make_optimizer(config.structure.optim.g),
             optim.make_optimizer(config.structure.optim.d),

@@ -21,8 +21,9 @@ import numpy as np
 from benchmarks import common
 from configs import phantom
 from data_builders.phantom import anatomy
-from synth import optim
-from synth.stages import segmentor, synthesis, translator
+from synth import conditioning, optim, synthesis_nets, translator_nets
+from synth.lesion import segment
+from synth.stages import synthesis, translator
 
 
 def _batch(shape, n):
@@ -38,16 +39,16 @@ def _batch(shape, n):
 
 def _setup(config, shape, batch):
     """Networks and states, every init jitted: eager inits dispatch thousands of small ops (slow on a GPU)."""
-    models = synthesis.make_models(config, shape)
+    models = synthesis_nets.make_models(config, shape)
     keys = jax.random.split(jax.random.key(0), 3)
     tx = optim.make_optimizer(config.translator.optim.g)
-    translator_models = translator.make_models(config, shape)
+    translator_models = translator_nets.make_models(config, shape)
     tr = jax.jit(functools.partial(translator.init_state, models=translator_models, g_tx=tx, d_tx=tx))(
         keys[0], batch
     )
     seg = jax.jit(
         functools.partial(
-            segmentor.init_params, model=segmentor.make_model(config, shape), variant=config.segmentor.variant
+            segment.init_params, model=segment.make_model(config, shape), variant=config.segmentor.variant
         )
     )(keys[1], batch["image"])
     g_tx, d_tx = (
@@ -62,10 +63,12 @@ def _setup(config, shape, batch):
 
 def _generate(g_params, batch, key, *, models, config, dtype):
     """K registered modalities from each real slice's structure map and a drawn label (G only)."""
-    inputs = synthesis.make_inputs(
+    inputs = conditioning.make_inputs(
         batch, key, {}, models=models, config=config, pretraining=jnp.asarray(False)
     )
-    return synthesis.synthesize(models, g_params, inputs.g_input.astype(dtype), len(config.data.modalities))
+    return synthesis_nets.synthesize(
+        models, g_params, inputs.g_input.astype(dtype), len(config.data.modalities)
+    )
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from configs import phantom
-from synth import configlib, pipeline
-from synth.stages import compare
+from synth import configlib, frozen, pipeline
+from synth.stages import compare, compare_report
 
 MODALITIES = ("t1", "t2", "t1c", "flair")
 
@@ -52,7 +52,7 @@ def test_the_config_is_checked_before_anything_trains(tmp_path):
 def test_settings_follow_each_variants_config():
     base = phantom.get_config("runlocal")
     flags = {
-        name: compare.settings(compare.variant_config(base, name))
+        name: compare_report.settings(compare.variant_config(base, name))
         for name in ("basegan", "skrgan", "B", "C", "D", "E", "full", "ecai")
     }
     assert base.variant == "full" and base.synthesis.g_input == "structure"  # The base is left alone.
@@ -66,11 +66,12 @@ def test_settings_follow_each_variants_config():
     assert on["full"] == on["E"] | {"placement_check"}
     # The old design registers through its own translations, on a fusion map without noise (§6.7).
     assert on["ecai"] == {"structure_map", "registration_loss", "lesion_label_loss", "placement_check"}
-    assert compare.description("D").startswith("D: C with the frozen G_t")
-    assert compare.frozen_stages(base) == ["segmentor", "translator"]
+    assert compare_report.description("D", base).startswith("D: C with the frozen G_t")
+    assert list(frozen.needs(base, "compare")) == ["segmentor", "translator"]
 
 
 def test_scores_and_tables_on_hand_made_numbers():
+    config = phantom.get_config("runlocal")
     # Lesion Dice: 3 samples, 2 modalities; sample 2 has no lesion, so only 0 and 1 count.
     label = np.zeros((3, 4, 4), np.int32)
     label[0, :2, :2] = 2  # 4 pixels
@@ -89,7 +90,11 @@ def test_scores_and_tables_on_hand_made_numbers():
     assert reg == pytest.approx({"structure_agreement": 0.6, "structure_agreement_std": 0.1})
 
     def entry(name, **numbers):
-        e = {"method": name, "title": compare.title(name), "description": compare.description(name)}
+        e = {
+            "method": name,
+            "title": compare_report.title(name),
+            "description": compare_report.description(name, config),
+        }
         return e | numbers
 
     flags = {f"uses_{k}": k == "noise" for k in ("structure_map", "noise", "registration_loss")}
@@ -120,7 +125,7 @@ def test_scores_and_tables_on_hand_made_numbers():
             **per_modality,
         ),
     ]
-    table = compare.main_table(entries, fid=False)
+    table = compare_report.main_table(entries, fid=False)
     assert table[0].startswith("| method | structure map | noise | L_reg |") and "FID" not in table[0]
     assert (
         table[2].startswith("| real slices |") and "0.800 ± 0.050" in table[2] and "0.900 (0.100)" in table[2]
@@ -129,16 +134,15 @@ def test_scores_and_tables_on_hand_made_numbers():
     assert "| – (0.000) |" in table[3] and "0.0500 ± 0.0100" in table[3]
     assert (
         "| 0.100 ± 0.010 | 0.200 ± 0.010 | 0.300 ± 0.010 |"
-        in compare.modality_table(entries, MODALITIES, fid=False)[3]
+        in compare_report.modality_table(entries, MODALITIES, fid=False)[3]
     )
-    assert "FID" in compare.main_table(entries, fid=True)[0]
+    assert "FID" in compare_report.main_table(entries, fid=True)[0]
 
-    config = phantom.get_config("runlocal")
-    lines = compare.summary_lines(entries, config, frozen=["segmentor"], num_samples=8, fid=False)
+    lines = compare_report.summary_lines(entries, config, frozen=["segmentor"], num_samples=8, fid=False)
     text = "\n".join(lines)
     assert "(150 steps)" in text and "same 8 real test slices" in text and "side_by_side.png" in text
     assert "| A (BaseGAN) | BaseGAN = ablation A:" in text and "inception_weights" in text
-    assert compare._json_ready(entries[1])["lesion_dice"] is None  # noqa: SLF001
+    assert compare_report.json_ready(entries[1])["lesion_dice"] is None
 
 
 # One G on the structure map with the registration loss (D, E, F) against K independent models on noise

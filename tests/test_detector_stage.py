@@ -1,4 +1,4 @@
-"""Tests of the detector stage (synth.stages.detector) and the box maps of synth.boxes.
+"""Tests of the detector stage (synth.lesion.detect) and the box maps of synth.boxes.
 
 Compiles are the cost on CPU, so one module-scoped fixture trains the stage's own `train_step` on crafted
 blob images (3 channels, like Tianchi's slices k−1, k, k+1) and compiles the lesion processor's `predict`
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from synth import boxes, configlib, input_pipeline, optim
-from synth.stages import detector
+from synth.lesion import detect, detect_eval
+from synth.stages import segmentor
 
 IMAGE_HW = (32, 32)
 CHANNELS = 3
@@ -29,7 +30,7 @@ MIN_MAP = 0.5  # Seen 0.76-0.95 over seeds; chance is ~0 (see tests/test_detecto
 
 
 class _Inputs(NamedTuple):
-    """The two fields of stage B's `synthesis.Inputs` that the detector's loss reads."""
+    """The two fields of stage B's `conditioning.Inputs` that the detector's loss reads."""
 
     boxes: np.ndarray
     box_classes: np.ndarray
@@ -101,14 +102,14 @@ def _blob_images(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
 def trained():
     """Train the stage's detector on blobs once; share the states and the compiled processor functions."""
     config = _config()
-    model = detector.make_model(config, IMAGE_HW)
+    model = detect.make_model(config, IMAGE_HW)
     tx = optim.make_optimizer(config.segmentor.optim)
     rng = np.random.default_rng(0)
-    init = jax.jit(functools.partial(detector.init_state, model=model, tx=tx, channels=CHANNELS))
+    init = jax.jit(functools.partial(detect.init_state, model=model, tx=tx, channels=CHANNELS))
     state = initial = init(jax.random.key(0), _blob_images(rng, BATCH))
     step = jax.jit(
         functools.partial(
-            detector.train_step,
+            detect.train_step,
             model=model,
             tx=tx,
             priors=model.priors(IMAGE_HW),
@@ -121,7 +122,7 @@ def trained():
         state, out = step(state, _blob_images(rng, BATCH), jax.random.key(i))
         metrics.append(out)
 
-    processor = detector.lesion_processor(config, IMAGE_HW)
+    processor = detect.processor(config, IMAGE_HW)
 
     @jax.jit
     def loss_and_image_grad(params, images, inputs):
@@ -227,45 +228,45 @@ def test_boxes_from_label_map_connectivity_and_too_many(caplog):
 )
 def test_config_errors_name_their_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        detector.check_config(_config(**overrides))
+        detect.check_config(_config(**overrides))
 
 
 def test_config_missing_and_size_errors_name_their_key():
     config = _config()
     del config.segmentor.detector["eval_score_threshold"]
     with pytest.raises(ValueError, match=r"config\.segmentor\.detector\.eval_score_threshold"):
-        detector.check_config(config)
+        detect.check_config(config)
     config = _config()
     del config.segmentor["detector"]
     with pytest.raises(ValueError, match=r"config\.segmentor\.detector is missing"):
-        detector.check_config(config)
+        detect.check_config(config)
     config = _config()
     config.data.num_classes = 1
     with pytest.raises(ValueError, match=r"config\.data\.num_classes"):
-        detector.check_config(config)
+        detect.check_config(config)
     with pytest.raises(ValueError, match=r"config\.segmentor\.detector\.num_maps=4"):
-        detector.make_model(_config(num_maps=4), IMAGE_HW)  # 32² holds 3 heads; 4 need 64².
+        detect.make_model(_config(num_maps=4), IMAGE_HW)  # 32² holds 3 heads; 4 need 64².
 
 
 def test_several_modalities_stack_detectors():
     # K = 2 modalities of one channel each: shapes only (no compile).
     config = _config()
     config.data.modalities, config.data.channels = ("a", "b"), 1
-    model = detector.make_model(config, IMAGE_HW)
+    model = detect.make_model(config, IMAGE_HW)
     tx = optim.make_optimizer(config.segmentor.optim)
     batch = _blob_images(np.random.default_rng(0), 2)
     batch["image"] = batch["image"][..., :2]
     state = jax.eval_shape(
-        functools.partial(detector.init_state, model=model, tx=tx, channels=1), jax.random.key(0), batch
+        functools.partial(detect.init_state, model=model, tx=tx, channels=1), jax.random.key(0), batch
     )
     assert {leaf.shape[0] for leaf in jax.tree.leaves(state.params)} == {2}
     step = functools.partial(
-        detector.train_step, model=model, tx=tx, priors=model.priors(IMAGE_HW), channels=1, neg_pos_ratio=3.0
+        detect.train_step, model=model, tx=tx, priors=model.priors(IMAGE_HW), channels=1, neg_pos_ratio=3.0
     )
     _, metrics = jax.eval_shape(step, state, batch, jax.random.key(0))
     assert {"loss", "classification", "localisation", "positives", "grad_norm", "param_norm"} <= set(metrics)
     assert {"loss_modality0", "loss_modality1"} <= set(metrics)
-    processor = detector.lesion_processor(config, IMAGE_HW)
+    processor = detect.processor(config, IMAGE_HW)
     inputs = _Inputs(batch["boxes"], batch["box_classes"])
     assert jax.eval_shape(processor.loss, state.params, batch["image"], inputs).shape == (2,)
     predicted = jax.eval_shape(processor.predict, state.params, batch["image"])
@@ -286,9 +287,9 @@ def test_training_reduces_the_multibox_loss(trained):
 def test_mean_average_precision_of_detections(trained):
     data = trained.eval_data
     det = trained.config.segmentor.detector
-    detect = jax.jit(
+    detections = jax.jit(
         functools.partial(
-            detector.detections,
+            detect.detections,
             model=trained.model,
             channels=CHANNELS,
             score_threshold=det.eval_score_threshold,
@@ -296,8 +297,8 @@ def test_mean_average_precision_of_detections(trained):
             max_detections=det.max_detections,
         )
     )
-    found = jax.device_get(detect(trained.state.params, data["image"]))
-    maps, aps = detector.mean_average_precisions(found, data["boxes"], data["box_classes"], num_classes=2)
+    found = jax.device_get(detections(trained.state.params, data["image"]))
+    maps, aps = detect_eval.mean_average_precisions(found, data["boxes"], data["box_classes"], num_classes=2)
     assert maps.shape == (1,) and aps.shape == (1, 1)
     assert maps[0] > MIN_MAP, f"mAP@0.5 {maps[0]:.3f} on held-out blob images"
     # Padding images are left out: only the first image counts, and its own boxes give a perfect score.
@@ -309,22 +310,22 @@ def test_mean_average_precision_of_detections(trained):
         "valid": data["box_classes"][None] > 0,
     }
     perfect["boxes"][0, 1:] = 0.5  # Wrong boxes on the images that do not count.
-    maps, _ = detector.mean_average_precisions(
+    maps, _ = detect_eval.mean_average_precisions(
         perfect, data["boxes"], data["box_classes"], valid, num_classes=2
     )
     np.testing.assert_allclose(maps, [1.0])
     # No ground truth at all: NaN, not an error.
-    maps, aps = detector.mean_average_precisions(
+    maps, aps = detect_eval.mean_average_precisions(
         found, data["boxes"], np.zeros_like(data["box_classes"]), num_classes=2
     )
     assert np.isnan(maps).all() and np.isnan(aps).all()
     # The evaluator's grid: per image, the true boxes and the detections drawn on the centre slice.
-    rows = detector._grid_rows(data, found, CHANNELS, det.score_threshold)
-    assert len(rows) == detector.GRID_ROWS and all(len(row) == 2 for row in rows)
+    rows = detect_eval.grid_rows(data, found, CHANNELS, det.score_threshold)
+    assert len(rows) == detect_eval.GRID_ROWS and all(len(row) == 2 for row in rows)
     assert rows[0][0].shape == (*IMAGE_HW, 3)
     y0, x0, y1, x1 = (data["boxes"][0, 0] * 32).round().astype(int)
-    np.testing.assert_allclose(rows[0][0][y0, x0:x1], [detector.GT_COLOUR] * (x1 - x0))
-    np.testing.assert_allclose(rows[0][0][y1 - 1, x0], detector.GT_COLOUR)
+    np.testing.assert_allclose(rows[0][0][y0, x0:x1], [detect_eval.GT_COLOUR] * (x1 - x0))
+    np.testing.assert_allclose(rows[0][0][y1 - 1, x0], detect_eval.GT_COLOUR)
 
 
 def test_predict_paints_the_found_blobs(trained):
@@ -357,14 +358,14 @@ def test_preprocess_keeps_boxes_and_names_what_is_missing():
         "boxes": np.zeros((2, 4), np.float64),
         "box_classes": np.array([1, 0]),
     }
-    out = detector.preprocess(example)
+    out = detect.preprocess(example)
     assert out["boxes"].dtype == np.float32 and out["box_classes"].dtype == np.int32
     assert out["image"].dtype == np.float32 and out["label"].dtype == np.int32
     with pytest.raises(ValueError, match="normalised"):
-        detector.preprocess({**example, "boxes": np.array([[10.0, 12.0, 20.0, 30.0]])})  # Pixel units.
+        detect.preprocess({**example, "boxes": np.array([[10.0, 12.0, 20.0, 30.0]])})  # Pixel units.
     del example["box_classes"]
     with pytest.raises(KeyError, match="box_classes"):
-        detector.preprocess(example)
+        detect.preprocess(example)
 
 
 def test_built_stage_evaluates_map_on_an_in_memory_split(trained, monkeypatch):
@@ -372,7 +373,7 @@ def test_built_stage_evaluates_map_on_an_in_memory_split(trained, monkeypatch):
     data = trained.eval_data
     examples = [{key: value[i] for key, value in data.items()} for i in range(EVAL_IMAGES)]
     monkeypatch.setattr(input_pipeline, "open_source", lambda data_config, split: examples)
-    spec = detector.build(trained.config)
+    spec = segmentor.build(trained.config)
     assert spec.name == "segmentor"
     scalars, images = spec.evaluate(trained.state, TRAIN_STEPS)
     assert set(scalars) == {"map/ct", "map/mean"}

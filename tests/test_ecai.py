@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synth import ecai, registration
+from synth import ecai_losses, registration
 from synth.models import ecai as ecai_models
 
 K = 4
@@ -64,9 +64,9 @@ def test_by_source_and_unpaired_regroup_as_the_losses_assume():
     k = 4
     pairs = np.array(registration.ordered_pairs(k))  # (i, j) grouped by target j.
     translations = jnp.asarray(pairs.reshape(k, k - 1, 2))  # Each entry holds its own (source, target).
-    grouped = np.asarray(ecai.by_source(translations))
+    grouped = np.asarray(ecai_losses.by_source(translations))
     for i in range(k):
         assert set(grouped[i, :, 0]) == {i} and set(grouped[i, :, 1]) == set(range(k)) - {i}
     x = jnp.broadcast_to(jnp.arange(5.0)[None, :], (k, 5))  # Row b of every modality holds b.
-    rolled = np.asarray(ecai.unpaired(x))
+    rolled = np.asarray(ecai_losses.unpaired(x))
     assert [rolled[i, 0] for i in range(k)] == [0, 4, 3, 2]  # No row is a registered set any more.

@@ -13,14 +13,19 @@ import pytest
 import scipy.ndimage
 import scipy.signal
 
+from configs import tables
 from synth import extraction as E
+from synth import fusion, image_ops
+
+# Every dataset's extraction row (configs/tables.py) as the parameters the library builds from it.
+DATASET_PARAMS = {name: E.ExtractionParams.from_config(tables.extraction(name)) for name in tables.EXTRACTION}
 
 # Jitted once per function: a jit compiles far faster than the op-by-op compiles of eager calls
 # (every differently offset slice is its own eager compile).
-sobel = jax.jit(E.sobel)
-gaussian_blur = jax.jit(E.gaussian_blur, static_argnames=("sigma", "kind"))
-median_filter = jax.jit(E.median_filter, static_argnames="k")
-binary_median_filter = jax.jit(E.binary_median_filter, static_argnames=("k", "pad_value"))
+sobel = jax.jit(image_ops.sobel)
+gaussian_blur = jax.jit(image_ops.gaussian_blur, static_argnames=("sigma", "kind"))
+median_filter = jax.jit(image_ops.median_filter, static_argnames="k")
+binary_median_filter = jax.jit(image_ops.binary_median_filter, static_argnames=("k", "pad_value"))
 organ_mask = jax.jit(E.organ_mask, static_argnames=("expand", "median_size", "border"))
 structure_map = jax.jit(E.structure_map, static_argnames=("sigma1", "sigma2", "median_size", "blur_kind"))
 extract = jax.jit(E.extract, static_argnames=("params", "remove_lesions"))
@@ -78,42 +83,46 @@ def test_sobel_step_edge_and_tf_semantics():
 
 def test_blur_taps_match_method_doc():
     np.testing.assert_allclose(
-        E.blur_taps(0.4), [0.0016, 0.037, 0.0016, 0.037, 0.845, 0.037, 0.0016, 0.037, 0.0016], atol=6e-4
+        image_ops.blur_taps(0.4),
+        [0.0016, 0.037, 0.0016, 0.037, 0.845, 0.037, 0.0016, 0.037, 0.0016],
+        atol=6e-4,
     )
     # METHOD rounds the σ = 0.5 centre (0.6193) up to .620.
     np.testing.assert_allclose(
-        E.blur_taps(0.5), [0.011, 0.084, 0.011, 0.084, 0.620, 0.084, 0.011, 0.084, 0.011], atol=1e-3
+        image_ops.blur_taps(0.5), [0.011, 0.084, 0.011, 0.084, 0.620, 0.084, 0.011, 0.084, 0.011], atol=1e-3
     )
     edge, corner = np.exp(-1 / (2 * 0.25)), np.exp(-2 / (2 * 0.25))
     total = 1 + 4 * edge + 4 * corner
-    np.testing.assert_allclose(E.blur_taps(0.5)[[0, 1, 4]], np.array([corner, edge, 1]) / total, rtol=1e-6)
+    np.testing.assert_allclose(
+        image_ops.blur_taps(0.5)[[0, 1, 4]], np.array([corner, edge, 1]) / total, rtol=1e-6
+    )
     for sigma in (0.01, 0.3):
-        taps = E.blur_taps(sigma)
+        taps = image_ops.blur_taps(sigma)
         assert taps[4] >= 0.97 and len(taps) == 9
-    gauss = E.blur_taps(1.0, kind="gaussian")
+    gauss = image_ops.blur_taps(1.0, kind="gaussian")
     assert len(gauss) == 7 and np.isclose(gauss.sum(), 1.0) and np.allclose(gauss, gauss[::-1])
     with pytest.raises(ValueError, match="tf_replica"):
-        E.blur_taps(0.4, kind="box")
+        image_ops.blur_taps(0.4, kind="box")
 
 
 def test_gaussian_blur_tf_replica_and_gaussian():
     # An impulse far from the border spreads into the outer product of the taps (the gappy 9×9).
     impulse = np.zeros((11, 11), np.float32)
     impulse[5, 5] = 1.0
-    v = E.blur_taps(0.5)
+    v = image_ops.blur_taps(0.5)
     out = np.asarray(gaussian_blur(_nhwc(impulse), 0.5, kind="tf_replica"))[0, :, :, 0]
     np.testing.assert_allclose(out[1:10, 1:10], np.outer(v, v), atol=1e-7)
 
     # Random image: REFLECT pad 4, 1×9 along W, then 9×1 along H.
     r = np.random.default_rng(1).random((8, 10)).astype(np.float32)
     out = np.asarray(gaussian_blur(_nhwc(r), 0.4, kind="tf_replica"))[0, :, :, 0]
-    np.testing.assert_allclose(out, _blur_reference(r, E.blur_taps(0.4)), atol=1e-6)
+    np.testing.assert_allclose(out, _blur_reference(r, image_ops.blur_taps(0.4)), atol=1e-6)
 
     out = np.asarray(gaussian_blur(_nhwc(r), 0.8, kind="gaussian"))[0, :, :, 0]
-    np.testing.assert_allclose(out, _blur_reference(r, E.blur_taps(0.8, kind="gaussian")), atol=1e-6)
+    np.testing.assert_allclose(out, _blur_reference(r, image_ops.blur_taps(0.8, kind="gaussian")), atol=1e-6)
 
     # Tiny σ: both kinds are the identity.
-    for kind in E.BLUR_KINDS:
+    for kind in image_ops.BLUR_KINDS:
         np.testing.assert_allclose(np.asarray(gaussian_blur(_nhwc(r), 0.01, kind=kind))[0, ..., 0], r)
 
 
@@ -131,7 +140,7 @@ def test_median_filters_equal_scipy(k):
     np.testing.assert_array_equal(np.asarray(median_filter(jnp.asarray(floats), k)), ref(floats))
     np.testing.assert_array_equal(np.asarray(median_filter(jnp.asarray(binary), k)), ref(binary))
     np.testing.assert_array_equal(np.asarray(binary_median_filter(jnp.asarray(binary), k)), ref(binary))
-    np.testing.assert_array_equal(E.median_filter_host(floats, k), ref(floats))
+    np.testing.assert_array_equal(image_ops.median_filter_host(floats, k), ref(floats))
     # One-padding is the complement trick organ_mask relies on.
     np.testing.assert_array_equal(
         np.asarray(binary_median_filter(jnp.asarray(binary), k, pad_value=1.0)), 1.0 - ref(1.0 - binary)
@@ -149,9 +158,11 @@ def test_median_rejects_even_size():
 
 def test_resize_nearest_and_crop_follow_tf_indexing():
     x = jnp.arange(5.0)[None, None, :, None] * jnp.ones((1, 1, 1, 1))
-    up = np.asarray(E.resize_nearest_tf(x, (1, 7)))[0, 0, :, 0]
+    up = np.asarray(image_ops.resize_nearest_tf(x, (1, 7)))[0, 0, :, 0]
     np.testing.assert_array_equal(up, [0, 0, 1, 2, 2, 3, 4])  # floor(i · 5/7)
-    np.testing.assert_array_equal(np.asarray(E.crop_center(x, (1, 2)))[0, 0, :, 0], [1, 2])  # 5//2 − 2//2
+    np.testing.assert_array_equal(
+        np.asarray(image_ops.crop_center(x, (1, 2)))[0, 0, :, 0], [1, 2]
+    )  # 5//2 − 2//2
 
 
 def test_organ_mask_of_disc_with_known_expansion():
@@ -235,7 +246,7 @@ def _structure_map_reference(x, organ, *, alpha, sigma1, sigma2, beta, median_si
         return (a - a.min()) / (a.max() - a.min())
 
     def blur(a, sigma):
-        return _blur_reference(a, E.blur_taps(sigma).astype(np.float64))
+        return _blur_reference(a, image_ops.blur_taps(sigma).astype(np.float64))
 
     g_min, g_max = blur(norm(d.min(0)), sigma1), blur(norm(d.max(0)), sigma1)
     s = ((g_min.mean() - g_min > alpha) | (g_max - g_max.mean() > alpha)).astype(np.float64)
@@ -275,14 +286,14 @@ def test_fuse_noise_ranges():
     s = (rng.random((2, 16, 16, 1)) > 0.7).astype(np.float32)
     organ = np.broadcast_to(_disc(16, 16, 6, value=1.0)[None, ..., None], s.shape)
     key = jax.random.key(0)
-    out = np.asarray(E.fuse_noise(key, jnp.asarray(s), jnp.asarray(organ)))
+    out = np.asarray(fusion.fuse_noise(key, jnp.asarray(s), jnp.asarray(organ)))
     np.testing.assert_array_equal(out[s == 1], 1.0)
     np.testing.assert_array_equal(out[(s == 0) & (organ == 0)], 0.0)
     interior = out[(s == 0) & (organ == 1)]
     assert interior.size > 20 and interior.min() >= 0.5 and interior.max() < 0.6
     assert len(np.unique(interior)) > interior.size // 2  # independent per pixel
-    np.testing.assert_array_equal(np.asarray(E.fuse_noise(key, jnp.asarray(s), jnp.asarray(organ))), out)
-    other = np.asarray(E.fuse_noise(jax.random.key(1), jnp.asarray(s), jnp.asarray(organ)))
+    np.testing.assert_array_equal(np.asarray(fusion.fuse_noise(key, jnp.asarray(s), jnp.asarray(organ))), out)
+    other = np.asarray(fusion.fuse_noise(jax.random.key(1), jnp.asarray(s), jnp.asarray(organ)))
     assert not np.array_equal(other, out)
 
 
@@ -298,21 +309,21 @@ def test_fuse_label_modes():
         "none": np.asarray(s),
         "weighted_sum": 0.8 * np.asarray(s) + 0.2 * one_hot,
     }
-    assert set(expect) == set(E.LABEL_FUSION_MODES)
+    assert set(expect) == set(fusion.LABEL_FUSION_MODES)
     for mode, want in expect.items():
-        got = np.asarray(E.fuse_label(s, label, mode=mode, num_classes=k))
-        assert got.shape[-1] == E.fused_channels(mode, k, 1), mode
+        got = np.asarray(fusion.fuse_label(s, label, mode=mode, num_classes=k))
+        assert got.shape[-1] == fusion.fused_channels(mode, k, 1), mode
         np.testing.assert_allclose(got, want, atol=1e-6, err_msg=mode)
     np.testing.assert_allclose(
-        np.asarray(E.fuse_label(s, label[..., None], mode="old_weighted_0.8_0.2", num_classes=k)),
+        np.asarray(fusion.fuse_label(s, label[..., None], mode="old_weighted_0.8_0.2", num_classes=k)),
         expect["weighted_sum"],
         atol=1e-6,
     )
-    assert E.fused_channels("concat_onehot", 5, 3) == 8
+    assert fusion.fused_channels("concat_onehot", 5, 3) == 8
     with pytest.raises(ValueError, match=r"'concat'.*concat_onehot_plus_0\.1"):
-        E.fuse_label(s, label, mode="concat", num_classes=k)
+        fusion.fuse_label(s, label, mode="concat", num_classes=k)
     with pytest.raises(ValueError, match="1-channel"):
-        E.fuse_label(jnp.ones((2, 4, 4, 2)), label, mode="weighted_sum", num_classes=k)
+        fusion.fuse_label(jnp.ones((2, 4, 4, 2)), label, mode="weighted_sum", num_classes=k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,12 +344,12 @@ def test_label_fits_rules():
     organ, labels = _placement_cases()
     organs = jnp.asarray(np.broadcast_to(organ[None, ..., None], (4, 8, 8, 1)))
     labels = jnp.asarray(np.stack(labels))
-    np.testing.assert_array_equal(np.asarray(E.label_fits(labels, organs)), [True, False, False, True])
+    np.testing.assert_array_equal(np.asarray(fusion.label_fits(labels, organs)), [True, False, False, True])
     np.testing.assert_array_equal(
-        np.asarray(E.label_fits(labels, organs, rule="paper")), [True, True, False, False]
+        np.asarray(fusion.label_fits(labels, organs, rule="paper")), [True, True, False, False]
     )
     with pytest.raises(ValueError, match="paper"):
-        E.label_fits(labels, organs, rule="loose")
+        fusion.label_fits(labels, organs, rule="loose")
 
 
 class _CountingPool(list):
@@ -352,15 +363,17 @@ class _CountingPool(list):
 def test_sample_fitting_label():
     organ, (inside, partly, outside, _) = _placement_cases()
     pool = _CountingPool([outside, partly, inside, outside])
-    label, index, fitted = E.sample_fitting_label(np.random.default_rng(0), pool, organ)
+    label, index, fitted = fusion.sample_fitting_label(np.random.default_rng(0), pool, organ)
     assert fitted and index == 2 and np.array_equal(label, inside)
-    again = E.sample_fitting_label(np.random.default_rng(0), pool, organ)
+    again = fusion.sample_fitting_label(np.random.default_rng(0), pool, organ)
     assert again[1] == index  # reproducible from the Generator
-    _, index, fitted = E.sample_fitting_label(np.random.default_rng(0), pool, organ, rule="paper")
+    _, index, fitted = fusion.sample_fitting_label(np.random.default_rng(0), pool, organ, rule="paper")
     assert fitted and index in (1, 2)
 
     hopeless = _CountingPool([outside, partly])
-    label, index, fitted = E.sample_fitting_label(np.random.default_rng(3), hopeless, organ, max_tries=100)
+    label, index, fitted = fusion.sample_fitting_label(
+        np.random.default_rng(3), hopeless, organ, max_tries=100
+    )
     assert not fitted and hopeless.draws == 100 and np.array_equal(label, hopeless[index])
 
 
@@ -421,23 +434,21 @@ def test_dataset_extraction_table_matches_method():
     }
     fields = ("size", "alpha", "sigma1", "sigma2", "beta", "median_s", "gamma", "expand", "median_m")
     for name, values in table.items():
-        p = E.DATASET_EXTRACTION[name]
+        p = DATASET_PARAMS[name]
         assert tuple(getattr(p, f) for f in fields) == values, name
         assert p.blur_kind == "tf_replica" and p.mask_border == "authors"
-    assert E.DATASET_EXTRACTION["drive_fire"].channel == "all"
-    assert E.DATASET_EXTRACTION["tianchi"].channel == "each"
-    assert "phantom" in E.DATASET_EXTRACTION
+    assert DATASET_PARAMS["drive_fire"].channel == "all"
+    assert DATASET_PARAMS["tianchi"].channel == "each"
+    assert "phantom" in DATASET_PARAMS
 
-    import ml_collections
-
-    cfg = ml_collections.ConfigDict(dict(dataset="brats2015", alpha=0.05, size=[92, 72]))
+    cfg = tables.extraction("brats2015", alpha=0.05, size=[92, 72])
     p = E.ExtractionParams.from_config(cfg)
     assert p.alpha == 0.05 and p.size == (92, 72) and p.expand == 10
     hash(p)  # usable as a jit static argument
     with pytest.raises(ValueError, match="gaussian"):
-        E.extraction_params("brats2015", blur_kind="box")
+        E.ExtractionParams.from_config(tables.extraction("brats2015", blur_kind="box"))
     with pytest.raises(ValueError, match="brats2015"):
-        E.extraction_params("brats2021")
+        tables.extraction("brats2021")
 
 
 def test_phantom_maps_are_sensible(phantom_data_dir):
@@ -447,7 +458,7 @@ def test_phantom_maps_are_sensible(phantom_data_dir):
     examples = [source[i] for i in range(4)]
     x = jnp.asarray(np.stack([e["image"] for e in examples]))
     label = jnp.asarray(np.stack([e["label"] for e in examples]))
-    s, m = extract(x, label, E.DATASET_EXTRACTION["phantom"], remove_lesions=True)
+    s, m = extract(x, label, DATASET_PARAMS["phantom"], remove_lesions=True)
     s, m = np.asarray(s), np.asarray(m)
     h = x.shape[1]
     for b in range(4):

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from configs import tables
 from data_builders.phantom import anatomy
 from synth import extraction
 
@@ -13,7 +14,10 @@ def test_structure_map_follows_tissue_boundaries_and_mask_covers_head():
     tissue = subject["tissue"]  # (S, H, W): 0 outside the head.
     x = jnp.asarray(subject["image"])
     s, organ = extraction.extract(
-        x, jnp.asarray(subject["label"]), extraction.DATASET_EXTRACTION["phantom"], remove_lesions=True
+        x,
+        jnp.asarray(subject["label"]),
+        extraction.ExtractionParams.from_config(tables.extraction("phantom")),
+        remove_lesions=True,
     )
     s, organ = np.asarray(s)[..., 0] > 0, np.asarray(organ)[..., 0] > 0
     # Tissue boundaries: pixels whose 3×3 neighbourhood holds more than one tissue, widened by a pixel

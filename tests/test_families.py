@@ -16,9 +16,20 @@ import numpy as np
 import optax
 import pytest
 
-from synth import extraction, input_pipeline, label_pool, pipeline, registration
+from synth import (
+    conditioning,
+    extraction,
+    frozen,
+    fusion,
+    input_pipeline,
+    label_pool,
+    lesion,
+    pipeline,
+    registration,
+)
+from synth.lesion import classify, segment
 from synth.metrics import vessel as vessel_lib
-from synth.stages import classifier, segmentor
+from synth.stages import segmentor
 
 
 @pytest.fixture(scope="module")
@@ -91,16 +102,15 @@ def test_xray_classifier_stage_trains_and_reports_accuracy(family_data_dir, tmp_
     assert 0.0 <= evaluated["eval/accuracy/mean"] <= 1.0
     assert {f"eval/recall_class{c}/xray" for c in range(3)} <= evaluated.keys()
     assert segmentor.scores(config) == (("accuracy/mean", "accuracy"),)
-    from synth.stages import synthesis
-
-    processor = synthesis.LESION_PROCESSORS["classifier"](config, (32, 32))
-    params, provenance = processor.load(config, tmp_path)
-    assert processor.kind == "classify" and provenance["segmentor_step"] == 2
+    processor = lesion.processor(config, (32, 32))
+    loaded, step = frozen.load(config, tmp_path, "segmentor")
+    params = loaded["params"]
+    assert processor.kind == "classify" and step == 2
     images = jnp.zeros((4, 32, 32, 1))
     label = jnp.broadcast_to(jnp.arange(4)[:, None, None] % 3, (4, 32, 32))
     predicted = processor.predict(params, images)
     assert predicted.shape == (1, 4, 32, 32) and bool(jnp.all(predicted == predicted[:, :, :1, :1]))
-    inputs = synthesis.Inputs(None, None, label, None)
+    inputs = conditioning.Inputs(None, None, label, None)
     assert np.isfinite(np.asarray(processor.loss(params, images, inputs))).all()
 
 
@@ -212,8 +222,8 @@ def test_no_placement_rule_accepts_any_label():
     label = np.zeros((2, 4, 4), np.int32)
     label[:, 0, 0] = 1
     organ = np.zeros((2, 4, 4, 1), np.float32)  # Nothing is organ: the code rule rejects both.
-    assert not np.any(extraction.label_fits(label, organ, rule="code"))
-    assert np.all(extraction.label_fits(label, organ, rule="none"))
+    assert not np.any(fusion.label_fits(label, organ, rule="code"))
+    assert np.all(fusion.label_fits(label, organ, rule="none"))
     assert np.all(label_pool.fits(label, organ, rule="none"))
 
 
@@ -238,8 +248,8 @@ def test_vessel_metrics_count_only_the_field_of_view():
     fov[:, 2:14, 2:14] = True
 
     def scores(p, v):
-        counts = segmentor._vessel_counts(jnp.asarray(p), jnp.asarray(v), jnp.asarray(fov))
-        return segmentor._vessel_metrics(jax.tree.map(lambda c: np.asarray(c)[None], counts))
+        counts = segment.vessel_counts(jnp.asarray(p), jnp.asarray(v), jnp.asarray(fov))
+        return segment.vessel_metrics(jax.tree.map(lambda c: np.asarray(c)[None], counts))
 
     base = scores(probability, vessel)
     # Anything outside the field of view changes nothing.
@@ -258,7 +268,7 @@ def test_classifier_separates_two_crafted_classes(family_data_dir):
     config = _family_config("chest_xray", family_data_dir)
     config.data.num_classes = 2
     # 64² keeps 4×4 maps at the trunk's end: instance norm over a 1×1 map (16² images) would erase them.
-    model = classifier.make_model(config, (64, 64))
+    model = classify.make_model(config, (64, 64))
     rng = np.random.default_rng(0)
 
     def batch(n):
@@ -271,13 +281,13 @@ def test_classifier_separates_two_crafted_classes(family_data_dir):
         return {"image": images, "label": label}
 
     tx = optax.adam(3e-3)
-    state = classifier.init_state(jax.random.key(0), batch(2), model=model, tx=tx)
+    state = classify.init_state(jax.random.key(0), batch(2), model=model, tx=tx)
     step = jax.jit(
-        functools.partial(classifier.train_step, model=model, tx=tx, loss_kind="cross_entropy", num_classes=2)
+        functools.partial(classify.train_step, model=model, tx=tx, loss_kind="cross_entropy", num_classes=2)
     )
     for i in range(60):
         state, _ = step(state, batch(16), jax.random.key(i))
     test = batch(64)
-    predicted = classifier.predict_maps(state.params, test["image"], model=model)
-    accuracy = float(np.mean(classifier.accuracy_of(predicted, test["label"])))
+    predicted = classify.predict_maps(state.params, test["image"], model=model)
+    accuracy = float(np.mean(classify.accuracy_of(predicted, test["label"])))
     assert accuracy >= 0.9, accuracy

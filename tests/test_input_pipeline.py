@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from synth import input_pipeline
+from synth.lesion import segment
 
 SOURCE = [{"x": np.full((2,), i, np.float32)} for i in range(37)]
 
@@ -51,10 +52,9 @@ def test_iterator_state_resumes_exactly():
 
 def test_worker_processes_give_the_same_batches(phantom_data_dir):
     import data_builders
-    from synth.stages import segmentor
 
     source = data_builders.data_source("phantom", "train", data_dir=phantom_data_dir, config="tiny")
-    kwargs = dict(preprocess=segmentor.preprocess, batch_size=4, seed=0)
+    kwargs = dict(preprocess=segment.preprocess, batch_size=4, seed=0)
     local = input_pipeline.train_iterator(source, **kwargs)
     workers = input_pipeline.train_iterator(source, num_workers=1, **kwargs)
     for _ in range(3):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from synth import extraction, label_pool
+from synth import fusion, label_files, label_pool
 from synth.label_pool import AugmentParams
 
 NAMES = ("background", "necrosis", "oedema", "non_enhancing", "enhancing")
@@ -188,7 +188,7 @@ def _labels_and_organs():
 def test_fits_matches_extraction(rule):
     labels, organs = _labels_and_organs()
     ours = label_pool.fits(labels, organs, rule=rule)
-    theirs = np.asarray(extraction.label_fits(labels, organs, rule=rule))
+    theirs = np.asarray(fusion.label_fits(labels, organs, rule=rule))
     np.testing.assert_array_equal(ours, theirs)
     assert ours.shape == (6,) and ours.dtype == bool
     expected = (
@@ -248,24 +248,24 @@ def test_load_folder_of_png_nifti_and_mha(tmp_path):
     (tmp_path / "notes.txt").write_text("not a label")
     (tmp_path / "._a.png").write_bytes(b"macOS resource fork")
     (tmp_path / "sub.png").mkdir()  # a folder, even with a label-like name, is not a label file
-    labels, names = label_pool.load_user_labels(tmp_path, image_hw=(20, 16), num_classes=5)
+    labels, names = label_files.load_user_labels(tmp_path, image_hw=(20, 16), num_classes=5)
     assert names == ["a.png", "b_rgb.png", "c.nii.gz", "d.mha"]
     assert labels.dtype == np.uint8 and labels.shape == (4, 20, 16)
     for got, want in zip(labels, [a, b, c, a]):
         np.testing.assert_array_equal(got, want)
-    one, one_name = label_pool.load_user_labels(tmp_path / "c.nii.gz", image_hw=(20, 16), num_classes=5)
+    one, one_name = label_files.load_user_labels(tmp_path / "c.nii.gz", image_hw=(20, 16), num_classes=5)
     assert one_name == ["c.nii.gz"]
     np.testing.assert_array_equal(one[0], c)
 
 
 def test_load_arrays():
     a, b = _lesion(), _lesion(top=1)
-    labels, names = label_pool.load_user_labels(np.stack([a, b]), image_hw=(20, 16), num_classes=5)
+    labels, names = label_files.load_user_labels(np.stack([a, b]), image_hw=(20, 16), num_classes=5)
     assert names == ["array[0]", "array[1]"] and labels.shape == (2, 20, 16)
-    labels, names = label_pool.load_user_labels(a.astype(np.float32), image_hw=(20, 16), num_classes=5)
+    labels, names = label_files.load_user_labels(a.astype(np.float32), image_hw=(20, 16), num_classes=5)
     assert names == ["array"] and labels.dtype == np.uint8
     np.testing.assert_array_equal(labels[0], a)
-    labels, names = label_pool.load_user_labels([a, b.astype(np.int32)], image_hw=(20, 16), num_classes=5)
+    labels, names = label_files.load_user_labels([a, b.astype(np.int32)], image_hw=(20, 16), num_classes=5)
     assert names == ["array[0]", "array[1]"]
 
 
@@ -273,7 +273,7 @@ def test_load_errors_name_the_file(tmp_path):
     hw = (20, 16)
 
     def load(source, **kw):
-        return label_pool.load_user_labels(source, image_hw=hw, num_classes=5, **kw)
+        return label_files.load_user_labels(source, image_hw=hw, num_classes=5, **kw)
 
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load(tmp_path / "missing.png")

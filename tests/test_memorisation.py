@@ -12,7 +12,7 @@ import pytest
 import scipy.ndimage
 from PIL import Image
 
-from synth import memorisation
+from synth import memorisation, memorisation_report
 from synth.metrics import image
 
 N, M, SIZE, K, BLOCK = 10, 11, 24, 2, 4
@@ -135,7 +135,7 @@ def test_write_audit_files_and_markdown(tmp_path, sets, audits):
     synthetic, real = sets
     result = audits["ssim"]
     out_dir = tmp_path / "dataset"
-    markdown = memorisation.write_audit(
+    markdown = memorisation_report.write_audit(
         out_dir,
         synthetic,
         real,
@@ -146,18 +146,18 @@ def test_write_audit_files_and_markdown(tmp_path, sets, audits):
         modality=1,
         relative_to=tmp_path,
     )
-    assert sorted(os.listdir(out_dir)) == [memorisation.PAIRS_FILE, memorisation.HISTOGRAM_FILE]
-    with Image.open(out_dir / memorisation.PAIRS_FILE) as pairs:
+    assert sorted(os.listdir(out_dir)) == [memorisation_report.PAIRS_FILE, memorisation_report.HISTOGRAM_FILE]
+    with Image.open(out_dir / memorisation_report.PAIRS_FILE) as pairs:
         # Three rows of three tiles; 24-px images are enlarged 5× to 120 px, with 2-px gaps.
         assert pairs.size == (3 * 122 + 2, 3 * 122 + 2)
-    with Image.open(out_dir / memorisation.HISTOGRAM_FILE) as histogram:
+    with Image.open(out_dir / memorisation_report.HISTOGRAM_FILE) as histogram:
         assert histogram.format == "PNG"
 
     assert markdown.startswith("## Memorisation audit")
     assert "| flagged (similarity ≥ threshold) | 1: `syn-004` |" in markdown
     assert "| 1 | `syn-004` | `real-003` |" in markdown  # Most similar pair first.
-    assert f"](dataset/{memorisation.PAIRS_FILE})" in markdown
-    assert f"](dataset/{memorisation.HISTOGRAM_FILE})" in markdown
+    assert f"](dataset/{memorisation_report.PAIRS_FILE})" in markdown
+    assert f"](dataset/{memorisation_report.HISTOGRAM_FILE})" in markdown
     median = np.median(result.reference_similarity)
     assert f"{median:.4f} / " in markdown
 
@@ -172,10 +172,10 @@ def test_write_audit_without_reference_defaults_ids(tmp_path, sets, audits):
         metric="feature",
         threshold=result.threshold,
     )
-    markdown = memorisation.write_audit(tmp_path, synthetic, real, bare, num_pairs=50)
+    markdown = memorisation_report.write_audit(tmp_path, synthetic, real, bare, num_pairs=50)
     assert "1: `4`" in markdown
     assert "not computed" in markdown
-    assert f"]({memorisation.PAIRS_FILE})" in markdown
+    assert f"]({memorisation_report.PAIRS_FILE})" in markdown
     assert markdown.count("\n| ") == 9 + 2 + N  # Summary rows, pair-table header and one row per sample.
 
 
@@ -202,11 +202,13 @@ def test_bad_inputs_say_what_is_wrong(sets, audits):
     with pytest.raises(ValueError, match=r"\(B, D\) features"):
         memorisation.nearest_real(synthetic, real, metric="feature", feature_fn=lambda x: x)
     with pytest.raises(ValueError, match="covers 10 synthetic samples but synthetic has 9"):
-        memorisation.write_audit("unused", synthetic[:9], real, audits["ssim"])
+        memorisation_report.write_audit("unused", synthetic[:9], real, audits["ssim"])
     with pytest.raises(ValueError, match="modality 2 is out of range for K = 2"):
-        memorisation.write_audit("unused", synthetic, real, audits["ssim"], modality=2)
+        memorisation_report.write_audit("unused", synthetic, real, audits["ssim"], modality=2)
     with pytest.raises(ValueError, match="synthetic_ids has 3 entries for 10 images"):
-        memorisation.write_audit("unused", synthetic, real, audits["ssim"], synthetic_ids=["a", "b", "c"])
+        memorisation_report.write_audit(
+            "unused", synthetic, real, audits["ssim"], synthetic_ids=["a", "b", "c"]
+        )
 
 
 def test_tiled_ssim_equals_image_ssim_on_non_square_images():

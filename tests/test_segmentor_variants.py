@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synth import input_pipeline, metrics
+from synth import evaluation, input_pipeline, metrics
+from synth.lesion import segment
 from synth.models import shared_encoder
 from synth.models.unet import UNet, UNetDecoder, UNetEncoder, split_unet
 from synth.stages import segmentor
@@ -87,11 +88,11 @@ def shared(phantom_data_dir):
     # With eval batch 4, the second eval batch is then half padding, which the metrics must leave out.
     config.data.eval_max_examples = 6
     spec = segmentor.build(config)
-    model = segmentor.make_model(config, (HW, HW))
+    model = segment.make_model(config, (HW, HW))
     batch = _train_batch(spec)
     state, stepped, out = _step(spec, batch)
     forward = jax.jit(
-        functools.partial(segmentor.predict_logits, model=model, variant="shared_encoder", stacking="vmap")
+        functools.partial(segment.predict_logits, model=model, variant="shared_encoder", stacking="vmap")
     )
     return SimpleNamespace(
         config=config,
@@ -134,7 +135,7 @@ def test_shared_encoder_output_shape_and_unrolled_agrees(shared):
     # `auto` picks the unrolled form on CPU: it must give the same logits.
     unrolled = jax.jit(
         functools.partial(
-            segmentor.predict_logits, model=shared.model, variant="shared_encoder", stacking="unrolled"
+            segment.predict_logits, model=shared.model, variant="shared_encoder", stacking="unrolled"
         )
     )(shared.params, shared.images)
     np.testing.assert_allclose(unrolled, logits, rtol=1e-4, atol=1e-4)
@@ -163,7 +164,7 @@ def test_encoder_gradient_comes_from_every_modality(shared):
     @jax.jit
     def grads(params, weights):
         def loss(p):
-            logits = segmentor.predict_logits(
+            logits = segment.predict_logits(
                 p, images, model=shared.model, variant="shared_encoder", stacking="vmap"
             )
             return jnp.sum(weights * jnp.mean(jnp.square(logits), axis=(1, 2, 3, 4)))
@@ -207,7 +208,7 @@ def test_evaluator_parity_metrics_match_direct_computation(shared):
 
     # Direct: the 6 evaluated slices only, scored by the metrics themselves, reusing the compiled forward.
     source = input_pipeline.open_source(config.data, config.data.eval_split)
-    examples = [segmentor.preprocess(source[i]) for i in range(config.data.eval_max_examples)]
+    examples = [segment.preprocess(source[i]) for i in range(config.data.eval_max_examples)]
     images = np.stack([e["image"] for e in examples])
     labels = jnp.asarray(np.stack([e["label"] for e in examples]))
     params = jax.device_get(shared.stepped.params)
@@ -229,7 +230,10 @@ def test_parity_scores_leave_out_padding_rows():
     # Row 2 is padding: a perfect, tumour-free prediction that would score Dice 1 and MSE 0 if counted.
     label[2] = 0
     pred[:, 2] = 0
-    dice_sum, mse_sum, count = segmentor._parity_scores(pred, label, np.array([True, True, False]))
+    valid = np.array([True, True, False])
+    dice, mse = segment.parity_per_image(pred, label)
+    sums = evaluation.masked_sum({"dice": dice, "mse": mse}, valid)
+    dice_sum, mse_sum, count = sums["dice"], sums["mse"], valid.sum()
     assert float(count) == 2.0
     for k in range(2):
         assert float(dice_sum[k]) / 2 == pytest.approx(

@@ -18,7 +18,18 @@ import pytest
 from equivalence import assert_same_training
 
 from synth import checkpoint as checkpoint_lib
-from synth import configlib, extraction, input_pipeline, train
+from synth import (
+    conditioning,
+    configlib,
+    extraction,
+    frozen,
+    input_pipeline,
+    lesion,
+    scoring,
+    synthesis_nets,
+    train,
+)
+from synth import workdir as workdir_lib
 from synth import writer as writer_lib
 from synth.stages import segmentor, synthesis, translator
 
@@ -80,28 +91,30 @@ def test_synthetic_images_show_the_asked_for_lesion(trained):
 
 def test_modality_code_changes_contrast_not_anatomy(trained):
     config, workdir, evals = trained
-    state = synthesis.load_state(config, workdir)
-    models = synthesis.make_models(config, (32, 32))
+    trained_g, _ = frozen.load(config, workdir, "synthesis", fields=("g_params",))
+    models = synthesis_nets.make_models(config, (32, 32))
     source = input_pipeline.open_source(config.data, config.data.eval_split)
     batch = jax.tree.map(lambda *x: np.stack(x), *[synthesis.preprocess(source[i]) for i in range(8)])
     params = extraction.ExtractionParams.from_config(config.structure.extraction)
 
     @jax.jit
     def generate(g_params, batch):
-        inputs = synthesis.make_inputs(
+        inputs = conditioning.make_inputs(
             batch, jax.random.key(0), {}, models=models, config=config, pretraining=jnp.asarray(False)
         )
-        fakes = synthesis.synthesize(models, g_params, inputs.g_input, 4)[..., 0]  # (K, B, H, W)
+        fakes = synthesis_nets.synthesize(models, g_params, inputs.g_input, 4)[..., 0]  # (K, B, H, W)
         # Misregistered reference: modality k shifted by 2k pixels. (Other samples are no reference: the
         # phantom heads are alike, and their maps agree at 0.6.)
         mixed = jnp.stack([jnp.roll(fakes[k], 2 * k, axis=2) for k in range(4)])
         agreement = [
-            jnp.mean(synthesis.structure_agreement(jnp.moveaxis(x, 0, -1), inputs.organ, params))
+            jnp.mean(scoring.structure_agreement(jnp.moveaxis(x, 0, -1), inputs.organ, params))
             for x in (fakes, mixed)
         ]
         return fakes, inputs.organ[..., 0], agreement
 
-    fakes, organ, (agreement, misregistered) = jax.tree.map(np.asarray, generate(state.g_params, batch))
+    fakes, organ, (agreement, misregistered) = jax.tree.map(
+        np.asarray, generate(trained_g["g_params"], batch)
+    )
     # Anatomy: structure maps extracted from each synthetic modality agree about as well as the real
     # modalities' do, and clearly better than misregistered ones (seen: 0.75 against 0.55; real 0.81
     # against 0.53).
@@ -181,11 +194,11 @@ def test_resume_after_retraining_a_frozen_stage_is_refused(trained, tmp_path):
     stage_dir = tmp_path / "synthesis"
     stage_dir.mkdir()
     (stage_dir / "stage_config.json").write_text(
-        json.dumps(train._fingerprint("synthesis", config, spec.provenance))
+        json.dumps(workdir_lib.fingerprint("synthesis", config, spec.provenance))
     )
     with pytest.raises(ValueError, match="segmentor_step"):
-        train._check_same_config(
-            "synthesis", str(stage_dir), train._fingerprint("synthesis", config, changed.provenance)
+        workdir_lib.check_same_config(
+            "synthesis", str(stage_dir), workdir_lib.fingerprint("synthesis", config, changed.provenance)
         )
 
 
@@ -196,13 +209,12 @@ def test_dice_filter_rejects_a_sample_whose_lesion_was_removed(trained):
     the tumour's label: the filter keeps the first and rejects every one of the second.
     """
     from data_builders.phantom import anatomy
-    from synth import generate
 
     config, workdir, _ = trained
-    processor = synthesis.LESION_PROCESSORS["segmentor"](config, (32, 32))
-    params, _ = processor.load(config, workdir)
+    processor = lesion.processor(config, (32, 32))
+    params = frozen.load(config, workdir, "segmentor")[0]["params"]
     score = jax.jit(
-        lambda images, label: generate.lesion_dice(
+        lambda images, label: scoring.filter_dice(
             processor.predict(params, images), label, kind="whole", num_classes=5
         )
     )

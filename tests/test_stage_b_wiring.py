@@ -9,9 +9,19 @@ import numpy as np
 import optax
 import pytest
 
-from synth import input_pipeline, optim, registration
+from synth import (
+    conditioning,
+    gan,
+    input_pipeline,
+    optim,
+    registration,
+    structure_nets,
+    synthesis_nets,
+    translator_nets,
+)
+from synth.lesion import segment
 from synth.models import sizes
-from synth.stages import segmentor, synthesis, translator
+from synth.stages import synthesis, translator
 
 
 def test_pairs_are_grouped_by_target_and_translated_in_one_call():
@@ -56,13 +66,13 @@ def test_registration_and_agreement_losses_match_loops():
 
 def test_category_loss_kinds():
     maps = jnp.full((2, 3, 3, 1), 2.0)
-    assert float(registration.category_loss(maps, 2, kind="index_mse", num_modalities=4)) == 0.0
-    assert float(registration.category_loss(maps, 0, kind="index_mse", num_modalities=4)) == 4.0
+    assert float(gan.category_loss(maps, 2, kind="index_mse", num_modalities=4)) == 0.0
+    assert float(gan.category_loss(maps, 0, kind="index_mse", num_modalities=4)) == 4.0
     logits = jnp.zeros((2, 3, 3, 4)).at[..., 1].set(20.0)
-    assert float(registration.category_loss(logits, 1, kind="cross_entropy", num_modalities=4)) < 1e-6
-    assert registration.predicted_category(logits, kind="cross_entropy").tolist() == [1, 1]
+    assert float(gan.category_loss(logits, 1, kind="cross_entropy", num_modalities=4)) < 1e-6
+    assert gan.predicted_category(logits, kind="cross_entropy").tolist() == [1, 1]
     with pytest.raises(ValueError, match="category loss kind 'hinge'"):
-        registration.category_loss(maps, 0, kind="hinge", num_modalities=4)
+        gan.category_loss(maps, 0, kind="hinge", num_modalities=4)
 
 
 def test_labels_are_drawn_to_fit_the_organ():
@@ -72,13 +82,13 @@ def test_labels_are_drawn_to_fit_the_organ():
     labels = np.zeros((3, 4, 4), np.int32)
     labels[0, :, 3] = 2  # right edge
     labels[1, :, 0] = 1  # left edge
-    label, fitted, source = synthesis.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="code")
+    label, fitted, source = conditioning.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="code")
     np.testing.assert_array_equal(label[0], labels[1])  # The next slice's label fits anywhere.
     np.testing.assert_array_equal(label[1], labels[2])  # The empty label fits (code rule)…
     np.testing.assert_array_equal(label[2], 0)  # …and is the fallback when nothing fits.
     assert fitted.tolist() == [True, True, False]
     assert source.tolist() == [1, 2, -1]  # The rows the labels came from: boxes follow them.
-    label, fitted, source = synthesis.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="paper")
+    label, fitted, source = conditioning.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="paper")
     assert fitted.tolist() == [True, False, False]  # Paper rule: an empty label does not fit.
     np.testing.assert_array_equal(label[1], labels[0])  # The last draw is kept.
     assert source.tolist() == [1, 0, 1]
@@ -89,7 +99,7 @@ def test_labels_are_drawn_to_fit_the_organ():
 )
 def test_generator_and_discriminator_shapes(tiny_config, image_hw, bottleneck, patches):
     tiny_config.synthesis.model.size = "base"
-    models = synthesis.make_models(tiny_config, image_hw)
+    models = synthesis_nets.make_models(tiny_config, image_hw)
     g_input = jax.ShapeDtypeStruct((2, *image_hw, 6), jnp.float32)  # s' + five one-hot label channels.
     cond = jax.ShapeDtypeStruct((2, 4), jnp.float32)
     params = jax.eval_shape(models.generator.init, jax.random.key(0), g_input, cond)
@@ -116,7 +126,7 @@ def random_stage_b(phantom_data_dir):
 
     config = phantom.get_config("runlocal")
     config.data.data_dir = phantom_data_dir
-    models = synthesis.make_models(config, (32, 32))
+    models = synthesis_nets.make_models(config, (32, 32))
     source = input_pipeline.open_source(config.data, "train")
     batch = jax.tree.map(lambda *x: np.stack(x), *[synthesis.preprocess(source[i]) for i in range(2)])
     keys = jax.random.split(jax.random.key(1), 4)
@@ -126,12 +136,12 @@ def random_stage_b(phantom_data_dir):
         tr_state = translator.init_state(
             keys[0],
             batch,
-            models=translator.make_models(config, (32, 32)),
+            models=translator_nets.make_models(config, (32, 32)),
             g_tx=optim.make_optimizer(config.translator.optim.g),
             d_tx=optim.make_optimizer(config.translator.optim.d),
         )
-        seg_params = segmentor.init_params(
-            keys[1], batch["image"], model=segmentor.make_model(config, (32, 32)), variant="n_seg"
+        seg_params = segment.init_params(
+            keys[1], batch["image"], model=segment.make_model(config, (32, 32)), variant="n_seg"
         )
         tx = optim.make_optimizer(config.synthesis.optim.g)
         state = synthesis.init_state(keys[2], batch, models=models, config=config, g_tx=tx, d_tx=tx)
@@ -177,7 +187,7 @@ def test_frozen_networks_take_no_gradient_but_pass_it_on(random_stage_b):
 
 def test_translator_fakes_are_translations_and_g_gets_adversarial_gradient(random_stage_b):
     config, batch = random_stage_b.config, random_stage_b.batch
-    models = translator.make_models(config, (32, 32))
+    models = translator_nets.make_models(config, (32, 32))
     state = random_stage_b.tr_state  # A random translator, initialised once for the module.
     loss_config = config.translator.loss
 
@@ -207,15 +217,15 @@ def test_single_modality_families_use_the_same_trainer(random_stage_b):
     config.data.modalities = ("t1",)
     config.synthesis.label_fusion = "concat_onehot_plus_0.1"  # The X-ray/TC form (§3.6).
     one = {"image": batch["image"][..., :1], "label": batch["label"]}
-    models = synthesis.make_models(config, (32, 32))
+    models = synthesis_nets.make_models(config, (32, 32))
     assert models.translator is None and models.discriminator.heads == 1
     tx = optim.make_optimizer(config.synthesis.optim.g)
 
     @jax.jit  # One compile instead of op-by-op initialisation (kept apart from the step: cheaper to compile).
     def init(key, one):
         state = synthesis.init_state(key, one, models=models, config=config, g_tx=tx, d_tx=tx)
-        seg = segmentor.init_params(
-            key, one["image"], model=segmentor.make_model(config, (32, 32)), variant="n_seg"
+        seg = segment.init_params(
+            key, one["image"], model=segment.make_model(config, (32, 32)), variant="n_seg"
         )
         return state, seg
 
@@ -232,11 +242,10 @@ def test_single_modality_families_use_the_same_trainer(random_stage_b):
 def test_stage_a_structures_replace_the_real_ones_after_pretraining(tiny_config):
     """`structure_source="stage_a"` (the paper): real maps while pre-training, stage A's draws afterwards."""
     from synth.models import vae
-    from synth.stages import structure
 
     config = tiny_config
     config.synthesis.structure_source = "stage_a"
-    models = synthesis.make_models(config, (32, 32))
+    models = synthesis_nets.make_models(config, (32, 32))
     assert models.structure is not None
     source = input_pipeline.open_source(config.data, config.data.train_split)
     batch = jax.tree.map(lambda *x: np.stack(x), *[synthesis.preprocess(source[i]) for i in range(4)])
@@ -251,14 +260,16 @@ def test_stage_a_structures_replace_the_real_ones_after_pretraining(tiny_config)
         dec_params = decoder.init(keys[0], jnp.zeros((1, *code)))
         mask_params = models.structure.mask.init(keys[1], jnp.zeros((1, 32, 32, 2)))
         frozen = {"structure": {"decoder": dec_params, "mask": mask_params}}
-        inputs = functools.partial(synthesis.make_inputs, models=models, config=config)
+        inputs = functools.partial(conditioning.make_inputs, models=models, config=config)
         pre = inputs(batch, key, frozen, pretraining=pretraining)
         adv = inputs(batch, key, frozen, pretraining=adversarial)
-        maps, masks, _ = structure.generate_maps(
+        maps, masks, _ = structure_nets.generate_maps(
             frozen["structure"], jax.random.split(key)[1], 4, models=models.structure, code_shape=code
         )
-        real = structure.real_structures(
-            batch, params=structure.extraction_params(config), remove_lesions=config.structure.remove_lesions
+        real = structure_nets.real_structures(
+            batch,
+            params=structure_nets.extraction_params(config),
+            remove_lesions=config.structure.remove_lesions,
         )
         return pre, adv, maps, masks, real
 
@@ -278,11 +289,11 @@ def test_mixed_precision_computes_in_bf16_and_keeps_float32_parameters():
         return jnp.sum(params["w"] * x)
 
     params, x = {"w": jnp.linspace(0.5, 1.5, 8)}, jnp.linspace(-1.0, 1.0, 8)
-    value, grads = jax.value_and_grad(synthesis.in_dtype("bfloat16", layer))(params, x)
+    value, grads = jax.value_and_grad(synthesis_nets.in_dtype("bfloat16", layer))(params, x)
     assert seen[-1] == (jnp.bfloat16, jnp.bfloat16) and value.dtype == jnp.float32
     assert grads["w"].dtype == jnp.float32  # The update stays in float32.
     np.testing.assert_allclose(grads["w"], x.astype(jnp.bfloat16).astype(jnp.float32))
-    assert synthesis.in_dtype("float32", layer) is layer
+    assert synthesis_nets.in_dtype("float32", layer) is layer
 
 
 def test_stage_b_config_errors_name_the_key():

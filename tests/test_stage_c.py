@@ -20,6 +20,7 @@ from nbclient import NotebookClient
 from data_builders import schema
 from data_builders.synthetic import synthetic_dataset_builder as chunks
 from synth import generate, structure_filter
+from synth import workdir as workdir_lib
 from synth.stages import dataset, verify
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks")
@@ -67,7 +68,7 @@ def test_quickstart_notebook_runs_every_stage(quickstart):
 
 def test_dataset_reads_back_elsewhere_with_the_real_schema_and_the_used_labels(quickstart):
     _, workdir = quickstart
-    config = generate.load_config(workdir)
+    config = workdir_lib.load_config(workdir)
     tfds_dir = workdir / "dataset" / "tfds"
     reader = (
         "import sys, json, numpy as np, tensorflow_datasets as tfds\n"
@@ -100,7 +101,7 @@ def test_dataset_reads_back_elsewhere_with_the_real_schema_and_the_used_labels(q
 
 def test_interrupted_generation_resumes_to_the_same_samples(quickstart, tmp_path):
     _, workdir = quickstart
-    config = generate.load_config(workdir)
+    config = workdir_lib.load_config(workdir)
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("dataset"))
     assert dataset.run(config, copy, stop_at=1) is None
@@ -158,7 +159,7 @@ def test_curricula_train_in_their_order(quickstart):
     rows = list(csv.DictReader((workdir / "verify" / "results.csv").open()))
     assert [r["mix"] for r in rows] == ["real100_syn25_aug0_M", "real100_syn25_aug0_S", "real50_syn25_aug0_R"]
     # A rerun finds every run complete: nothing trains again, and the scores are the same.
-    config = generate.load_config(workdir)
+    config = workdir_lib.load_config(workdir)
     config.verify.quality.num_pairs = 0
     again = verify.run(config, workdir)
     assert [(r["mix"], r["dice_whole/mean"]) for r in again] == [

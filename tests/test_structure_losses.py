@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synth import losses
+from configs import tables
+from synth import losses as generic_losses
+from synth import structure_losses as losses
 
 ALL_TERMS = (*losses.STAGE_A_G_TERMS, *losses.STAGE_A_D_TERMS)
 
@@ -95,10 +97,10 @@ def test_mask_exclusion_agrees_when_organ_has_no_no_edge_mass():
 
 
 def test_presets():
-    assert set(losses.STAGE_A_CODE_WEIGHTS) == set(losses.STAGE_A_PAPER_WEIGHTS) == set(ALL_TERMS)
+    assert set(tables.STAGE_A_CODE_WEIGHTS) == set(tables.STAGE_A_PAPER_WEIGHTS) == set(ALL_TERMS)
     assert len(ALL_TERMS) == len(set(ALL_TERMS))
     # Snapshot of the code's weights (METHOD §5.2).
-    code = losses.STAGE_A_CODE_WEIGHTS
+    code = tables.STAGE_A_CODE_WEIGHTS
     assert [code[k] for k in ("d_code_real", "d_code_fake", "d_map_real", "d_map_fake")] == [10, 10, 25, 25]
     assert [code[k] for k in ("g_code_adv", "code_mean", "code_std", "g_map_adv")] == [
         0.001,
@@ -111,7 +113,7 @@ def test_presets():
     assert code["mask_exclusion_recon"] == code["mask_exclusion_gen"] == 1
     assert code["code_kl"] == 0
     # The paper's losses have unit weights; terms it does not have are off.
-    paper = losses.STAGE_A_PAPER_WEIGHTS
+    paper = tables.STAGE_A_PAPER_WEIGHTS
     assert {k for k, w in paper.items() if w} == {
         "g_code_adv",
         "g_map_adv",
@@ -150,7 +152,7 @@ def _forward_outputs(key, batch=2, hw=(4, 4), slices=1):
 
 def test_structure_losses_terms_and_totals():
     out = _forward_outputs(jax.random.key(0))
-    weights = losses.STAGE_A_CODE_WEIGHTS
+    weights = tables.STAGE_A_CODE_WEIGHTS
     terms = losses.structure_losses(**out, weights=weights)
     assert set(terms) == {*ALL_TERMS, "g_loss", "d_loss"}
     # Spot-check terms against their definitions.
@@ -166,9 +168,9 @@ def test_structure_losses_terms_and_totals():
     # Totals are the weighted sums; the D side equals the existing LSGAN loss with the code's weights.
     g_total = sum(weights[k] * terms[k] for k in losses.STAGE_A_G_TERMS)
     np.testing.assert_allclose(terms["g_loss"], g_total, rtol=1e-6)
-    d_lsgan = losses.lsgan_d_loss(
+    d_lsgan = generic_losses.lsgan_d_loss(
         out["d_code_prior"], out["d_code_posterior"], real_weight=10.0, fake_weight=10.0
-    ) + losses.lsgan_d_loss(out["d_map_real"], out["d_map_fake"], real_weight=25.0, fake_weight=25.0)
+    ) + generic_losses.lsgan_d_loss(out["d_map_real"], out["d_map_fake"], real_weight=25.0, fake_weight=25.0)
     np.testing.assert_allclose(terms["d_loss"], d_lsgan, rtol=1e-6)
     # Parity changes the two mask-exclusion terms and nothing else.
     parity = losses.structure_losses(**out, weights=weights, parity=True)
@@ -179,7 +181,7 @@ def test_structure_losses_terms_and_totals():
 
 def test_structure_losses_tc_slices_and_jit():
     out = _forward_outputs(jax.random.key(1), slices=3)
-    weights = dict(losses.STAGE_A_CODE_WEIGHTS, edge_density_recon=0.0, edge_density_gen=0.0)  # TC
+    weights = dict(tables.STAGE_A_CODE_WEIGHTS, edge_density_recon=0.0, edge_density_gen=0.0)  # TC
     eager = losses.structure_losses(**out, weights=weights)
     jitted = jax.jit(lambda o: losses.structure_losses(**o, weights=weights))(out)
     for name in eager:
@@ -189,11 +191,11 @@ def test_structure_losses_tc_slices_and_jit():
 def test_structure_losses_zero_weights_and_validation():
     out = _forward_outputs(jax.random.key(2))
     out["code_logvar"] = jnp.full_like(out["code_logvar"], 100.0)  # exp overflows: KL and code_std are inf
-    terms = losses.structure_losses(**out, weights=losses.STAGE_A_PAPER_WEIGHTS)
+    terms = losses.structure_losses(**out, weights=tables.STAGE_A_PAPER_WEIGHTS)
     assert not math.isfinite(float(terms["code_kl"]))
     # A term switched off with weight 0 must not turn the total into nan (0·inf), nor its gradient.
     assert math.isfinite(float(terms["g_loss"]))
-    paper = losses.STAGE_A_PAPER_WEIGHTS
+    paper = tables.STAGE_A_PAPER_WEIGHTS
 
     def g_loss(logvar):
         return losses.structure_losses(**(out | {"code_logvar": logvar}), weights=paper)["g_loss"]
@@ -203,8 +205,8 @@ def test_structure_losses_zero_weights_and_validation():
     with pytest.raises(ValueError, match=r"missing \['mask_recon'\]"):
         losses.structure_losses(**out, weights={k: 1.0 for k in ALL_TERMS if k != "mask_recon"})
     with pytest.raises(ValueError, match=r"unknown \['kl'\]"):
-        losses.structure_losses(**out, weights={**losses.STAGE_A_CODE_WEIGHTS, "kl": 1.0})
+        losses.structure_losses(**out, weights={**tables.STAGE_A_CODE_WEIGHTS, "kl": 1.0})
     with pytest.raises(ValueError, match="mask_generated shape"):
         losses.structure_losses(
-            **(out | {"mask_generated": out["mask_generated"][..., :1]}), weights=losses.STAGE_A_CODE_WEIGHTS
+            **(out | {"mask_generated": out["mask_generated"][..., :1]}), weights=tables.STAGE_A_CODE_WEIGHTS
         )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from equivalence import assert_same_training
 
-from synth import sharding, structure_filter, train
+from synth import frozen, sharding, structure_filter, structure_nets, train
 from synth.models import vae
 from synth.stages import structure
 
@@ -45,10 +45,11 @@ def test_reconstruction_loss_falls(trained):
 
 def test_sample_structures_shapes_and_filter(trained):
     config, spec, state, _ = trained
-    models = structure.make_models(config, (32, 32))
+    models = structure_nets.make_models(config, (32, 32))
     params = structure_filter.FilterParams(min_j_s=0.55, mae=0.05, max_count=3)
-    out = structure.sample_structures(
-        state,
+    out = structure_nets.sample_structures(
+        state.g_params,
+        state.d_params,
         jax.random.key(0),
         5,
         models=models,
@@ -100,8 +101,8 @@ def test_unknown_update_mode_is_named(tiny_config):
 
 def test_load_state_restores_the_trained_state(trained, tmp_path):
     config, _, state, workdir = trained
-    loaded = structure.load_state(config, workdir)
-    for a, b in zip(jax.tree.leaves(state.g_params), jax.tree.leaves(loaded.g_params)):
+    loaded, _ = frozen.load(config, workdir, "structure")
+    for a, b in zip(jax.tree.leaves(state.g_params), jax.tree.leaves(loaded["g_params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="run stage=structure"):
-        structure.load_state(config, tmp_path)
+        frozen.load(config, tmp_path, "structure")

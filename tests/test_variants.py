@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from configs import phantom, variants
-from synth import input_pipeline, optim, registration
-from synth.stages import segmentor, synthesis, translator
+from synth import conditioning, input_pipeline, optim, registration, synthesis_nets, translator_nets
+from synth.lesion import segment
+from synth.stages import synthesis, translator
 
 K = 4
 HW = (32, 32)
@@ -51,17 +52,17 @@ def test_each_variant_switches_what_section_9_says():
     assert s.noise == (0.0, 0.0) and s.pretrain_steps == 0 and s.lesion_processor == "segmentor"
     assert (s.loss.weights.g_adversarial, s.loss.weights.d_real, s.ecai.weights.cycle) == (35.0, 50.0, 10.0)
     ecai_config = phantom.get_config("runlocal,variant=ecai")
-    assert not synthesis._uses_translator(ecai_config)
-    synthesis._check_config(ecai_config)
+    assert not synthesis_nets.uses_translator(ecai_config)
+    synthesis.check_config(ecai_config)
     del ecai_config.synthesis.ecai.weights["cycle"]
     with pytest.raises(
         ValueError, match=r"config.synthesis.ecai.weights: unknown terms \[\], missing terms \['cycle'\]"
     ):
-        synthesis._check_config(ecai_config)
+        synthesis.check_config(ecai_config)
     ecai_config = phantom.get_config("runlocal,variant=ecai")
     ecai_config.synthesis.separate_models = True
     with pytest.raises(ValueError, match="design='ecai' is the multimodal design"):
-        synthesis._check_config(ecai_config)
+        synthesis.check_config(ecai_config)
     assert phantom.get_config("runlocal,variant=B").variant == "B"
     with pytest.raises(ValueError, match="Unknown variant='G'"):
         phantom.get_config("variant=G")
@@ -89,12 +90,12 @@ def frozen_networks(phantom_data_dir, phantom_batch):
         tr = translator.init_state(
             keys[0],
             batch,
-            models=translator.make_models(config, HW),
+            models=translator_nets.make_models(config, HW),
             g_tx=optim.make_optimizer(config.translator.optim.g),
             d_tx=optim.make_optimizer(config.translator.optim.d),
         )
-        seg = segmentor.init_params(
-            keys[1], batch["image"], model=segmentor.make_model(config, HW), variant="n_seg"
+        seg = segment.init_params(
+            keys[1], batch["image"], model=segment.make_model(config, HW), variant="n_seg"
         )
         return {"translator": tr.g_params, "lesion": seg}
 
@@ -105,7 +106,7 @@ def _step(name, data_dir, batch, frozen):
     """One training step of variant `name` (from a fresh init), and its generated images."""
     config = _config(name, data_dir)
     config.synthesis.pretrain_steps = 0  # The adversarial step: every term the variant uses.
-    models = synthesis.make_models(config, HW)
+    models = synthesis_nets.make_models(config, HW)
     tx = optim.make_optimizer(config.synthesis.optim.g)
     needed = {}  # Only the frozen networks the variant uses, as a run loads them.
     if models.translator is not None:
@@ -119,10 +120,10 @@ def _step(name, data_dir, batch, frozen):
         new, metrics = synthesis.train_step(
             state, batch, jax.random.key(2), frozen, models=models, config=config, g_tx=tx, d_tx=tx
         )
-        inputs = synthesis.make_inputs(
+        inputs = conditioning.make_inputs(
             batch, jax.random.key(3), frozen, models=models, config=config, pretraining=jnp.asarray(False)
         )
-        return state, new, metrics, synthesis.synthesize(models, new.g_params, inputs.g_input, K)
+        return state, new, metrics, synthesis_nets.synthesize(models, new.g_params, inputs.g_input, K)
 
     return models, *run(batch, needed)
 
@@ -164,15 +165,17 @@ def test_basegan_modalities_are_independent_models(phantom_data_dir, phantom_bat
     """Changing modality 1's generator changes modality 1's images only: the models are not registered."""
     batch = phantom_batch
     config = _config("basegan", phantom_data_dir)
-    models = synthesis.make_models(config, HW)
+    models = synthesis_nets.make_models(config, HW)
     tx = optim.make_optimizer(config.synthesis.optim.g)
     init = functools.partial(synthesis.init_state, models=models, config=config, g_tx=tx, d_tx=tx)
     state = jax.jit(init)(jax.random.key(0), batch)
     assert {leaf.shape[0] for leaf in jax.tree.leaves(state.g_params)} == {K}  # K stacked models.
     s = jnp.zeros((4, *HW, 1))
-    noise = synthesis.generator_input(jax.random.key(5), s, s, jnp.zeros((4, *HW), jnp.int32), config=config)
+    noise = conditioning.generator_input(
+        jax.random.key(5), s, s, jnp.zeros((4, *HW), jnp.int32), config=config
+    )
     assert noise.shape == (K, 4, *HW, 1)  # One independent noise draw per modality's model.
-    generate = jax.jit(functools.partial(synthesis.synthesize, models, num_modalities=K))
+    generate = jax.jit(functools.partial(synthesis_nets.synthesize, models, num_modalities=K))
     before = generate(state.g_params, noise)
     bumped = jax.tree.map(lambda p: p.at[1].multiply(1.5), state.g_params)
     after = generate(bumped, noise)
