@@ -1,19 +1,21 @@
-# Two commands: `make demo` runs the pipeline on the built-in phantom, `make test` runs the test suite.
-# Both create (or reuse) the local virtual environment .venv and install the project into it.
+# `make demo` runs the pipeline on the built-in phantom, `make test` the test suite, `make test-slow` the
+# whole-pipeline tests. Each creates (or reuses) the local virtual environment .venv and installs the
+# project into it at the versions pinned in requirements/constraints.txt (pyproject.toml has the floors).
 
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CONSTRAINTS := requirements/constraints.txt
 DEMO_DIR ?= runs/demo
 DATA_DIR ?= $(CURDIR)/data
 
 .PHONY: setup demo test test-slow lint bench clean-demo
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
