@@ -84,7 +84,7 @@ def test_scores_and_tables_on_hand_made_numbers():
     assert scores["lesion_samples"] == 2
     assert scores["lesion_dice/a"] == pytest.approx(0.5) and scores["lesion_dice/b"] == pytest.approx(1.0)
     assert scores["lesion_dice"] == pytest.approx(0.75)
-    # Chance: each sample against the previous one's label (cyclically): every such pair is disjoint.
+    # Chance: each sample against the next other lesion (cyclically): every such pair is disjoint.
     assert scores["lesion_dice_chance"] == pytest.approx(0.0, abs=1e-5)
     reg = compare.registration_scores({"structure_agreement": np.array([0.5, 0.7]), "label": label})
     assert reg == pytest.approx({"structure_agreement": 0.6, "structure_agreement_std": 0.1})
@@ -154,7 +154,7 @@ def test_scores_and_tables_on_hand_made_numbers():
 # against it (D-F) or makes smooth images (A), so only the structure agreement is asserted.
 # `SYNTH_COMPARE_SEEDS=0,1 make test-slow` runs it for other seeds.
 SEEDS = [int(s) for s in os.environ.get("SYNTH_COMPARE_SEEDS", "0").split(",")]
-REGISTERED = ("D", "E", "full")
+REGISTERED = ("D", "full")
 
 
 @pytest.mark.slow
@@ -165,7 +165,8 @@ def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
     config = phantom.get_config("runlocal,stage=compare")
     config.seed = seed
     config.data.data_dir = phantom_data_dir
-    config.compare.variants = ("basegan", "B", "D", "E", "full")
+    # Three variants keep the run inside the per-test limit (B, C, E differ from D/F by one switch each).
+    config.compare.variants = ("basegan", "D", "full")
     config.compare.update(dict(num_samples=16, batch_size=8, num_pairs=16, grid_samples=3))
     config.segmentor.train = configlib.loop_config(
         num_steps=100, batch_size=8, log_every=50, checkpoint_every=100, eval_every=100
@@ -191,19 +192,19 @@ def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())
     by_name = {e["method"]: e for e in results["methods"]}
-    assert list(by_name) == ["real", "basegan", "B", "D", "E", "full"]
+    assert list(by_name) == ["real", "basegan", "D", "full"]
     summary = (out / "summary.md").read_text()
-    for title in ("real slices", "A (BaseGAN)", "B", "D", "E", "F (method)"):
+    for title in ("real slices", "A (BaseGAN)", "D", "F (method)"):
         assert f"| {title} |" in summary
     assert "## compare" in (tmp_path / "report.md").read_text() and "side_by_side.png" in summary
-    for name in ("basegan", "B", "D", "E", "full"):
+    for name in ("basegan", "D", "full"):
         e = by_name[name]
         assert e["synthesis_step"] == 150 and e["g_params"] > 0
         assert all(0.0 <= e[f"ms_ssim/{m}"] <= 1.0 for m in MODALITIES)
         assert 0.0 <= e["structure_agreement"] <= 1.0 and math.isfinite(e["translation_mse"])
         assert (tmp_path / "compare" / name / "segmentor").is_symlink()
     # BaseGAN's K separate Gs have K times the parameters of one G of the same size (no modality code).
-    assert by_name["basegan"]["g_params"] > by_name["B"]["g_params"]
+    assert by_name["basegan"]["g_params"] > by_name["D"]["g_params"]
 
     shown = {n: round(by_name[n]["structure_agreement"], 3) for n in by_name}
     mse = {n: round(by_name[n]["translation_mse"], 4) for n in by_name}
