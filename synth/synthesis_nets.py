@@ -30,7 +30,7 @@ from synth.models import ecai as ecai_models
 from synth.models import sizes
 from synth.models.discriminator import PatchDiscriminator
 from synth.models.ecai import EcaiDiscriminator, EcaiGenerator
-from synth.models.unet import UNet
+from synth.models.unet import UNet, apply_per_condition, configured_condition
 
 # config.synthesis.design: "unet", the final design's conditional U-Net G and two-head D; "ecai", the
 # AAAI/ECAI drafts' encoders, decoder and code discriminator with their extra losses (§6.7).
@@ -104,6 +104,7 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
             **sizes.unet_kwargs(sy.model.size, image_hw),
             out_channels=channels,
             norm_output=sy.model.norm_output,
+            condition=configured_condition(sy.model),
             **common,
         ),
         discriminator=PatchDiscriminator(
@@ -165,9 +166,13 @@ def synthesize(models: Models, g_params, g_input: jax.Array, num_modalities: int
         )
         return jax.vmap(lambda p, x: models.generator.apply(p, x, None))(g_params, inputs)
     k, b = num_modalities, g_input.shape[0]
+    if k == 1:
+        return models.generator.apply(g_params, g_input, None)[None]
+    if isinstance(models.generator, UNet):  # FiLM: one encoder pass for all K (unet.apply_per_condition).
+        conds = registration.modality_conditions(np.arange(k), b, k).reshape(k, b, k)
+        return apply_per_condition(models.generator, g_params, g_input, conds)
     tiled = jnp.broadcast_to(g_input[None], (k,) + g_input.shape).reshape((k * b,) + g_input.shape[1:])
-    cond = registration.modality_conditions(np.arange(k), b, k) if k > 1 else None
-    out = models.generator.apply(g_params, tiled, cond)
+    out = models.generator.apply(g_params, tiled, registration.modality_conditions(np.arange(k), b, k))
     return out.reshape((k, b) + out.shape[1:])
 
 

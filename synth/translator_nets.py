@@ -18,7 +18,7 @@ import numpy as np
 from synth import gan, registration
 from synth.models import sizes
 from synth.models.discriminator import PatchDiscriminator
-from synth.models.unet import UNet
+from synth.models.unet import UNet, configured_condition
 
 
 class Models(NamedTuple):
@@ -38,6 +38,7 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
             **sizes.unet_kwargs(tr.model.size, image_hw),
             out_channels=1,
             norm_output=tr.model.norm_output,
+            condition=configured_condition(tr.model),
             **common,
         ),
         discriminator=PatchDiscriminator(

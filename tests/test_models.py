@@ -147,6 +147,71 @@ def test_dropout_only_in_training(tiny_dropout_unet):
     assert float(jnp.max(jnp.abs(train_a - train_b))) > 1e-4
 
 
+def _film_unet_outputs(kernel_scale: float):
+    """A tiny FiLM U-Net's outputs for one image under two conditions, FiLM kernels drawn at a scale."""
+    model = UNet(**unet_kwargs("tiny", (16, 16)), out_channels=1, condition="film", norm_output=False)
+    x = jnp.repeat(jax.random.uniform(jax.random.key(1), (1, 16, 16, 1)), 2, axis=0)
+    cond = jnp.eye(4)[:2]
+    params = model.init(jax.random.key(0), x, cond)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    # As if trained: the zero-initialised FiLM kernels get values (everything else stays as initialised).
+    perturbed = [
+        kernel_scale * jax.random.normal(key, leaf.shape) if "film" in jax.tree_util.keystr(path) else leaf
+        for (path, leaf), key in zip(leaves, keys, strict=True)
+    ]
+    return model, jax.tree.unflatten(treedef, perturbed), x, cond
+
+
+def test_film_condition_reaches_every_pixel_and_skips_the_encoder():
+    from synth.models.unet import split_unet
+
+    model, params, x, cond = _film_unet_outputs(0.5)
+    out = model.apply(params, x, cond)
+    interior = jnp.abs(out[0] - out[1])[2:-2, 2:-2]
+    # A concatenated constant map reaches only the zero-padded border (the norm erases it inside);
+    # FiLM changes the whole image.
+    assert bool(jnp.all(interior > 0.0)) and float(jnp.mean(interior)) > 0.02
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params["params"])[0]]
+    film_layers = {path[0].key for path in paths if "film" in jax.tree_util.keystr(path)}
+    assert film_layers and all(name.startswith(("up", "dec")) for name in film_layers), film_layers
+    # The encoder never sees the condition: one encoding serves every target modality.
+    encoder, decoder = split_unet(model)
+    h0, skips0 = encoder.apply(params, x, cond)
+    h1, _ = encoder.apply(params, x, cond[::-1])
+    np.testing.assert_array_equal(h0, h1)
+    np.testing.assert_allclose(decoder.apply(params, h0, skips0, cond), out, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="film"):
+        model.apply(params, x, jnp.zeros((2, 2, 2, 4)))
+    with pytest.raises(ValueError, match="condition"):
+        _init_shapes(UNet(features=2, condition="add"), x, cond)
+
+
+def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradients():
+    from synth.models.unet import apply_per_condition
+
+    model, params, x, _ = _film_unet_outputs(0.5)
+    conds = jnp.broadcast_to(jnp.eye(4)[:, None, :], (4, 2, 4))  # Four targets for the batch of two.
+
+    def tiled(p):  # The plain form: every input repeated once per condition.
+        out = model.apply(p, jnp.tile(x, (4, 1, 1, 1)), conds.reshape(8, 4))
+        return out.reshape(4, 2, *out.shape[1:])
+
+    once = lambda p: apply_per_condition(model, p, x, conds)  # noqa: E731
+    np.testing.assert_allclose(once(params), tiled(params), rtol=1e-5, atol=1e-6)
+    weights = jax.random.uniform(jax.random.key(3), (4, 2, 16, 16, 1))
+    grad_once, grad_tiled = (jax.grad(lambda p, f=f: jnp.sum(f(p) * weights))(params) for f in (once, tiled))
+    for a, b in zip(jax.tree.leaves(grad_once), jax.tree.leaves(grad_tiled), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # Sums in another order.
+
+
+def test_film_starts_as_the_unconditioned_network():
+    model, params, x, cond = _film_unet_outputs(0.0)
+    out = model.apply(params, x, cond)
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.apply(params, x, None), out, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # Layers
 

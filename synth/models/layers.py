@@ -175,8 +175,14 @@ class ConvBlock(nn.Module):
     c_nominal: int | None = None  # Mean-filter nominal input channels; None = the real count.
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Apply the block to an NHWC tensor."""
+    def __call__(self, x: jax.Array, film: jax.Array | None = None) -> jax.Array:
+        """Apply the block to an NHWC tensor.
+
+        ``film`` (B, K), e.g. a modality one-hot, scales and shifts each channel after the norm:
+        ``x·(1 + γ) + β`` with ``(γ, β) = Dense(film)``, zero-initialised so a new block starts as the
+        unconditioned one. A condition must enter after the norm: a constant map concatenated before
+        an instance-normalised conv is a per-channel constant the norm subtracts again.
+        """
         c_nominal = x.shape[-1] if self.c_nominal is None else self.c_nominal
         x = nn.Conv(
             self.features,
@@ -190,6 +196,12 @@ class ConvBlock(nn.Module):
         )(x)
         if self.norm:
             x = InstanceNorm(name="norm")(x)
+        if film is not None:
+            if film.ndim != 2:
+                raise ValueError(f"A FiLM condition is a (B, K) vector, got shape {film.shape}.")
+            scale_shift = nn.Dense(2 * self.features, kernel_init=nn.initializers.zeros, name="film")(film)
+            gamma, beta = jnp.split(scale_shift[:, None, None, :].astype(x.dtype), 2, axis=-1)
+            x = x * (1.0 + gamma) + beta
         if self.activation is not None:
             x = activation(self.activation)(x)
         return x
@@ -209,8 +221,10 @@ class UpConvBlock(nn.Module):
     c_nominal: int | None = None  # See `ConvBlock`.
 
     @nn.compact
-    def __call__(self, x: jax.Array, target_hw: tuple[int, int] | None = None) -> jax.Array:
-        """Up-sample ``x`` by 2 (cropped to ``target_hw`` if given) and convolve."""
+    def __call__(
+        self, x: jax.Array, target_hw: tuple[int, int] | None = None, film: jax.Array | None = None
+    ) -> jax.Array:
+        """Up-sample ``x`` by 2 (cropped to ``target_hw`` if given) and convolve (``film``: `ConvBlock`)."""
         x = upsample_nearest(x, 2)
         if target_hw is not None:
             x = crop_to(x, target_hw)
@@ -220,4 +234,4 @@ class UpConvBlock(nn.Module):
             kernel_init=self.kernel_init,
             c_nominal=self.c_nominal,
             name="block",
-        )(x)
+        )(x, film)

@@ -31,6 +31,12 @@ Paper vs code choices (METHOD §1, §4.1, §11):
   ``norm_output``, which the paper does not discuss.
 * Input dropout is active only with ``train=True`` (the TF-1 code keeps it on at inference,
   §11.26).
+* Condition: ``condition="concat"`` is the paper's and code's form (tiled one-hot concatenated
+  before ``bottleneck_conv``). Its instance norm subtracts a constant map's contribution again, so
+  only the zero-padded border carries the condition: G and G_t cannot give the modalities different
+  contrasts (docs/DIAGNOSIS-STAGE-B.md). ``condition="film"`` scales and shifts every decoder conv
+  after its norm instead (`ConvBlock`); the encoder then does not see the condition at all, so one
+  encoding serves every target.
 """
 
 import dataclasses
@@ -44,6 +50,12 @@ import jax.numpy as jnp
 from synth.models.layers import ConvBlock, UpConvBlock
 
 OUT_ACTIVATIONS = ("sigmoid", "none")
+CONDITIONS = ("concat", "film")
+
+
+def configured_condition(model_config) -> str:
+    """A generator config's ``condition`` (a config's ``model`` dict); workdirs from before it: "concat"."""
+    return model_config.get("condition", "concat")
 
 
 def bottleneck_hw(image_hw: tuple[int, int], num_levels: int) -> tuple[int, int]:
@@ -80,10 +92,13 @@ class _UNetLayers(nn.Module):
     dropout_rate: float = 0.0  # Input dropout, train only; the code's keep_prob is 1 (G_m: 0.9).
     out_activation: str = "sigmoid"  # "sigmoid" for images; "none" returns logits (segmentors).
     norm_output: bool = True  # The code instance-normalises the output conv before the sigmoid.
+    condition: str = "concat"  # How `cond` enters: "concat" (paper, code) or "film" (module docstring).
 
     def _check(self, x: jax.Array) -> None:
         if self.num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {self.num_levels}.")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"Unknown condition {self.condition!r}; valid: {CONDITIONS}.")
         if self.out_activation not in OUT_ACTIVATIONS:
             raise ValueError(f"Unknown out_activation {self.out_activation!r}; valid: {OUT_ACTIVATIONS}.")
         if x.ndim != 4:
@@ -123,19 +138,24 @@ class _UNetLayers(nn.Module):
 
         # The last stride-2 conv has no norm and no activation in the code (conv9, "raw").
         h = conv(widths[-1], strides=2, norm=False, activation=None, name=f"down{self.num_levels}")(h)
-        if cond is not None:
+        if cond is not None and self.condition == "concat":
             h = jnp.concatenate([h, self._tile_cond(cond, h)], axis=-1)
         # C_nominal excludes the condition channels, as in the code (conv10 uses 4ngf).
         h = conv(widths[-1], c_nominal=widths[-1], name="bottleneck_conv")(h)
         self.sow("intermediates", "bottleneck", h)
         return h, tuple(skips)
 
-    def _decode(self, h: jax.Array, skips: tuple[jax.Array, ...]) -> jax.Array:
+    def _decode(self, h: jax.Array, skips: tuple[jax.Array, ...], cond: jax.Array | None) -> jax.Array:
         """The decoder levels and the output conv (plus the output sigmoid, if any)."""
         widths = self._widths()
         conv = self._conv()
         if len(skips) != self.num_levels:
             raise ValueError(f"Expected {self.num_levels} skips, got {len(skips)}.")
+        film = None
+        if cond is not None and self.condition == "film":
+            if cond.ndim != 2:
+                raise ValueError(f"condition='film' takes a (B, K) cond, got shape {cond.shape}.")
+            film = cond.astype(h.dtype)
         for level in reversed(range(self.num_levels)):
             skip = skips[level]
             h = UpConvBlock(
@@ -143,11 +163,11 @@ class _UNetLayers(nn.Module):
                 activation=self.activation,
                 kernel_init=self.kernel_init,
                 name=f"up{level}",
-            )(h, skip.shape[1:3])
+            )(h, skip.shape[1:3], film)
             h = jnp.concatenate([skip, h], axis=-1)  # Code order: [skip, up-sampled].
             dec_width = widths[max(level - 1, 0)]
-            h = conv(dec_width, name=f"dec{level}_conv0")(h)
-            h = conv(dec_width, name=f"dec{level}_conv1")(h)
+            h = conv(dec_width, name=f"dec{level}_conv0")(h, film)
+            h = conv(dec_width, name=f"dec{level}_conv1")(h, film)
 
         out = conv(self.out_channels, norm=self.norm_output, activation=None, name="out_conv")(h)
         if self.out_activation == "sigmoid":
@@ -195,7 +215,8 @@ class UNet(_UNetLayers):
             x: input images (B, H, W, C_in), any H, W >= 1.
             cond: optional condition: a vector (B, K) (e.g. a modality one-hot), tiled over the
                 bottleneck, or a map (B, h_b, w_b, K) of the bottleneck size. Concatenated to the
-                raw output of the last stride-2 conv, before ``bottleneck_conv`` (§4.1).
+                raw output of the last stride-2 conv, before ``bottleneck_conv`` (§4.1); with
+                ``condition="film"`` a (B, K) vector that scales and shifts the decoder's convs.
             train: enables input dropout.
 
         Returns:
@@ -203,7 +224,7 @@ class UNet(_UNetLayers):
         """
         self._check(x)
         h, skips = self._encode(x, cond, train)
-        return self._decode(h, skips)
+        return self._decode(h, skips, cond)
 
 
 class UNetEncoder(_UNetLayers):
@@ -239,18 +260,22 @@ class UNetDecoder(_UNetLayers):
     """
 
     @nn.compact
-    def __call__(self, h: jax.Array, skips: tuple[jax.Array, ...]) -> jax.Array:
+    def __call__(
+        self, h: jax.Array, skips: tuple[jax.Array, ...], cond: jax.Array | None = None
+    ) -> jax.Array:
         """Decode an encoder's output.
 
         Args:
             h: the bottleneck activation from :class:`UNetEncoder`.
             skips: the encoder's skip activations, level 0 first.
+            cond: with ``condition="film"``, the (B, K) condition; otherwise unused (it entered the
+                encoder).
 
         Returns:
             (B, H, W, out_channels), as :meth:`UNet.__call__` returns.
         """
         self._check(h)
-        return self._decode(h, tuple(skips))
+        return self._decode(h, tuple(skips), cond)
 
 
 def split_unet(unet: UNet) -> tuple[UNetEncoder, UNetDecoder]:
@@ -268,3 +293,27 @@ def split_unet(unet: UNet) -> tuple[UNetEncoder, UNetDecoder]:
     attrs = {f.name: getattr(unet, f.name) for f in dataclasses.fields(_UNetLayers) if f.init}
     attrs = {k: v for k, v in attrs.items() if k not in ("parent", "name")}
     return UNetEncoder(**attrs), UNetDecoder(**attrs)
+
+
+def apply_per_condition(unet: UNet, params, x: jax.Array, conds: jax.Array) -> jax.Array:
+    """``unet`` on the same inputs under T conditions: (T, B, H, W, out) from x (B, H, W, C), conds (T, B, K).
+
+    With ``condition="film"`` the encoder does not depend on the condition, so it runs once on ``x`` and
+    only the decoder runs T times (for G's K modalities the encoder's share of the step falls from K
+    passes to one). With ``"concat"`` the inputs are tiled T times, one full pass per condition. Both
+    forms compute the same function, gradients included.
+    """
+    t, b = conds.shape[:2]
+    flat_conds = conds.reshape((t * b,) + conds.shape[2:])
+    if unet.condition != "film":
+        tiled = jnp.broadcast_to(x[None], (t,) + x.shape).reshape((t * b,) + x.shape[1:])
+        out = unet.apply(params, tiled, flat_conds)
+        return out.reshape((t, b) + out.shape[1:])
+    encoder, decoder = split_unet(unet)
+    h, skips = encoder.apply(params, x)
+
+    def tile(a: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(a[None], (t,) + a.shape).reshape((t * b,) + a.shape[1:])
+
+    out = decoder.apply(params, tile(h), tuple(tile(skip) for skip in skips), flat_conds)
+    return out.reshape((t, b) + out.shape[1:])

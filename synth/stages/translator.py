@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from synth import (
+    configlib,
     evaluation,
     gan,
     input_pipeline,
@@ -36,6 +37,7 @@ from synth import (
     translator_nets,
 )
 from synth import writer as writer_lib
+from synth.models.unet import CONDITIONS, configured_condition
 
 NAME = "translator"
 
@@ -186,6 +188,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
             f"{len(config.data.modalities)}: {config.data.modalities}"
         )
     gan.check_loss_weights(NAME, tr.loss.weights, G_TERMS + D_TERMS)
+    configlib.check_choice("translator.model.condition", configured_condition(tr.model), CONDITIONS)
     models = translator_nets.make_models(config, image.shape[:2])
     g_tx, d_tx = optim.make_optimizer(tr.optim.g), optim.make_optimizer(tr.optim.d)
     mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
