@@ -81,6 +81,7 @@ def _separate(terms: Sequence[str], g_input: str, weights: dict) -> dict:
         **_weights(terms, weights),
         # No pre-training: BaseGAN has no (structure, image) pairs; SkrGAN*'s reconstruction runs every step.
         "synthesis.pretrain_steps": 0,
+        "synthesis.paired_fraction": 0.0,
     }
 
 
@@ -125,6 +126,7 @@ def overrides(terms: Sequence[str]) -> dict[str, dict]:
             "synthesis.label_fusion": "weighted_sum",
             "synthesis.noise": (0.0, 0.0),
             "synthesis.pretrain_steps": 0,
+            "synthesis.paired_fraction": 0.0,
             "synthesis.loss.category_on_fakes": False,
             **_weights(terms, ECAI_WEIGHTS, keep=("lesion",)),  # The method's lesion weight stays.
         },

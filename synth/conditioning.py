@@ -7,7 +7,9 @@ notebooks), so every consumer feeds G the same way:
      pre-training, from the frozen stage-A generator (`structure_source="stage_a"`, the paper);
   2. a lesion label l is drawn from the training pool (the other slices of the shuffled batch) subject to
      the placement check of §3.7 (`draw_labels`); during pre-training the slice's own label is used,
-     since the target is the real image;
+     since the target is the real image. After pre-training, `paired_fraction` of each batch's rows
+     (`paired_rows`) stay paired: their own real structure map and label, so the real slice is their
+     target and a reconstruction term keeps anchoring G to the data (pix2pix's L1 beside the GAN loss);
   3. G's input (`generator_input`): s' = s + U(0.5, 0.6) inside the organ off the edges (§3.5), fused
      with l (§3.6); or the baselines' noise or inverted map (§9.1).
 """
@@ -41,6 +43,20 @@ class Inputs(NamedTuple):
     # detector lesion processor; None when the batch has no boxes.
     boxes: jax.Array | None = None
     box_classes: jax.Array | None = None
+    # (B,) rows conditioned on their own real structure map and label: the real slice is their target.
+    paired: jax.Array | None = None
+
+
+def paired_rows(batch_size: int, fraction: float, pretraining) -> jax.Array:
+    """(B,) bool: every row while pre-training, else ⌊B·fraction⌋ rows spread evenly over the batch.
+
+    Spread, not the first rows, so that every data-parallel shard of the batch holds some of each kind.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"config.synthesis.paired_fraction must be in [0, 1], got {fraction}.")
+    rows = jnp.arange(batch_size)
+    spread = jnp.floor((rows + 1) * fraction) > jnp.floor(rows * fraction)
+    return jnp.logical_or(spread, pretraining)
 
 
 def draw_labels(labels: jax.Array, organ: jax.Array, *, rule: str) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -92,7 +108,9 @@ def generator_input(key, s, organ, label, *, config) -> jax.Array:
     return fusion.fuse_label(noisy, label, mode=sy.label_fusion, num_classes=config.data.num_classes)
 
 
-def make_inputs(batch, rng, frozen: dict[str, Any], *, models, config, pretraining) -> Inputs:
+def make_inputs(
+    batch, rng, frozen: dict[str, Any], *, models, config, pretraining, paired_fraction: float = 0.0
+) -> Inputs:
     """Structure maps, masks and lesion labels for a step (see the module docstring, steps 1-3).
 
     Args:
@@ -102,26 +120,29 @@ def make_inputs(batch, rng, frozen: dict[str, Any], *, models, config, pretraini
       models: stage B's networks (`synth.synthesis_nets.Models`); only `models.structure` is read.
       config: the config (`config.synthesis`, `config.structure`).
       pretraining: a traced bool: the slice's own structure and label (§6.1.4).
+      paired_fraction: rows that keep their own structure and label after pre-training (`paired_rows`);
+        training passes `config.synthesis.paired_fraction`, evaluation and generation 0.
     """
     sy = config.synthesis
     own = batch["label"]
     s, organ = structure_nets.real_structures(batch, **structure_nets.extract_kwargs(config))
     noise_key, structure_key = jax.random.split(rng)
+    paired = paired_rows(own.shape[0], paired_fraction, pretraining)
     if models.structure is not None:
         code = vae.code_shape(s.shape[1:3], models.structure.encoder.code_channels)
         maps, masks, _ = structure_nets.generate_maps(
             frozen["structure"], structure_key, s.shape[0], models=models.structure, code_shape=code
         )
-        use_real = pretraining  # Pre-training needs paired (structure, image); then the paper's s_g.
+        use_real = paired[:, None, None, None]  # Paired rows need the real (structure, image); else s_g.
         s = jnp.where(use_real, s, maps[..., None].astype(s.dtype))
         organ = jnp.where(use_real, organ, masks[..., None].astype(organ.dtype))
     drawn, _, source = draw_labels(own, organ, rule=sy.label_rule)
-    label = jnp.where(pretraining, own, drawn)
+    label = jnp.where(paired[:, None, None], own, drawn)
     boxes = box_classes = None
     if "boxes" in batch:  # The boxes follow the label (none for the empty fallback).
-        rows = jnp.where(pretraining, jnp.arange(own.shape[0]), source)
+        rows = jnp.where(paired, jnp.arange(own.shape[0]), source)
         keep = (rows >= 0)[:, None]
         boxes = jnp.where(keep[..., None], batch["boxes"][jnp.maximum(rows, 0)], 0.0)
         box_classes = jnp.where(keep, batch["box_classes"][jnp.maximum(rows, 0)], 0)
     g_input = generator_input(noise_key, s, organ, label, config=config)
-    return Inputs(s, organ, label, g_input, boxes, box_classes)
+    return Inputs(s, organ, label, g_input, boxes, box_classes, paired)

@@ -94,6 +94,35 @@ def test_labels_are_drawn_to_fit_the_organ():
     assert source.tolist() == [1, 0, 1]
 
 
+def test_paired_rows_keep_their_own_structure_and_label(tiny_config):
+    rows = lambda b, f, pre=False: np.asarray(conditioning.paired_rows(b, f, jnp.asarray(pre))).tolist()  # noqa: E731
+    assert rows(8, 0.5) == [False, True] * 4  # Spread: every 2-row shard of a 4-device mesh holds one.
+    assert sum(rows(8, 0.25)) == 2 and rows(4, 0.0) == [False] * 4 and rows(4, 1.0) == [True] * 4
+    assert rows(4, 0.0, pre=True) == [True] * 4  # Pre-training pairs every row.
+    with pytest.raises(ValueError, match="paired_fraction"):
+        conditioning.paired_rows(4, 1.5, jnp.asarray(False))
+
+    source = input_pipeline.open_source(tiny_config.data, "train")
+    examples = [synthesis.preprocess(source[i]) for i in range(len(source))]
+    with_lesion = [e for e in examples if e["label"].any()][:4]
+    batch = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *with_lesion)
+    inputs = conditioning.make_inputs(
+        batch,
+        jax.random.key(0),
+        {},
+        models=SimpleNamespace(structure=None),
+        config=tiny_config,
+        pretraining=jnp.asarray(False),
+        paired_fraction=0.5,
+    )
+    assert np.asarray(inputs.paired).tolist() == [False, True, False, True]
+    own = np.asarray(batch["label"])
+    for row in (1, 3):  # The paired rows' target is their own real slice: they keep its label.
+        np.testing.assert_array_equal(np.asarray(inputs.label[row]), own[row])
+    for row in (0, 2):  # The others get another slice's label (or none), never their own.
+        assert not np.array_equal(np.asarray(inputs.label[row]), own[row])
+
+
 @pytest.mark.parametrize(
     "image_hw, bottleneck, patches", [((184, 144), (23, 18), (12, 9)), ((512, 512), (64, 64), (32, 32))]
 )

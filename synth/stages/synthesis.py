@@ -52,6 +52,7 @@ from synth import (
 )
 from synth import writer as writer_lib
 from synth.lesion import base as lesion_base
+from synth.models.unet import CONDITIONS, configured_condition
 from synth.synthesis_nets import discriminate, in_dtype, synthesize
 
 NAME = "synthesis"
@@ -65,6 +66,7 @@ G_TERMS = (
     "pretrain",
     "pretrain_background",
     "reconstruction",
+    "paired_l1",
 )
 D_TERMS = ("d_real", "d_fake", "d_category")
 # Decoded BRATS-like example -> the arrays this stage consumes.
@@ -87,7 +89,13 @@ def generator_loss(
     # Frozen: no gradient into their parameters; gradients still flow through their activations.
     frozen_params = jax.lax.stop_gradient(frozen_params)
     inputs = conditioning.make_inputs(
-        batch, input_key, frozen_params, models=models, config=config, pretraining=pretraining
+        batch,
+        input_key,
+        frozen_params,
+        models=models,
+        config=config,
+        pretraining=pretraining,
+        paired_fraction=sy.paired_fraction,
     )
     channels = lesion_base.channels_per_modality(config)
     real = registration.by_modality(batch["image"], channels)  # (K, B, H, W, C)
@@ -138,6 +146,11 @@ def generator_loss(
     terms["pretrain_background"] = gate * gan.per_modality_mse((fakes - real) * background, 0.0)
     # SkrGAN*'s self-supervised term, in every step alongside the adversarial one (§9.1).
     terms["reconstruction"] = gan.per_modality_mse(fakes - real, 0.0)
+    # The paired rows' anchor after pre-training (conditioning.paired_rows): L1 to their own real slice,
+    # summed over modalities like the other terms, averaged over the paired rows only.
+    paired = inputs.paired.astype(jnp.float32)
+    row_l1 = jnp.mean(jnp.abs(fakes - real), axis=(2, 3, 4))  # (K, B)
+    terms["paired_l1"] = (1.0 - gate) * jnp.sum(row_l1 * paired) / jnp.maximum(jnp.sum(paired), 1.0)
     loss = gan.weighted_sum(w, terms, G_TERMS)
     if models.design == "ecai":
         loss += gan.weighted_sum(sy.ecai.weights, terms, ecai_losses.ECAI_G_TERMS)
@@ -236,11 +249,11 @@ def _per_batch(gan_state, frozen_params, batch, key, *, models: synthesis_nets.M
         values["lesion_accuracy"], values["lesion_accuracy_chance"] = accuracy.mean(1), chance.mean(1)
     elif models.lesion is not None:
         fidelity = scoring.lesion_dice_and_chance(metrics.region_mask(predicted, "whole"), inputs.label)
-        # Dice where the asked-for label has a lesion; its chance where either label has one.
-        has, either = fidelity["has"].astype(jnp.float32), fidelity["either"].astype(jnp.float32)
-        values["lesion_dice"], values["lesion_dice/weight"] = fidelity["dice"].mean(1) * has, has
-        values["lesion_dice_chance"] = fidelity["chance"].mean(1) * either
-        values["lesion_dice_chance/weight"] = either
+        # Dice and its chance level over the same rows (`scoring.lesion_dice_and_chance`).
+        scored = fidelity["scored"].astype(jnp.float32)
+        values["lesion_dice"], values["lesion_dice/weight"] = fidelity["dice"].mean(1) * scored, scored
+        values["lesion_dice_chance"] = fidelity["chance"].mean(1) * scored
+        values["lesion_dice_chance/weight"] = scored
     return values, (inputs, images, predicted)
 
 
@@ -318,6 +331,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "config.synthesis.design='ecai' is the multimodal design of §6.7: it needs K >= 2 "
                 "modalities, separate_models=False and structure_source='real'"
             )
+    configlib.check_choice("synthesis.model.condition", configured_condition(sy.model), CONDITIONS)
+    if not 0.0 <= sy.paired_fraction <= 1.0:
+        raise ValueError(f"config.synthesis.paired_fraction must be in [0, 1], got {sy.paired_fraction}")
     low, high = sy.noise
     if not 0.0 <= low <= high:
         raise ValueError(f"config.synthesis.noise must be (low, high) with 0 <= low <= high, got {sy.noise}")
