@@ -1,8 +1,10 @@
 """How good synthetic images are, scored one way for every stage that reports it.
 
   - image quality per modality (`image_quality`): MS-SSIM of seeded random real–synthetic pairs and
-    within each set (small images upsampled to MS-SSIM's 161 px, `synth.metrics.image`), and FID / KID
-    with a feature extractor (`synth.metrics.distribution`); stage D's report and the comparison;
+    within each set (small images upsampled to MS-SSIM's 161 px, `synth.metrics.image`), the MS-SSIM
+    between the modalities of one sample (synthetic against real: alike modalities show as a gap), and
+    FID / KID with a feature extractor (`synth.metrics.distribution`); every image is min–max
+    normalised on its own first (§9.3); stage D's report and the comparison;
   - lesion fidelity (`lesion_dice_and_chance`, `class_accuracy_and_chance`): whether the real-trained
     lesion processor finds the asked-for lesion, against the chance level of another sample's label;
     stage B's evaluator and the comparison;
@@ -12,7 +14,8 @@
 
 Per-modality quality draws its random pairs and subsets from one key per modality k, always laid out the
 same way: `fold_in(key, k)` real–synthetic pairs, `100 + k` pairs within the synthetic set, `200 + k`
-within the real set, `300 + k` KID's subsets.
+within the real set, `300 + k` KID's subsets; `400` and `401` the pairs between the real and the
+synthetic modalities.
 """
 
 from __future__ import annotations
@@ -47,6 +50,16 @@ def modality_images(images: np.ndarray, k: int, channels: int) -> np.ndarray:
     return images[..., k * channels : (k + 1) * channels]
 
 
+def by_modality_normalised(images: np.ndarray, num_modalities: int, channels: int) -> np.ndarray:
+    """(K, N, H, W, C) of images (N, H, W, K·C), each image of each modality min–max scaled to [0, 1] (§9.3).
+
+    The authors score every image after its own min–max normalisation; without it a synthetic set with a
+    grey frame or a dim range compares differently from the same structure at full range.
+    """
+    by_modality = [modality_images(images, k, channels) for k in range(num_modalities)]
+    return np.stack([np.asarray(image_metrics.minmax_per_image(jnp.asarray(x))) for x in by_modality])
+
+
 def image_quality(
     real: np.ndarray,
     fake: np.ndarray | None,
@@ -75,19 +88,27 @@ def image_quality(
       `ms_ssim/<m>`, `ms_ssim_std/<m>` (mean ± std over pairs; with `fake` None the real set's
       diversity); with `within`, `ms_ssim_within_synthetic/<m>` and `ms_ssim_within_real/<m>`; with an
       extractor `fid/<m>` and `kid/<m>`; and the mean over modalities of each (`ms_ssim`, `fid`, `kid`).
+      With K ≥ 2 also `intermodality/real` (and `intermodality/synthetic` with `fake`).
     """
     n = len(real)
     distinct = min(num_pairs, math.comb(n, 2))
     kw = dict(min_size=image_metrics.MS_SSIM_MIN_SIZE)
     diversity = image_metrics.ms_ssim_diversity
     out: dict[str, float] = {}
+    real = by_modality_normalised(real, len(modalities), channels)
+    fake = None if fake is None else by_modality_normalised(fake, len(modalities), channels)
+    if len(modalities) > 1:
+        between = image_metrics.ms_ssim_between_modalities
+        out["intermodality/real"] = between(real, jax.random.fold_in(key, 400), num_pairs, **kw)[0]
+        if fake is not None:
+            out["intermodality/synthetic"] = between(fake, jax.random.fold_in(key, 401), num_pairs, **kw)[0]
     for k, name in enumerate(modalities):
-        r = modality_images(real, k, channels)
+        r = real[k]
         if fake is None:
             mean, std = diversity(r, jax.random.fold_in(key, 200 + k), distinct, **kw)
             out[f"ms_ssim/{name}"], out[f"ms_ssim_std/{name}"] = float(mean), float(std)
             continue
-        f = modality_images(fake, k, channels)
+        f = fake[k]
         mean, std = image_metrics.ms_ssim_real_vs_synthetic(r, f, jax.random.fold_in(key, k), num_pairs, **kw)
         out[f"ms_ssim/{name}"], out[f"ms_ssim_std/{name}"] = float(mean), float(std)
         if within:
@@ -112,24 +133,43 @@ def image_quality(
 # Lesion fidelity.
 
 
+# The chance reference must be another lesion, not the asked-for one again: neighbouring slices of one subject
+# share their tumour, and eval batches hold consecutive slices. Batches carry no subject, so a candidate
+# counts as another subject's lesion when it overlaps the asked-for one by less than this Dice.
+CHANCE_MAX_OVERLAP = 0.5
+CHANCE_CANDIDATES = 8  # The next rows of the batch tried, cyclically, as for stage B's label draw.
+
+
 def lesion_dice_and_chance(found: jax.Array, label: jax.Array) -> dict[str, jax.Array]:
     """Whole-lesion Dice of the lesion processor's masks against the asked-for labels, and its chance level.
+
+    The chance level scores the same masks against another lesion of the batch: the next row whose label
+    has a lesion that overlaps the asked-for one by less than `CHANCE_MAX_OVERLAP`. Both are meaningful
+    on the same rows, `scored`: the asked-for label has a lesion and such another lesion exists. So
+    empty labels earn no credit (Dice's eps makes empty against empty 1) and the two means share one
+    denominator.
 
     Args:
       found: (K, B, H, W) bool, what each modality's lesion processor finds (whole lesion).
       label: (B, H, W) the labels asked for (for real slices: their own).
 
     Returns:
-      `dice` (B, K), per sample and modality, meaningful where `has` (B,): the label has a lesion;
-      `chance` (B, K) against the next sample's label (cyclically), meaningful where `either` (B,): one
-      of the two labels has a lesion.
+      `dice` and `chance`, each (B, K) per sample and modality; `scored` (B,) the rows both mean over.
     """
     target = metrics.region_mask(label, "whole")
-    other = jnp.roll(target, 1, axis=0)  # Chance reference: another sample's lesion.
+    b = target.shape[0]
+    has = jnp.any(target, axis=(1, 2))
+    shifts = range(1, min(b, CHANCE_CANDIDATES + 1))
+    if not shifts:  # One row: no other lesion to compare with.
+        zeros = jnp.zeros((b, found.shape[0]), jnp.float32)
+        return {"dice": zeros, "chance": zeros, "scored": jnp.zeros((b,), bool)}
+    candidates = jnp.stack([jnp.roll(target, -r, axis=0) for r in shifts])  # (R, B, H, W)
+    overlap = jax.vmap(lambda c: metrics.binary_dice_per_image(c, target)[0])(candidates)
+    usable = jnp.any(candidates, axis=(2, 3)) & (overlap < CHANCE_MAX_OVERLAP)  # (R, B)
+    other = candidates[jnp.argmax(usable, axis=0), jnp.arange(b)]
     dice = jax.vmap(lambda p: metrics.binary_dice_per_image(p, target)[0])(found)
     chance = jax.vmap(lambda p: metrics.binary_dice_per_image(p, other)[0])(found)
-    has, other_has = jnp.any(target, axis=(1, 2)), jnp.any(other, axis=(1, 2))
-    return {"dice": dice.T, "chance": chance.T, "has": has, "either": has | other_has}
+    return {"dice": dice.T, "chance": chance.T, "scored": has & jnp.any(usable, axis=0)}
 
 
 def class_accuracy_and_chance(predicted: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]:

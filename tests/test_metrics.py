@@ -333,3 +333,48 @@ def test_segmentation_names_still_at_package_level():
     for name in ("dice_per_class", "brats_region_dice", "region_mask", "parity_dice", "parity_mse"):
         assert getattr(metrics, name) is getattr(segmentation, name)
     assert metrics.PARITY_SMOOTH == 1e-5 and "whole" in metrics.BRATS_REGIONS
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores of synthetic sets (synth.scoring): what they must not reward
+
+
+def _smooth_images(key, n, size=16, k=4):
+    """(n, size, size, k) smooth random images in [0, 1], each channel its own pattern."""
+    coarse = jax.random.uniform(key, (n, 4, 4, k))
+    return np.asarray(jax.image.resize(coarse, (n, size, size, k), "bilinear"))
+
+
+def test_image_quality_normalises_each_image_and_shows_alike_modalities():
+    from synth import scoring
+
+    real = _smooth_images(jax.random.key(0), 6)
+    key, names = jax.random.key(1), ("a", "b", "c", "d")
+    same = scoring.image_quality(real, real, key=key, num_pairs=8, modalities=names)
+    # The same images at half the range on a grey floor: identical after each image's min–max (§9.3).
+    dim = scoring.image_quality(real, 0.25 + 0.5 * real, key=key, num_pairs=8, modalities=names)
+    assert dim["ms_ssim"] == pytest.approx(same["ms_ssim"], abs=1e-4)
+    # Four copies of one modality: the real modalities differ, the synthetic ones are alike.
+    alike = np.repeat(real[..., :1], 4, axis=-1)
+    scores = scoring.image_quality(real, alike, key=key, num_pairs=8, modalities=names)
+    assert scores["intermodality/synthetic"] == pytest.approx(1.0, abs=1e-4)
+    assert scores["intermodality/real"] < 0.9 and scores["intermodality/real"] == same["intermodality/real"]
+
+
+def test_lesion_chance_scores_another_lesion_on_the_same_rows():
+    from synth import scoring
+
+    label = np.zeros((4, 8, 8), np.int32)
+    label[0, :4, :4] = 2  # The asked-for lesion …
+    label[1, :4, 1:4] = 2  # … and the next slice of the same subject: nearly the same one.
+    label[3, 4:, 4:] = 1  # Another subject's lesion; row 2 has none.
+    found = np.stack([label > 0, np.zeros_like(label, bool)])  # Modality 0 finds each; modality 1 nothing.
+    out = {
+        k: np.asarray(v)
+        for k, v in scoring.lesion_dice_and_chance(jnp.asarray(found), jnp.asarray(label)).items()
+    }
+    assert out["scored"].tolist() == [True, True, False, True]  # No lesion asked for: not scored at all.
+    np.testing.assert_allclose(out["dice"][out["scored"], 0], 1.0)
+    # Chance compares with another lesion, never the neighbouring slice's (it overlaps by Dice 0.86) nor
+    # an empty label (empty against empty would score 1 through Dice's eps).
+    np.testing.assert_allclose(out["chance"][out["scored"]], 0.0, atol=1e-6)

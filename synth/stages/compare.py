@@ -354,15 +354,15 @@ def lesion_scores(found: np.ndarray, label: np.ndarray, modalities: Sequence[str
       modalities: the K names.
 
     Returns:
-      `lesion_dice` (mean over modalities) and `lesion_dice/<modality>` over the samples whose label has
-      a lesion; `lesion_dice_chance`: against the next sample's label (cyclically), over the samples
-      where either label has one, as stage B's evaluator; `lesion_samples`: how many had a lesion.
+      `lesion_dice` (mean over modalities), `lesion_dice/<modality>` and `lesion_dice_chance` (against
+      another sample's lesion) over the same samples, as stage B's evaluator
+      (`scoring.lesion_dice_and_chance`); `lesion_samples`: how many were scored.
     """
     fidelity = {k: np.asarray(v) for k, v in scoring.lesion_dice_and_chance(found, label).items()}
-    has, either = fidelity["has"], fidelity["either"]
-    out: dict[str, float] = {"lesion_samples": int(has.sum())}
-    dice = [_masked_mean(fidelity["dice"][:, k], has) for k in range(len(modalities))]
-    chance = [_masked_mean(fidelity["chance"][:, k], either) for k in range(len(modalities))]
+    scored = fidelity["scored"]
+    out: dict[str, float] = {"lesion_samples": int(scored.sum())}
+    dice = [_masked_mean(fidelity["dice"][:, k], scored) for k in range(len(modalities))]
+    chance = [_masked_mean(fidelity["chance"][:, k], scored) for k in range(len(modalities))]
     out.update({f"lesion_dice/{name}": dice[k] for k, name in enumerate(modalities)})
     out["lesion_dice"] = float(np.mean(dice))
     out["lesion_dice_chance"] = float(np.mean(chance))

@@ -90,7 +90,13 @@ def main_table(entries: Sequence[dict], *, fid: bool) -> list[str]:
     """T1's layout: one row per method, its settings, then the scores averaged over modalities."""
     header = ["method", *(h for _, h in SETTING_COLUMNS), "G params", "MS-SSIM ↑"]
     header += ["FID ↓", "KID ↓"] if fid else []
-    header += ["lesion Dice ↑ (chance)", "structure agreement ↑", "translation MSE ↓"]
+    # Between the modalities of one sample: the real row is the target; far above it, modalities alike.
+    header += [
+        "inter-modality MS-SSIM",
+        "lesion Dice ↑ (chance)",
+        "structure agreement ↑",
+        "translation MSE ↓",
+    ]
     rows = []
     for e in entries:
         flags = (
@@ -103,7 +109,8 @@ def main_table(entries: Sequence[dict], *, fid: bool) -> list[str]:
         lesion = (
             "–" if "lesion_dice" not in e else f"{_num(e['lesion_dice'])} ({_num(e['lesion_dice_chance'])})"
         )
-        row += [lesion, _pm(e, "structure_agreement"), _pm(e, "translation_mse", 4)]
+        between = e.get("intermodality/synthetic", e.get("intermodality/real"))
+        row += [_num(between), lesion, _pm(e, "structure_agreement"), _pm(e, "translation_mse", 4)]
         rows.append(row)
     return markdown_table(header, rows)
 
