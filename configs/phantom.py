@@ -71,14 +71,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             size="small",
             activation="leaky_relu",
             kernel_init="normal",
-            encoder_dropout=0.15,  # The code's keep_prob 0.85 (E_s input).
+            # The code drops 15 % of E_s's input (keep_prob 0.85). Its input is 0.9 + 0.1·s, so the dropout
+            # noise (~1) drowns the map's signal (0.1): the encoder cannot see the map and every
+            # reconstruction is the same ring (demo: recon error 0.138 -> 0.072 without it). 0.15 = parity.
+            encoder_dropout=0.0,
             disc_dropout=0.15,  # D_s input, keep_prob 0.85.
             mask_dropout=0.1,  # G_m input, keep_prob 0.9.
+            # The code instance-normalises G_s's and G_m's output before the sigmoid (§11.18); True = parity.
+            norm_output=False,
         )
     )
-    weights = tables.STAGE_A_PAPER_WEIGHTS if options.paper_weights else tables.STAGE_A_CODE_WEIGHTS
+    weights = dict(tables.STAGE_A_PAPER_WEIGHTS if options.paper_weights else tables.STAGE_A_CODE_WEIGHTS)
+    # The code's 0.001 leaves the codes far from the prior the sampler draws from (demo: code std 0.13,
+    # D_z perfect): prior samples decode to blobs, 6 % pass the filter at the first draw. At 1 (the
+    # paper's, an adversarial autoencoder's) 69 % pass and the edge density is within 20 % of the real.
+    weights["g_code_adv"] = 1.0
     config.structure.loss = ml_collections.ConfigDict(
-        dict(weights=dict(weights), parity=False)  # parity: the authors' mask-exclusion term (§11.10).
+        dict(weights=weights, parity=False)  # parity: the authors' mask-exclusion term (§11.10).
     )
     config.structure.update_mode = "simultaneous"  # The authors'; or "alternating".
     config.structure.optim = ml_collections.ConfigDict(
@@ -111,7 +120,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # real data and frozen for synthesis, where it supplies the registration loss.
     config.translator = ml_collections.ConfigDict()
     config.translator.model = ml_collections.ConfigDict(
-        dict(size="small", activation="leaky_relu", kernel_init="normal", norm_output=True)
+        dict(
+            size="small",
+            activation="leaky_relu",
+            kernel_init="normal",
+            # The code's output instance norm (§11.18) turns backgrounds grey (demo translation MSE
+            # 0.097 vs 0.020 without); True = parity.
+            norm_output=False,
+            # "film": the target modality scales and shifts the decoder (synth/models/unet.py); the
+            # code's "concat" is erased by the next instance norm, so the modalities came out alike.
+            condition="film",
+        )
     )
     config.translator.loss = ml_collections.ConfigDict(
         dict(
@@ -143,7 +162,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             size="small",
             activation="leaky_relu",
             kernel_init="normal",
-            norm_output=True,  # The code's instance norm before the output sigmoid (§11.18).
+            norm_output=False,  # True: the code's instance norm before the output sigmoid (§11.18).
+            condition="film",  # As G_t's: "concat" (the code) cannot tell the modalities apart.
             disc_dropout=0.0,
         )
     )
@@ -163,6 +183,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.synthesis.design = "unet"
     config.synthesis.ecai = ml_collections.ConfigDict(dict(weights=dict(tables.ECAI_CODE_WEIGHTS)))
     config.synthesis.pretrain_steps = 1000  # Self-supervised pre-training on real pairs (§6.1.4).
+    # After pre-training the paper drops the real target: the frozen networks' losses then pull G away
+    # from the data (docs/DIAGNOSIS-STAGE-B.md). This fraction of each batch keeps its own structure map
+    # and label, with an L1 anchor to its real slice (weight `paired_l1`); 0 = the paper.
+    config.synthesis.paired_fraction = 0.5
     # "bfloat16": the training step's networks compute in bf16 (parameters stay float32, losses in float32),
     # for GPUs; CPUs gain nothing from it.
     config.synthesis.compute_dtype = "float32"
@@ -181,6 +205,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 pretrain=5.0,
                 pretrain_background=5.0,
                 reconstruction=0.0,  # SkrGAN*'s 5·mse(x_g, x) in every step (configs/variants.py).
+                # pix2pix's ratio (L1 100 : GAN 1) at our adversarial weight's scale; paired rows only.
+                paired_l1=100.0,
                 d_real=5.0,
                 d_fake=3.0,
                 d_category=5.0,

@@ -39,13 +39,18 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
     m = config.structure.model
     common = dict(activation=m.activation, kernel_init=m.kernel_init)
     vae_sizes = sizes.vae_kwargs(m.size, image_hw)
+    # Workdirs from before the key had the code's output instance norm (§11.18).
+    norm_output = m.get("norm_output", True)
     return Models(
         encoder=vae.VAEEncoder(**vae_sizes, dropout_rate=m.encoder_dropout, **common),
-        decoder=vae.VAEDecoder(image_hw=tuple(image_hw), **vae_sizes, out_channels=2, **common),
+        decoder=vae.VAEDecoder(
+            image_hw=tuple(image_hw), **vae_sizes, out_channels=2, norm_output=norm_output, **common
+        ),
         mask=UNet(
             **sizes.mask_generator_kwargs(m.size, image_hw),
             out_channels=2,
             dropout_rate=m.mask_dropout,
+            norm_output=norm_output,
             **common,
         ),
         map_disc=PatchDiscriminator(

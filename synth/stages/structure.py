@@ -112,6 +112,13 @@ def train_step(
 preprocess = input_pipeline.image_and_label
 
 
+def map_diversity(maps: np.ndarray) -> float:
+    """Mean fraction of differing pixels over pairs of distinct maps (N, H, W): near 0 is mode collapse."""
+    flat = maps.reshape(len(maps), -1).astype(np.float32)
+    pairs = len(flat) * (len(flat) - 1)
+    return float(np.abs(flat[:, None] - flat[None]).mean(-1).sum() / max(pairs, 1))
+
+
 def make_evaluator(config, *, models: structure_nets.Models, extract_fn, mesh):
     """Reconstruction error on eval images, sample acceptance rate and diversity, and a grid."""
     ev = config.structure.eval
@@ -141,10 +148,6 @@ def make_evaluator(config, *, models: structure_nets.Models, extract_fn, mesh):
             code_shape=code_shape,
             filter_params=filter_params,
         )
-        maps = sampled["maps"].reshape(len(sampled["maps"]), -1).astype(np.float32)
-        # Mean pairwise fraction of differing pixels: near 0 means mode collapse.
-        diversity = np.abs(maps[:, None] - maps[None]).mean(-1)
-        pairs = len(maps) * (len(maps) - 1)
         scalars = {
             "recon_error": float(np.mean(recon != s)),
             "mask_error": float(np.mean(mask != organ)),
@@ -152,7 +155,8 @@ def make_evaluator(config, *, models: structure_nets.Models, extract_fn, mesh):
             "edge_fraction_sampled": float(sampled["maps"].mean()),
             "acceptance_first_draw": float(np.mean(sampled["draws"] == 1) * 1.0),
             "acceptance": float(sampled["accepted"].mean()),
-            "diversity": float(diversity.sum() / max(pairs, 1)),
+            "diversity": map_diversity(sampled["maps"]),
+            "diversity_real": map_diversity(s),  # The value a sampler that matches the data reaches.
             "d_score_sampled": float(sampled["scores"].mean()),
         }
         rows = [[s[i], organ[i], recon[i], mask[i]] for i in range(min(4, len(s)))]
