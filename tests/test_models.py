@@ -1,6 +1,7 @@
 """Shape, parameter-count, init and behaviour tests: shared layers, U-Net, sizes table."""
 
 import functools
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -147,27 +148,38 @@ def test_dropout_only_in_training(tiny_dropout_unet):
     assert float(jnp.max(jnp.abs(train_a - train_b))) > 1e-4
 
 
-def _film_unet_outputs(kernel_scale: float):
-    """A tiny FiLM U-Net's outputs for one image under two conditions, FiLM kernels drawn at a scale."""
+@pytest.fixture(scope="module")
+def film_unet():
+    """A tiny FiLM U-Net, one image twice, two conditions; parameters with FiLM kernels zero and "trained".
+
+    One jitted init and one jitted apply serve every FiLM test (compiles are the suite's cost).
+    """
     model = UNet(**unet_kwargs("tiny", (16, 16)), out_channels=1, condition="film", norm_output=False)
     x = jnp.repeat(jax.random.uniform(jax.random.key(1), (1, 16, 16, 1)), 2, axis=0)
     cond = jnp.eye(4)[:2]
-    params = model.init(jax.random.key(0), x, cond)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    initial = jax.jit(model.init)(jax.random.key(0), x, cond)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(initial)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     # As if trained: the zero-initialised FiLM kernels get values (everything else stays as initialised).
-    perturbed = [
-        kernel_scale * jax.random.normal(key, leaf.shape) if "film" in jax.tree_util.keystr(path) else leaf
+    trained = [
+        0.5 * jax.random.normal(key, leaf.shape) if "film" in jax.tree_util.keystr(path) else leaf
         for (path, leaf), key in zip(leaves, keys, strict=True)
     ]
-    return model, jax.tree.unflatten(treedef, perturbed), x, cond
+    return SimpleNamespace(
+        model=model,
+        x=x,
+        cond=cond,
+        initial=initial,
+        trained=jax.tree.unflatten(treedef, trained),
+        apply=jax.jit(model.apply),
+    )
 
 
-def test_film_condition_reaches_every_pixel_and_skips_the_encoder():
+def test_film_condition_reaches_every_pixel_and_skips_the_encoder(film_unet):
     from synth.models.unet import split_unet
 
-    model, params, x, cond = _film_unet_outputs(0.5)
-    out = model.apply(params, x, cond)
+    model, params, x, cond = film_unet.model, film_unet.trained, film_unet.x, film_unet.cond
+    out = film_unet.apply(params, x, cond)
     interior = jnp.abs(out[0] - out[1])[2:-2, 2:-2]
     # A concatenated constant map reaches only the zero-padded border (the norm erases it inside);
     # FiLM changes the whole image.
@@ -187,29 +199,36 @@ def test_film_condition_reaches_every_pixel_and_skips_the_encoder():
         _init_shapes(UNet(features=2, condition="add"), x, cond)
 
 
-def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradients():
+def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradients(film_unet):
     from synth.models.unet import apply_per_condition
 
-    model, params, x, _ = _film_unet_outputs(0.5)
+    model, params, x = film_unet.model, film_unet.trained, film_unet.x
     conds = jnp.broadcast_to(jnp.eye(4)[:, None, :], (4, 2, 4))  # Four targets for the batch of two.
+    weights = jax.random.uniform(jax.random.key(3), (4, 2, 16, 16, 1))
 
     def tiled(p):  # The plain form: every input repeated once per condition.
         out = model.apply(p, jnp.tile(x, (4, 1, 1, 1)), conds.reshape(8, 4))
         return out.reshape(4, 2, *out.shape[1:])
 
-    once = lambda p: apply_per_condition(model, p, x, conds)  # noqa: E731
-    np.testing.assert_allclose(once(params), tiled(params), rtol=1e-5, atol=1e-6)
-    weights = jax.random.uniform(jax.random.key(3), (4, 2, 16, 16, 1))
-    grad_once, grad_tiled = (jax.grad(lambda p, f=f: jnp.sum(f(p) * weights))(params) for f in (once, tiled))
+    @jax.jit
+    def both(p):
+        once = lambda q: apply_per_condition(model, q, x, conds)  # noqa: E731
+        grads = [jax.grad(lambda q, f=f: jnp.sum(f(q) * weights))(p) for f in (once, tiled)]
+        return once(p), tiled(p), grads
+
+    out_once, out_tiled, (grad_once, grad_tiled) = both(params)
+    np.testing.assert_allclose(out_once, out_tiled, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(grad_once), jax.tree.leaves(grad_tiled), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # Sums in another order.
 
 
-def test_film_starts_as_the_unconditioned_network():
-    model, params, x, cond = _film_unet_outputs(0.0)
-    out = model.apply(params, x, cond)
-    np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.apply(params, x, None), out, rtol=1e-5, atol=1e-6)
+def test_film_gives_each_condition_its_own_output_layer_from_the_start(film_unet):
+    # Zero FiLM kernels: the decoder's features are the same for every condition, yet each condition's own
+    # output conv (normal init, learnt at a conv's pace) makes the modalities differ from step 0.
+    out = film_unet.apply(film_unet.initial, film_unet.x, film_unet.cond)
+    assert float(jnp.mean(jnp.abs(out[0] - out[1]))) > 1e-3
+    kernel = film_unet.initial["params"]["out_conv"]["conv"]["kernel"]
+    assert kernel.shape[-1] == 4  # One output channel per condition.
 
 
 # --------------------------------------------------------------------------------------------------

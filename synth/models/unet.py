@@ -35,8 +35,9 @@ Paper vs code choices (METHOD §1, §4.1, §11):
   before ``bottleneck_conv``). Its instance norm subtracts a constant map's contribution again, so
   only the zero-padded border carries the condition: G and G_t cannot give the modalities different
   contrasts (docs/DIAGNOSIS-STAGE-B.md). ``condition="film"`` scales and shifts every decoder conv
-  after its norm instead (`ConvBlock`); the encoder then does not see the condition at all, so one
-  encoding serves every target.
+  after its norm instead (`ConvBlock`), and gives each condition its own output conv (the condition's
+  one-hot picks it); the encoder then does not see the condition at all, so one encoding serves
+  every target.
 """
 
 import dataclasses
@@ -169,7 +170,15 @@ class _UNetLayers(nn.Module):
             h = conv(dec_width, name=f"dec{level}_conv0")(h, film)
             h = conv(dec_width, name=f"dec{level}_conv1")(h, film)
 
-        out = conv(self.out_channels, norm=self.norm_output, activation=None, name="out_conv")(h)
+        if film is None:
+            out = conv(self.out_channels, norm=self.norm_output, activation=None, name="out_conv")(h)
+        else:
+            # One output map per condition, the condition's one picked: each modality gets its own last
+            # layer, learnt at a conv's pace (FiLM's zero-initialised layers start slowly).
+            k = film.shape[-1]
+            heads = conv(self.out_channels * k, norm=self.norm_output, activation=None, name="out_conv")(h)
+            heads = heads.reshape(heads.shape[:3] + (k, self.out_channels))
+            out = jnp.einsum("bhwkc,bk->bhwc", heads, film)
         if self.out_activation == "sigmoid":
             out = jax.nn.sigmoid(out)
         return out

@@ -1,0 +1,240 @@
+"""Image quality of the whole pipeline on the phantom (issue 17's targets), from one command.
+
+Usage: python -m benchmarks.quality --out DIR [--seeds 0,1,2] [--num_images 120]
+
+Trains every stage on the 64² phantom with the demo's budget and fixed seeds (`configs/phantom.py:demo`;
+stage D runs the six mixes below for each seed), then scores what stage C wrote against the real test
+split and writes `DIR/quality.json` and `DIR/quality.md` (tables and the stages' sample grids). The run
+itself is in `DIR/run` (it resumes if interrupted). Keys of quality.json:
+
+  stage_a.first_draw_acceptance, stage_a.edge_fraction_real, stage_a.edge_fraction_sampled
+  ms_ssim.real_real, ms_ssim.real_synthetic   (means over modalities; per modality under per_modality)
+  intermodality.real, intermodality.synthetic (MS-SSIM between the modalities of one sample)
+  lesion.dice, lesion.chance                  (the real-trained segmentors on the synthetic images)
+  fd_segmentor.real_real, fd_segmentor.real_synthetic
+  verify: {mix: {mean, std}}                  (whole-tumour Dice on the real test split over the seeds)
+  seconds
+
+Every image is min–max normalised on its own before MS-SSIM and the Fréchet distances (§9.3). The Fréchet
+distance uses the real-trained segmentors' bottleneck features (pooled, the K modalities concatenated), so it
+needs no download: real training against real test slices is the yardstick, real test against synthetic
+the score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from configs import phantom
+from synth import frozen, input_pipeline, lesion, pipeline, registration, scoring
+from synth.lesion import segment
+from synth.metrics import distribution
+from synth.stages import verify
+
+MIXES = (
+    "real=1",
+    "real=0.1",
+    "syn=1",
+    "real=1 syn=0.5 mode=M",
+    "real=1 syn=0.5 mode=S",
+    "real=0.1 syn=1 mode=S",
+)
+GRIDS = {  # quality.md's pictures: (stage sample folder, file prefix)
+    "stage A samples (map, mask)": ("structure", "samples_map_mask"),
+    "stage B: structure, label, synthetic T1/T2/T1c/FLAIR, segmentor": ("synthesis", "structure_label"),
+    "stage C: accepted then rejected": ("dataset", "accepted_then_rejected"),
+}
+
+
+def make_config(seeds: tuple[int, ...]):
+    config = phantom.get_config("demo")
+    config.verify.mixes = MIXES
+    config.verify.seeds = seeds
+    config.verify.quality.num_pairs = 0  # Scored here, from the same images, with the keys above.
+    return config
+
+
+def take(source, n: int) -> dict[str, np.ndarray]:
+    """N examples spread evenly over a data source, as stacked image and label arrays."""
+    index = np.linspace(0, len(source) - 1, min(n, len(source))).astype(int)
+    examples = [input_pipeline.image_and_label(source[int(i)]) for i in index]
+    return {k: np.stack([e[k] for e in examples]) for k in ("image", "label")}
+
+
+def segmentor_features(config, params, images: np.ndarray) -> np.ndarray:
+    """(N, K·C) the real-trained segmentors' bottlenecks, averaged over space, K modalities side by side."""
+    model = segment.make_model(config, images.shape[1:3])
+    variant = segment.check_variant(config.segmentor.variant)
+    if variant == "shared_encoder":
+        raise ValueError("fd_segmentor needs one U-Net per modality (segmentor.variant n_seg or one_seg)")
+
+    @jax.jit
+    def features(params, x):
+        by_modality = registration.by_modality(x, 1)  # (K, B, H, W, 1)
+
+        def one(p, xi):
+            _, inter = model.apply(p, xi, mutable=["intermediates"])
+            return jnp.mean(inter["intermediates"]["bottleneck"][0], axis=(1, 2))
+
+        if variant == "one_seg":
+            out = jax.vmap(lambda xi: one(params, xi))(by_modality)
+        else:
+            out = jax.vmap(one)(params, by_modality)
+        return jnp.concatenate(list(out), axis=-1)
+
+    normalised = np.concatenate(
+        list(scoring.by_modality_normalised(images, len(config.data.modalities), 1)), axis=-1
+    )
+    return np.concatenate(
+        [np.asarray(features(params, jnp.asarray(normalised[i : i + 32]))) for i in range(0, len(images), 32)]
+    )
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    return float(
+        distribution.frechet_distance(
+            *distribution.feature_statistics(a), *distribution.feature_statistics(b)
+        )
+    )
+
+
+def lesion_scores(config, workdir: str, synthetic: dict[str, np.ndarray]) -> dict[str, float]:
+    processor = lesion.processor(config, synthetic["image"].shape[1:3])
+    params = frozen.load(config, workdir, "segmentor")[0]["params"]
+    found = jax.jit(processor.predict)(params, jnp.asarray(synthetic["image"])) > 0
+    fidelity = {
+        k: np.asarray(v)
+        for k, v in scoring.lesion_dice_and_chance(found, jnp.asarray(synthetic["label"])).items()
+    }
+    rows = fidelity["scored"]
+    return {"dice": float(fidelity["dice"][rows].mean()), "chance": float(fidelity["chance"][rows].mean())}
+
+
+def verify_scores(workdir: str) -> dict[str, dict[str, float]]:
+    with open(os.path.join(workdir, "verify", "results.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for text in MIXES:
+        name = verify.parse_mix(text).name
+        values = np.array([float(r["dice_whole/mean"]) for r in rows if r["mix"] == name])
+        out[text] = {"mean": float(values.mean()), "std": float(values.std())}
+    return out
+
+
+def write_markdown(out_dir: str, result: dict, run_dir: str) -> None:
+    pm, fd = result["per_modality"], result["fd_segmentor"]
+    lines = [
+        "# Quality benchmark (phantom 64², demo budget)",
+        "",
+        f"- machine: {common.machine()}",
+        f"- commit {common.commit()}, {result['seconds'] / 60:.1f} minutes",
+        "",
+        "| score | value | target |",
+        "| --- | --- | --- |",
+        f"| stage A first-draw acceptance | {result['stage_a']['first_draw_acceptance']:.3f} | ≥ 0.5 |",
+        f"| stage A edge fraction sampled / real | {result['stage_a']['edge_fraction_sampled']:.3f} / "
+        f"{result['stage_a']['edge_fraction_real']:.3f} | within 20 % |",
+        f"| MS-SSIM real↔synthetic / real↔real | {result['ms_ssim']['real_synthetic']:.3f} / "
+        f"{result['ms_ssim']['real_real']:.3f} | ≥ 0.8× per modality |",
+        f"| inter-modality MS-SSIM synthetic / real | {result['intermodality']['synthetic']:.3f} / "
+        f"{result['intermodality']['real']:.3f} | within 0.1 |",
+        f"| lesion Dice (chance) | {result['lesion']['dice']:.3f} ({result['lesion']['chance']:.3f}) | "
+        "≥ 0.7 and ≥ chance + 0.4 |",
+        f"| segmentor-feature FD real↔synthetic / real train↔test | {fd['real_synthetic']:.3g} / "
+        f"{fd['real_real']:.3g} | ≤ 2× |",
+        "",
+        "| modality | MS-SSIM real↔real | real↔synthetic |",
+        "| --- | --- | --- |",
+        *(
+            f"| {m} | {pm['ms_ssim.real_real'][m]:.3f} | {pm['ms_ssim.real_synthetic'][m]:.3f} |"
+            for m in pm["ms_ssim.real_real"]
+        ),
+        "",
+        "Stage D, whole-tumour Dice on the real test split (mean ± std over the seeds):",
+        "",
+        "| mix | Dice |",
+        "| --- | --- |",
+        *(f"| `{mix}` | {v['mean']:.3f} ± {v['std']:.3f} |" for mix, v in result["verify"].items()),
+        "",
+    ]
+    for title, (stage, prefix) in GRIDS.items():
+        folder = os.path.join(run_dir, stage, "samples")
+        found = sorted(f for f in os.listdir(folder) if f.startswith(prefix)) if os.path.isdir(folder) else []
+        if found:
+            shutil.copy(os.path.join(folder, found[-1]), os.path.join(out_dir, f"{stage}_{found[-1]}"))
+            lines += [f"## {title}", "", f"![{title}]({stage}_{found[-1]})", ""]
+    with open(os.path.join(out_dir, "quality.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (the run goes to OUT/run)")
+    parser.add_argument("--seeds", default="0,1,2", help="stage D seeds")
+    parser.add_argument("--num_images", type=int, default=120, help="real test and synthetic images scored")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    config = make_config(tuple(int(s) for s in args.seeds.split(",")))
+    run_dir = os.path.join(args.out, "run")
+    common.progress(f"training every stage in {run_dir}")
+    pipeline.train_and_evaluate(config, run_dir)
+
+    common.progress("scoring")
+    stage_a = json.load(open(os.path.join(run_dir, "structure", "last_eval.json")))
+    real_test = take(input_pipeline.open_source(config.data, config.data.test_split), args.num_images)
+    real_train = take(input_pipeline.open_source(config.data, config.data.train_split), args.num_images)
+    synthetic_source, _ = verify.synthetic_source(config, run_dir)
+    synthetic = take(synthetic_source, args.num_images)
+    names = config.data.modalities
+    key = jax.random.key(config.seed)
+    pairs = 100
+    within = scoring.image_quality(real_test["image"], None, key=key, num_pairs=pairs, modalities=names)
+    across = scoring.image_quality(
+        real_test["image"], synthetic["image"], key=key, num_pairs=pairs, modalities=names
+    )
+    seg_params = frozen.load(config, run_dir, "segmentor")[0]["params"]
+    features = {
+        k: segmentor_features(config, seg_params, x["image"])
+        for k, x in (("train", real_train), ("test", real_test), ("synthetic", synthetic))
+    }
+    result = {
+        "stage_a": {
+            "first_draw_acceptance": stage_a["eval/acceptance_first_draw"],
+            "edge_fraction_real": stage_a["eval/edge_fraction_real"],
+            "edge_fraction_sampled": stage_a["eval/edge_fraction_sampled"],
+        },
+        "ms_ssim": {"real_real": within["ms_ssim"], "real_synthetic": across["ms_ssim"]},
+        "intermodality": {
+            "real": across["intermodality/real"],
+            "synthetic": across["intermodality/synthetic"],
+        },
+        "lesion": lesion_scores(config, run_dir, synthetic),
+        "fd_segmentor": {
+            "real_real": frechet(features["train"], features["test"]),
+            "real_synthetic": frechet(features["test"], features["synthetic"]),
+        },
+        "verify": verify_scores(run_dir),
+        "per_modality": {
+            "ms_ssim.real_real": {m: within[f"ms_ssim/{m}"] for m in names},
+            "ms_ssim.real_synthetic": {m: across[f"ms_ssim/{m}"] for m in names},
+        },
+    }
+    result["seconds"] = time.perf_counter() - start
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    write_markdown(args.out, result, run_dir)
+    common.progress(f"wrote {os.path.join(args.out, 'quality.json')} and quality.md")
+
+
+if __name__ == "__main__":
+    main()
