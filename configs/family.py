@@ -24,6 +24,7 @@ SINGLE_MODALITY_WEIGHTS = dict(
     pretrain=5.0,
     pretrain_background=5.0,
     reconstruction=0.0,
+    paired_l1=100.0,  # The method's anchor on paired rows after pre-training (configs/phantom.py).
     d_real=5.0,
     d_fake=3.0,
     d_category=0.0,

@@ -21,11 +21,13 @@ from synth import (
     extraction,
     frozen,
     fusion,
+    gan,
     input_pipeline,
     label_pool,
     lesion,
     pipeline,
     registration,
+    structure_losses,
 )
 from synth.lesion import classify, segment
 from synth.metrics import vessel as vessel_lib
@@ -124,6 +126,34 @@ def test_brats2015_config_trains_on_its_dummy_data(family_data_dir, tmp_path):
     for stage in ("structure", "segmentor", "translator", "synthesis", "dataset", "verify"):
         assert os.path.exists(tmp_path / stage / "done.json"), stage
     assert "| Dice whole |" in open(tmp_path / "verify" / "summary.md").read()
+
+
+CONFIGS = (
+    ("phantom", "demo"),
+    ("phantom", ""),
+    ("brats2015", ""),
+    ("chest_xray", ""),
+    ("lung_ct", ""),
+    ("retina", ""),
+    ("tianchi_lung_ct", ""),
+)
+
+
+@pytest.mark.parametrize("module, arg", CONFIGS)
+def test_every_dataset_config_builds_and_validates(module, arg):
+    """The demo and every full-size config pass the checks their stages run before opening any data."""
+    from synth.stages import compare, synthesis, translator
+
+    config = importlib.import_module(f"configs.{module}").get_config(arg or None)
+    synthesis.check_config(config)  # Stage B's choices and its complete loss-weight table.
+    gan.check_loss_weights(
+        "translator", config.translator.loss.weights, translator.G_TERMS + translator.D_TERMS
+    )
+    stage_a_terms = (*structure_losses.STAGE_A_G_TERMS, *structure_losses.STAGE_A_D_TERMS)
+    gan.check_loss_weights("structure", config.structure.loss.weights, stage_a_terms)
+    if len(config.data.modalities) > 1:
+        assert compare.check_config(config)
+    frozen.needs(config, "generate")  # Which trained stages generation would load.
 
 
 def test_adapters_give_the_one_batch_form():
