@@ -2,9 +2,10 @@
 
 The fast tests pin what needs no training: the config checks (which run before anything trains) and the
 pure scoring and table helpers on hand-made numbers. The whole stage on the tiny phantom (the frozen
-networks, five stage-B trainings of 150 steps, sampling and the report) took 23-27 minutes on a 2-core
-CPU shared with other jobs (BaseGAN's four vmapped models alone ~7): it is `slow` and runs in
-`make test-slow`, and prints the registration-consistency numbers it saw.
+networks, stage-B trainings, sampling and the report) is `slow` and runs in `make test-slow`, and prints
+the registration-consistency numbers it saw. With five variants of 150 steps it took 23-27 minutes on a
+2-core CPU shared with other jobs (BaseGAN's four vmapped models alone ~7), and three still ran over the
+10-minute per-test limit in CI: it now trains the two ends, BaseGAN and the method, for 100 steps of 4.
 """
 
 import json
@@ -154,7 +155,7 @@ def test_scores_and_tables_on_hand_made_numbers():
 # against it (D-F) or makes smooth images (A), so only the structure agreement is asserted.
 # `SYNTH_COMPARE_SEEDS=0,1 make test-slow` runs it for other seeds.
 SEEDS = [int(s) for s in os.environ.get("SYNTH_COMPARE_SEEDS", "0").split(",")]
-REGISTERED = ("D", "full")
+REGISTERED = ("full",)
 
 
 @pytest.mark.slow
@@ -165,8 +166,9 @@ def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
     config = phantom.get_config("runlocal,stage=compare")
     config.seed = seed
     config.data.data_dir = phantom_data_dir
-    # Three variants keep the run inside the per-test limit (B, C, E differ from D/F by one switch each).
-    config.compare.variants = ("basegan", "D", "full")
+    # Two variants, the two ends, keep the run inside the 10-minute per-test limit on 2 busy cores (three and
+    # five ran over it); each variant has its own fast and slow step tests (test_variants.py).
+    config.compare.variants = ("basegan", "full")
     config.compare.update(dict(num_samples=16, batch_size=8, num_pairs=16, grid_samples=3))
     config.segmentor.train = configlib.loop_config(
         num_steps=100, batch_size=8, log_every=50, checkpoint_every=100, eval_every=100
@@ -175,9 +177,9 @@ def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
     config.translator.train = configlib.loop_config(
         num_steps=60, batch_size=4, log_every=30, checkpoint_every=60, eval_every=60
     )
-    config.synthesis.pretrain_steps = 50
+    config.synthesis.pretrain_steps = 30
     config.synthesis.train = configlib.loop_config(
-        num_steps=150, batch_size=8, log_every=50, checkpoint_every=150, eval_every=150
+        num_steps=100, batch_size=4, log_every=50, checkpoint_every=100, eval_every=100
     )
     start = time.perf_counter()
     jax.config.update("jax_disable_most_optimizations", False)  # Run time, not compile time, dominates.
@@ -192,19 +194,19 @@ def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())
     by_name = {e["method"]: e for e in results["methods"]}
-    assert list(by_name) == ["real", "basegan", "D", "full"]
+    assert list(by_name) == ["real", "basegan", "full"]
     summary = (out / "summary.md").read_text()
-    for title in ("real slices", "A (BaseGAN)", "D", "F (method)"):
+    for title in ("real slices", "A (BaseGAN)", "F (method)"):
         assert f"| {title} |" in summary
     assert "## compare" in (tmp_path / "report.md").read_text() and "side_by_side.png" in summary
-    for name in ("basegan", "D", "full"):
+    for name in ("basegan", "full"):
         e = by_name[name]
-        assert e["synthesis_step"] == 150 and e["g_params"] > 0
+        assert e["synthesis_step"] == 100 and e["g_params"] > 0
         assert all(0.0 <= e[f"ms_ssim/{m}"] <= 1.0 for m in MODALITIES)
         assert 0.0 <= e["structure_agreement"] <= 1.0 and math.isfinite(e["translation_mse"])
         assert (tmp_path / "compare" / name / "segmentor").is_symlink()
     # BaseGAN's K separate Gs have K times the parameters of one G of the same size (no modality code).
-    assert by_name["basegan"]["g_params"] > by_name["D"]["g_params"]
+    assert by_name["basegan"]["g_params"] > by_name["full"]["g_params"]
 
     shown = {n: round(by_name[n]["structure_agreement"], 3) for n in by_name}
     mse = {n: round(by_name[n]["translation_mse"], 4) for n in by_name}
