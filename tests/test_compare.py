@@ -160,6 +160,9 @@ REGISTERED = ("full",)
 
 
 @pytest.mark.slow
+# Alone on 2 cores this run took 572 s (2026-12-03); beside the other slow tests it can pass the suite's
+# 10-minute limit, which is what failed CI. Until the stage itself is faster it gets 20 minutes.
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
     import jax
