@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import shutil
 import time
@@ -36,9 +37,7 @@ import numpy as np
 
 from benchmarks import common
 from configs import phantom
-from synth import frozen, input_pipeline, lesion, pipeline, registration, scoring
-from synth.lesion import segment
-from synth.metrics import distribution
+from synth import frozen, input_pipeline, lesion, mixes, pipeline, scoring
 from synth.stages import verify
 
 MIXES = (
@@ -71,43 +70,6 @@ def take(source, n: int) -> dict[str, np.ndarray]:
     return {k: np.stack([e[k] for e in examples]) for k in ("image", "label")}
 
 
-def segmentor_features(config, params, images: np.ndarray) -> np.ndarray:
-    """(N, K·C) the real-trained segmentors' bottlenecks, averaged over space, K modalities side by side."""
-    model = segment.make_model(config, images.shape[1:3])
-    variant = segment.check_variant(config.segmentor.variant)
-    if variant == "shared_encoder":
-        raise ValueError("fd_segmentor needs one U-Net per modality (segmentor.variant n_seg or one_seg)")
-
-    @jax.jit
-    def features(params, x):
-        by_modality = registration.by_modality(x, 1)  # (K, B, H, W, 1)
-
-        def one(p, xi):
-            _, inter = model.apply(p, xi, mutable=["intermediates"])
-            return jnp.mean(inter["intermediates"]["bottleneck"][0], axis=(1, 2))
-
-        if variant == "one_seg":
-            out = jax.vmap(lambda xi: one(params, xi))(by_modality)
-        else:
-            out = jax.vmap(one)(params, by_modality)
-        return jnp.concatenate(list(out), axis=-1)
-
-    normalised = np.concatenate(
-        list(scoring.by_modality_normalised(images, len(config.data.modalities), 1)), axis=-1
-    )
-    return np.concatenate(
-        [np.asarray(features(params, jnp.asarray(normalised[i : i + 32]))) for i in range(0, len(images), 32)]
-    )
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    return float(
-        distribution.frechet_distance(
-            *distribution.feature_statistics(a), *distribution.feature_statistics(b)
-        )
-    )
-
-
 def lesion_scores(config, workdir: str, synthetic: dict[str, np.ndarray]) -> dict[str, float]:
     processor = lesion.processor(config, synthetic["image"].shape[1:3])
     params = frozen.load(config, workdir, "segmentor")[0]["params"]
@@ -125,7 +87,7 @@ def verify_scores(workdir: str) -> dict[str, dict[str, float]]:
         rows = list(csv.DictReader(f))
     out = {}
     for text in MIXES:
-        name = verify.parse_mix(text).name
+        name = mixes.parse_mix(text).name
         values = np.array([float(r["dice_whole/mean"]) for r in rows if r["mix"] == name])
         out[text] = {"mean": float(values.mean()), "std": float(values.std())}
     return out
@@ -183,6 +145,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="stage D seeds")
     parser.add_argument("--num_images", type=int, default=120, help="real test and synthetic images scored")
     args = parser.parse_args()
+    # The stages' progress (step, rate, ETA) at INFO, as launch.py shows it; the libraries' at WARNING.
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
+    logging.getLogger("synth").setLevel(logging.INFO)
     start = time.perf_counter()
     config = make_config(tuple(int(s) for s in args.seeds.split(",")))
     run_dir = os.path.join(args.out, "run")
@@ -203,10 +168,9 @@ def main() -> None:
         real_test["image"], synthetic["image"], key=key, num_pairs=pairs, modalities=names
     )
     seg_params = frozen.load(config, run_dir, "segmentor")[0]["params"]
-    features = {
-        k: segmentor_features(config, seg_params, x["image"])
-        for k, x in (("train", real_train), ("test", real_test), ("synthetic", synthetic))
-    }
+    fd = scoring.segmentor_frechet(
+        config, seg_params, real_train["image"], real_test["image"], synthetic["image"]
+    )
     result = {
         "stage_a": {
             "first_draw_acceptance": stage_a["eval/acceptance_first_draw"],
@@ -219,10 +183,7 @@ def main() -> None:
             "synthetic": across["intermodality/synthetic"],
         },
         "lesion": lesion_scores(config, run_dir, synthetic),
-        "fd_segmentor": {
-            "real_real": frechet(features["train"], features["test"]),
-            "real_synthetic": frechet(features["test"], features["synthetic"]),
-        },
+        "fd_segmentor": fd,
         "verify": verify_scores(run_dir),
         "per_modality": {
             "ms_ssim.real_real": {m: within[f"ms_ssim/{m}"] for m in names},

@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.pool.augment = ml_collections.ConfigDict(
         dict(max_rotation=0.0, max_shift=0.0, scale=(1.0, 1.0), flip=False, max_tries=1)
     )
+    # The all-0 class map is "normal": keep it, so the synthetic set's classes follow the real ones.
+    config.dataset.pool.keep_empty = True
     config.dataset.dice = ml_collections.ConfigDict(dict(kind="class", threshold=1.0))
     config.verify.augment.max_rotation = 10.0
     if not options.runlocal:

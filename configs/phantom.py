@@ -233,6 +233,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             pool=dict(
                 size=2000,
                 max_sources=2000,  # Real training labels the pool is made from (evenly spread).
+                # Keep labels without a lesion (class-map families: all-0 is the class "normal").
+                keep_empty=False,
                 # Label-safe augmentation (nearest resampling) of §2.3 with the defects of §2.2 fixed.
                 augment=dict(max_rotation=15.0, max_shift=0.1, scale=(0.9, 1.1), flip=True, max_tries=10),
             ),

@@ -51,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The centre slice's structure map (see the module docstring).
     family.single_modality(config, extraction="tianchi", runlocal=options.runlocal, channel=1)
     config.structure.remove_lesions = True  # Nodules are localised lesions (§3.4).
+    # §5.2: the TC code has no edge-density terms.
+    config.structure.loss.weights.edge_density_recon = 0.0
+    config.structure.loss.weights.edge_density_gen = 0.0
     config.segmentor.task = "detect"
     config.segmentor.model.size = "base" if not options.runlocal else "tiny"
     config.segmentor.model.activation = "relu"  # The SSD's (§6.6), as VGG.

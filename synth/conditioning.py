@@ -28,8 +28,8 @@ from synth.models import vae
 # lesion label (the method); "noise": N(0, 1) of the image's size (BaseGAN, ablation A); "inverse_structure":
 # the binary inverted map 1 − s without noise (SkrGAN*).
 G_INPUTS = ("structure", "noise", "inverse_structure")
-# At most this many pool labels are tried per sample and step (the batch's other slices).
-MAX_LABEL_CANDIDATES = 8
+# At most this many pool labels are tried per sample and step (the batch's other slices and their mirrors).
+MAX_LABEL_CANDIDATES = 16
 
 
 class Inputs(NamedTuple):
@@ -45,6 +45,8 @@ class Inputs(NamedTuple):
     box_classes: jax.Array | None = None
     # (B,) rows conditioned on their own real structure map and label: the real slice is their target.
     paired: jax.Array | None = None
+    # (B,) whether the drawn label fitted the organ (paired rows: their own label, always True).
+    fitted: jax.Array | None = None
 
 
 def paired_rows(batch_size: int, fraction: float, pretraining) -> jax.Array:
@@ -59,33 +61,43 @@ def paired_rows(batch_size: int, fraction: float, pretraining) -> jax.Array:
     return jnp.logical_or(spread, pretraining)
 
 
-def draw_labels(labels: jax.Array, organ: jax.Array, *, rule: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+def draw_labels(
+    labels: jax.Array, organ: jax.Array, *, rule: str, mirror: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Algorithm 4 (§3.7) on device: for each sample, the first label of the other slices that fits.
 
     The batch is a uniform shuffle of the training set, so its other slices' labels are uniform draws from
-    the training pool. Candidates are tried in a fixed order (the next slice, then the one after, …).
+    the training pool. Candidates are tried in a fixed order: the next slice, its mirror image (with
+    `mirror`; left–right flips are in stage C's label pool too), the slice after, …, at most
+    `MAX_LABEL_CANDIDATES` in all, so a small organ still gets a lesion that fits more often than not.
 
     Args:
       labels: (B, H, W) the batch's own labels.
       organ: (B, H, W, 1) the organ masks the labels must fit.
       rule: "code" or "paper" (see `fusion.label_fits`).
+      mirror: also try each slice's label mirrored (off when something else follows the label: boxes).
 
     Returns:
-      `(label, fitted, source)`: (B, H, W) drawn labels, (B,) whether one fitted, and (B,) the batch row
-      each label came from (-1 for the empty fallback), so what belongs to a label (its boxes) can follow
-      it. When none fits, the code rule falls back to the empty label (no lesion, which always fits); the
-      paper rule keeps the last draw, as the authors' generation script does.
+      `(label, fitted, source)`: (B, H, W) drawn labels, (B,) whether one fitted (training reports the
+      rows that did not as `label_fallback`), and (B,) the batch row each label came from (-1 for the
+      empty fallback), so what belongs to a label (its boxes) can follow it. When none fits, the code rule
+      falls back to the empty label (no lesion, which always fits); the paper rule keeps the last draw,
+      as the authors' generation script does.
     """
     b = labels.shape[0]
-    shifts = range(1, min(b, MAX_LABEL_CANDIDATES + 1)) if b > 1 else range(1)
-    candidates = jnp.stack([jnp.roll(labels, -r, axis=0) for r in shifts])  # (R, B, H, W)
-    fits = jax.vmap(lambda c: fusion.label_fits(c, organ, rule=rule))(candidates)  # (R, B)
+    versions = 2 if mirror else 1
+    shifts = range(1, min(b, MAX_LABEL_CANDIDATES // versions + 1)) if b > 1 else range(1)
+    rolled = [jnp.roll(labels, -r, axis=0) for r in shifts]
+    candidates = jnp.stack(
+        [v for c in rolled for v in ((c, jnp.flip(c, axis=2)) if mirror else (c,))]
+    )  # (R·versions, B, H, W)
+    fits = jax.vmap(lambda c: fusion.label_fits(c, organ, rule=rule))(candidates)  # (R·versions, B)
     first = jnp.argmax(fits, axis=0)
     fitted = jnp.any(fits, axis=0)
     chosen = candidates[first, jnp.arange(b)]
     fallback = jnp.zeros_like(labels) if rule == "code" else candidates[-1]
     rows = jnp.arange(b)
-    shift = jnp.asarray(list(shifts))
+    shift = jnp.repeat(jnp.asarray(list(shifts)), versions)
     source = jnp.where(fitted, (rows + shift[first]) % b, -1 if rule == "code" else (rows + shift[-1]) % b)
     return jnp.where(fitted[:, None, None], chosen, fallback), fitted, source
 
@@ -136,7 +148,7 @@ def make_inputs(
         use_real = paired[:, None, None, None]  # Paired rows need the real (structure, image); else s_g.
         s = jnp.where(use_real, s, maps[..., None].astype(s.dtype))
         organ = jnp.where(use_real, organ, masks[..., None].astype(organ.dtype))
-    drawn, _, source = draw_labels(own, organ, rule=sy.label_rule)
+    drawn, fitted, source = draw_labels(own, organ, rule=sy.label_rule, mirror="boxes" not in batch)
     label = jnp.where(paired[:, None, None], own, drawn)
     boxes = box_classes = None
     if "boxes" in batch:  # The boxes follow the label (none for the empty fallback).
@@ -145,4 +157,4 @@ def make_inputs(
         boxes = jnp.where(keep[..., None], batch["boxes"][jnp.maximum(rows, 0)], 0.0)
         box_classes = jnp.where(keep, batch["box_classes"][jnp.maximum(rows, 0)], 0)
     g_input = generator_input(noise_key, s, organ, label, config=config)
-    return Inputs(s, organ, label, g_input, boxes, box_classes, paired)
+    return Inputs(s, organ, label, g_input, boxes, box_classes, paired, fitted | paired)

@@ -254,10 +254,13 @@ def make_pool(
     *,
     seed: int,
     params: AugmentParams | None = None,
+    keep_empty: bool = False,
 ) -> np.ndarray:
     """An augmented pool of lesion labels (METHOD §2.3, with the §2.2 defects fixed).
 
-    Sources without a lesion (all 0) are dropped. Every entry is an augmented copy of a source drawn
+    Sources without a lesion (all 0) are dropped, unless ``keep_empty``: then every source stays, so the
+    pool's class balance follows the sources' (a class-map family such as the chest X-ray, where the
+    all-0 map is the class "normal", not a missing lesion). Every entry is an augmented copy of a source drawn
     uniformly (with replacement); the sources themselves are *not* put in un-augmented, so the pool
     is ``size`` i.i.d. draws whatever ``size`` is (the identity is one possible transform when the
     ranges include it). A transform that leaves no lesion pixel in the image is redrawn, up to
@@ -271,6 +274,7 @@ def make_pool(
         seed: seed of ``np.random.default_rng``; the pool is a pure function of (labels, size,
             seed, params).
         params: augmentation ranges (default `AugmentParams()`).
+        keep_empty: keep the all-0 sources (they are drawn as often as any other source).
 
     Returns:
         (size, H, W) uint8.
@@ -285,7 +289,8 @@ def make_pool(
         raise ValueError(f"size must be >= 0, got {size}")
     if stack.size and (stack.min() < 0 or stack.max() > 255):
         raise ValueError(f"labels must hold values 0..255 for a uint8 pool, got {stack.min()}..{stack.max()}")
-    sources = stack[np.any(stack != 0, axis=(1, 2))].astype(np.uint8)
+    has_lesion = np.any(stack != 0, axis=(1, 2))
+    sources = (stack if keep_empty else stack[has_lesion]).astype(np.uint8)
     if len(sources) == 0:
         raise ValueError(
             f"None of the {len(stack)} source labels given has a lesion (all are 0): a lesion pool "
@@ -296,6 +301,9 @@ def make_pool(
     fallbacks = 0
     for i in range(size):
         source = sources[rng.integers(len(sources))]
+        if not source.any():  # A kept empty source: nothing to move.
+            pool[i] = source
+            continue
         for _ in range(params.max_tries):
             entry = augment_label(source, rng, params)
             if entry.any():

@@ -3,8 +3,9 @@
   - image quality per modality (`image_quality`): MS-SSIM of seeded random real–synthetic pairs and
     within each set (small images upsampled to MS-SSIM's 161 px, `synth.metrics.image`), the MS-SSIM
     between the modalities of one sample (synthetic against real: alike modalities show as a gap), and
-    FID / KID with a feature extractor (`synth.metrics.distribution`); every image is min–max
-    normalised on its own first (§9.3); stage D's report and the comparison;
+    FID / KID with a feature extractor (`synth.metrics.distribution`), and a Fréchet distance in the
+    real-trained segmentors' features that needs no download (`segmentor_frechet`); every image is
+    min–max normalised on its own first (§9.3); stage D's report, the comparison and the benchmark;
   - lesion fidelity (`lesion_dice_and_chance`, `class_accuracy_and_chance`): whether the real-trained
     lesion processor finds the asked-for lesion, against the chance level of another sample's label;
     stage B's evaluator and the comparison;
@@ -27,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synth import extraction, metrics, registration
+from synth import extraction, lesion, metrics, registration
+from synth.lesion import segment
 from synth.metrics import distribution
 from synth.metrics import image as image_metrics
 
@@ -127,6 +129,59 @@ def image_quality(
         if values:
             out[metric] = float(np.mean(values))
     return out
+
+
+def feature_frechet(
+    features,
+    reference: np.ndarray,
+    real: np.ndarray,
+    synthetic: np.ndarray,
+    *,
+    modalities: int,
+    channels: int,
+) -> dict[str, float]:
+    """Fréchet distances in a feature space: real reference↔real (the yardstick) and real↔synthetic.
+
+    Args:
+      features: `(N, H, W, K·C) -> (N, F)` on min–max normalised images, e.g. the real-trained
+        segmentors' bottlenecks (`synth.lesion.segment.bottleneck_features`).
+      reference, real, synthetic: (N, H, W, K·C) images in [0, 1]; typically real training, real test
+        and synthetic images. Each image of each modality is min–max normalised first (§9.3).
+
+    Returns:
+      `real_real` (reference↔real) and `real_synthetic` (real↔synthetic). With few images against the
+      feature width the distances are biased upwards alike; compare them at the same N.
+    """
+
+    def stats(images):
+        scaled = np.concatenate(list(by_modality_normalised(images, modalities, channels)), axis=-1)
+        batches = [np.asarray(features(scaled[i : i + 32])) for i in range(0, len(scaled), 32)]
+        return distribution.feature_statistics(np.concatenate(batches))
+
+    real_stats = stats(real)
+    return {
+        "real_real": float(distribution.frechet_distance(*stats(reference), *real_stats)),
+        "real_synthetic": float(distribution.frechet_distance(*real_stats, *stats(synthetic))),
+    }
+
+
+def segmentor_frechet(config, params, reference, real, synthetic) -> dict[str, float] | None:
+    """`feature_frechet` in the real-trained segmentors' bottleneck features (needs no download).
+
+    `params` are the trained segmentors' (`synth.frozen.load(config, workdir, "segmentor")`). None for a
+    family whose lesion processor is not a per-modality segmentor (classifier, detector, shared encoder).
+    """
+    if lesion.task(config) != "segment" or config.segmentor.variant == "shared_encoder":
+        return None
+    features = jax.jit(segment.bottleneck_features(config, real.shape[1:3]))
+    return feature_frechet(
+        lambda x: features(params, x),
+        reference,
+        real,
+        synthetic,
+        modalities=len(config.data.modalities),
+        channels=int(config.data.get("channels", 1)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------

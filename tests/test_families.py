@@ -25,6 +25,7 @@ from synth import (
     input_pipeline,
     label_pool,
     lesion,
+    mixes,
     pipeline,
     registration,
     structure_losses,
@@ -156,6 +157,24 @@ def test_every_dataset_config_builds_and_validates(module, arg):
     frozen.needs(config, "generate")  # Which trained stages generation would load.
 
 
+def test_family_configs_follow_the_method_where_the_review_found_them_off():
+    """One-modality families, TC and X-ray follow §6.1.4, §5.2 and the real class balance.
+
+    Background weight 0.1 in pre-training, no edge-density terms for TC, and the X-ray pool keeps the
+    class "normal" (all-0 class maps).
+    """
+    configs = {m: importlib.import_module(f"configs.{m}").get_config(None) for m, _ in CONFIGS[2:]}
+    for name in ("chest_xray", "lung_ct", "retina", "tianchi_lung_ct"):
+        weights = configs[name].synthesis.loss.weights
+        assert (weights.pretrain, weights.pretrain_background) == (5.0, 0.1), name
+    assert configs["brats2015"].synthesis.loss.weights.pretrain_background == 5.0
+    tc = configs["tianchi_lung_ct"].structure.loss.weights
+    assert tc.edge_density_recon == tc.edge_density_gen == 0.0
+    assert configs["lung_ct"].structure.loss.weights.edge_density_gen == 1e-4
+    assert configs["chest_xray"].dataset.pool.keep_empty
+    assert not configs["brats2015"].dataset.pool.keep_empty
+
+
 def test_adapters_give_the_one_batch_form():
     image = np.zeros((4, 5, 1), np.float32)
     xray = input_pipeline.ADAPTERS["class_map"]({"image": image, "label": 2, "id": b"x"})
@@ -202,8 +221,6 @@ def test_boxes_adapter_repaints_the_label_from_the_kept_classes(family_data_dir)
 
 def test_mix_source_gives_every_detection_example_boxes():
     """Stage D: a real slice keeps its own boxes; synthetic and augmented ones get their label's."""
-    from synth.stages import verify
-
     label = np.zeros((16, 16), np.int32)
     label[2:6, 3:9] = 1
     real_boxes = np.array([[0.125, 0.1875, 0.375, 0.5625], [0, 0, 0, 0]], np.float32)
@@ -216,9 +233,9 @@ def test_mix_source_gives_every_detection_example_boxes():
         }
     ]
     synthetic = [{"image": np.zeros((16, 16, 3), np.float32), "label": label.astype(np.uint8)}]
-    entries = np.array([[verify.REAL, 0], [verify.SYNTHETIC, 0], [verify.AUGMENTED, 0]])
+    entries = np.array([[mixes.REAL, 0], [mixes.SYNTHETIC, 0], [mixes.AUGMENTED, 0]])
     augment = label_pool.AugmentParams(max_rotation=0.0, max_shift=0.2, scale=(1.0, 1.0), flip=True)
-    mix = verify.MixSource(entries, real, synthetic, seed=0, augment=augment, max_boxes=2, num_classes=2)
+    mix = mixes.MixSource(entries, real, synthetic, seed=0, augment=augment, max_boxes=2, num_classes=2)
     for i in range(3):
         example = mix[i]
         assert example["boxes"].shape == (2, 4) and example["box_classes"].tolist() == [1, 0]

@@ -131,6 +131,17 @@ def test_pool_shape_determinism_and_sources():
     assert label_pool.make_pool([a], 0, seed=0).shape == (0, 20, 16)
 
 
+def test_pool_of_class_maps_keeps_the_class_balance():
+    """X-ray class maps: all-0 is the class "normal" and stays in the pool at its share (kept empty)."""
+    sources = np.concatenate([np.full((n, 8, 8), c, np.uint8) for c, n in ((0, 50), (1, 30), (2, 20))])
+    pool = label_pool.make_pool(sources, 4000, seed=0, params=IDENTITY, keep_empty=True)
+    shares = np.bincount(pool[:, 0, 0], minlength=3) / len(pool)
+    np.testing.assert_allclose(shares, [0.5, 0.3, 0.2], atol=0.03)
+    assert (pool == pool[:, :1, :1]).all()  # Still constant maps.
+    # Without keep_empty every entry has a lesion: every synthetic X-ray would be pneumonia.
+    assert label_pool.make_pool(sources, 100, seed=0, params=IDENTITY)[:, 0, 0].min() == 1
+
+
 def test_pool_without_lesions_raises():
     with pytest.raises(ValueError, match="None of the 3 source labels"):
         label_pool.make_pool(np.zeros((3, 8, 8), np.uint8), 5, seed=0)

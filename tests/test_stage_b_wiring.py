@@ -88,9 +88,15 @@ def test_labels_are_drawn_to_fit_the_organ():
     np.testing.assert_array_equal(label[2], 0)  # …and is the fallback when nothing fits.
     assert fitted.tolist() == [True, True, False]
     assert source.tolist() == [1, 2, -1]  # The rows the labels came from: boxes follow them.
-    label, fitted, source = conditioning.draw_labels(jnp.asarray(labels), jnp.asarray(organ), rule="paper")
+    draw = functools.partial(conditioning.draw_labels, jnp.asarray(labels), jnp.asarray(organ), rule="paper")
+    label, fitted, source = draw(mirror=False)
     assert fitted.tolist() == [True, False, False]  # Paper rule: an empty label does not fit.
     np.testing.assert_array_equal(label[1], labels[0])  # The last draw is kept.
+    assert source.tolist() == [1, 0, 1]
+    # Mirrored candidates: slice 0's right-edge lesion, flipped, lies on row 1's left-half organ.
+    label, fitted, source = draw()
+    assert fitted.tolist() == [True, True, False]
+    np.testing.assert_array_equal(label[1], labels[0][:, ::-1])
     assert source.tolist() == [1, 0, 1]
 
 
@@ -266,6 +272,7 @@ def test_single_modality_families_use_the_same_trainer(random_stage_b):
     assert int(new.step) == 1 and np.isfinite(float(metrics["g_loss"]))
     assert float(metrics["registration"]) == float(metrics["g_category"]) == 0.0
     assert float(metrics["lesion"]) > 0.0
+    assert 0.0 <= float(metrics["label_fallback"]) <= 1.0  # Counted, for the training log.
 
 
 def test_stage_a_structures_replace_the_real_ones_after_pretraining(tiny_config):

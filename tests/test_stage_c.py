@@ -19,7 +19,7 @@ from nbclient import NotebookClient
 
 from data_builders import schema
 from data_builders.synthetic import synthetic_dataset_builder as chunks
-from synth import generate, structure_filter
+from synth import generate, mixes, structure_filter
 from synth import workdir as workdir_lib
 from synth.stages import dataset, verify
 
@@ -171,16 +171,32 @@ def test_curricula_train_in_their_order(quickstart):
     )
 
 
+def test_real_subsets_are_drawn_by_subject_and_augment_only_themselves():
+    subjects = np.repeat(np.arange(10), 5)  # 10 patients of 5 slices.
+    for seed in range(3):
+        parts = mixes.mix_parts(mixes.parse_mix("real=0.2 aug=1"), 50, 0, seed, subjects)
+        real = parts["real"][parts["real"][:, 0] == mixes.REAL, 1]
+        aug = parts["real"][parts["real"][:, 0] == mixes.AUGMENTED, 1]
+        assert len(real) == 10 and len(set(real)) == 10 and len(aug) == 50
+        assert len(np.unique(subjects[real])) == 2  # Two whole patients, not slices of all ten.
+        assert set(aug) <= set(real)  # Augmented copies of the mix's real subset only.
+    with pytest.raises(ValueError, match="aug= makes augmented copies"):
+        mixes.mix_parts(mixes.parse_mix("syn=1 aug=1"), 50, 50, 0)
+    source = [{"subject_id": f"s{i // 2}"} for i in range(6)] + [{}]
+    groups = mixes.subjects_of(source).tolist()
+    assert groups[0:6:2] == groups[1:6:2] and len(set(groups)) == 4  # Pairs share; no id: its own.
+
+
 def test_mixes_parse_split_and_fail_clearly():
-    mix = verify.parse_mix("real=0.8 syn=2 aug=0.2 mode=S")
+    mix = mixes.parse_mix("real=0.8 syn=2 aug=0.2 mode=S")
     assert (mix.real, mix.syn, mix.aug, mix.mode, mix.name) == (0.8, 2.0, 0.2, "S", "real80_syn200_aug20_S")
-    parts = verify.mix_parts(mix, num_real=10, num_synthetic=20, seed=0)
+    parts = mixes.mix_parts(mix, num_real=10, num_synthetic=20, seed=0)
     assert len(parts["real"]) == 8 + 2 and len(parts["synthetic"]) == 20
-    assert (parts["real"][:8, 0] == verify.REAL).all() and (parts["real"][8:, 0] == verify.AUGMENTED).all()
+    assert (parts["real"][:8, 0] == mixes.REAL).all() and (parts["real"][8:, 0] == mixes.AUGMENTED).all()
     # S: the synthetic part first, the steps split by the parts' sizes (20 : 10 of 30 steps).
-    assert [(p, end) for p, end, _ in verify.phases(mix, parts, 30)] == [("synthetic", 20), ("real", 30)]
+    assert [(p, end) for p, end, _ in mixes.phases(mix, parts, 30)] == [("synthetic", 20), ("real", 30)]
     with pytest.raises(ValueError, match="needs 20 synthetic samples.*has 5"):
-        verify.mix_parts(mix, num_real=10, num_synthetic=5, seed=0)
+        mixes.mix_parts(mix, num_real=10, num_synthetic=5, seed=0)
     for bad, message in (
         ("real=1 sny=1", "'sny=1' is not one of"),
         ("real=2", "real at most 1"),
@@ -189,7 +205,7 @@ def test_mixes_parse_split_and_fail_clearly():
         ("real=abc", "is not a number"),
     ):
         with pytest.raises(ValueError, match=message):
-            verify.parse_mix(bad)
+            mixes.parse_mix(bad)
 
 
 # --------------------------------------------------------------------------------------------------

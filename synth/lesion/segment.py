@@ -352,6 +352,36 @@ def abstract_params(config: ml_collections.ConfigDict, image_shape) -> Any:
     return jax.eval_shape(init, jax.random.key(0), images)
 
 
+def bottleneck_features(config: ml_collections.ConfigDict, image_hw) -> Any:
+    """`features(params, images) -> (B, K·F)`: each modality's segmentor bottleneck, averaged over space.
+
+    The real-trained segmentors are the feature extractor of a Fréchet distance that needs no download
+    (`synth.scoring.feature_frechet`): they know what the data's anatomy and lesions look like. The K
+    modalities' features sit side by side, so alike modalities or a wrong contrast both move the
+    distance. Needs one U-Net per modality or a shared one (`n_seg`, `one_seg`); images (B, H, W, K·C).
+    """
+    seg = config.segmentor
+    variant = check_variant(seg.variant)
+    if variant == "shared_encoder":
+        raise ValueError(
+            "Segmentor features need one U-Net per modality or a shared one (config.segmentor.variant "
+            f"n_seg or one_seg), not {variant!r}."
+        )
+    model = make_model(config, image_hw)
+    channels = base.channels_per_modality(config)
+
+    def one(p, xi):
+        _, inter = model.apply(p, xi, mutable=["intermediates"])
+        return jnp.mean(inter["intermediates"]["bottleneck"][0], axis=(1, 2))
+
+    def features(params, images):
+        x = registration.by_modality(images, channels)
+        out = stacked.map_stacked(one, params, x, shared_params=variant == "one_seg", mode=seg.stacking)
+        return jnp.concatenate(list(out), axis=-1)
+
+    return features
+
+
 def processor(config: ml_collections.ConfigDict, image_hw) -> base.LesionProcessor:
     """The real-trained segmentors (§6.3) as stage B's lesion processor, with stage B's lesion loss."""
     seg = config.segmentor

@@ -88,7 +88,9 @@ def make_label_pool(config: ml_collections.ConfigDict, image_hw) -> tuple[np.nda
     source = input_pipeline.open_source(config.data, config.data.train_split)
     labels = dataset_report.real_examples(source, ds.pool.max_sources, keys=("label",))["label"]
     params = label_pool.AugmentParams.from_config(ds.pool.augment)
-    pool = label_pool.make_pool(labels, ds.pool.size, seed=config.seed, params=params)
+    pool = label_pool.make_pool(
+        labels, ds.pool.size, seed=config.seed, params=params, keep_empty=ds.pool.get("keep_empty", False)
+    )
     return pool, f"augmented pool of {len(pool)} from {len(labels)} real training labels"
 
 

@@ -190,7 +190,7 @@ def init_state(rng, batch, *, models: synthesis_nets.Models, config, g_tx, d_tx)
 def train_step(gan_state: state.GanState, batch, rng, frozen_params, *, models, config, g_tx, d_tx):
     """One simultaneous G/D update; only G and D are optimised, the frozen networks are arguments."""
     g_key, d_key = jax.random.split(rng)
-    (g_loss, (terms, fakes, _, for_d)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
+    (g_loss, (terms, fakes, inputs, for_d)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
         gan_state.g_params,
         gan_state.d_params,
         frozen_params,
@@ -212,6 +212,8 @@ def train_step(gan_state: state.GanState, batch, rng, frozen_params, *, models, 
     new, norms = state.gan_update(gan_state, g_grads, d_grads, g_tx=g_tx, d_tx=d_tx)
     metrics_out = dict(terms, **d_terms, **norms, g_loss=g_loss, d_loss=d_loss)
     metrics_out["pretraining"] = (gan_state.step < config.synthesis.pretrain_steps).astype(jnp.float32)
+    # Rows whose drawn label fitted none of the bounded candidates and got the empty label instead.
+    metrics_out["label_fallback"] = 1.0 - jnp.mean(inputs.fitted.astype(jnp.float32))
     return new, metrics_out
 
 

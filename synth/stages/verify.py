@@ -34,100 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synth import boxes, configlib, input_pipeline, label_pool, lesion, scoring, train
+from synth import configlib, frozen, input_pipeline, label_pool, lesion, mixes, scoring, train
 from synth import workdir as workdir_lib
 from synth.metrics import inception
 from synth.stages import segmentor
 
 NAME = "verify"
-MODES = ("M", "S", "R")
-REAL, SYNTHETIC, AUGMENTED = 0, 1, 2
 log = logging.getLogger("synth")
-
-
-@dataclasses.dataclass(frozen=True)
-class Mix:
-    """One training mix (see the module docstring); amounts are relative to the real training set."""
-
-    real: float = 0.0
-    syn: float = 0.0
-    aug: float = 0.0
-    mode: str = "M"
-
-    @property
-    def name(self) -> str:
-        pct = lambda x: f"{x * 100:g}"  # noqa: E731
-        return f"real{pct(self.real)}_syn{pct(self.syn)}_aug{pct(self.aug)}_{self.mode}"
-
-
-def parse_mix(text: str) -> Mix:
-    """`"real=1 syn=0.5 mode=S"` -> Mix; unknown keys, bad values and empty mixes are errors naming it."""
-    fields = {}
-    for item in text.replace(",", " ").split():
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("real", "syn", "aug", "mode"):
-            raise ValueError(
-                f"config.verify.mixes: {text!r}: {item!r} is not one of real=, syn=, aug=, mode= "
-                "(e.g. 'real=1 syn=0.5')"
-            )
-        if key == "mode":
-            if value not in MODES:
-                raise ValueError(f"config.verify.mixes: {text!r}: mode must be one of {MODES}, got {value!r}")
-            fields[key] = value
-            continue
-        try:
-            fields[key] = float(value)
-        except ValueError:
-            raise ValueError(f"config.verify.mixes: {text!r}: {key}={value!r} is not a number") from None
-        if fields[key] < 0 or (key == "real" and fields[key] > 1):
-            raise ValueError(f"config.verify.mixes: {text!r}: {key} must be >= 0 (real at most 1)")
-    mix = Mix(**fields)
-    if mix.real == mix.syn == mix.aug == 0:
-        raise ValueError(f"config.verify.mixes: {text!r} has no training data")
-    return mix
-
-
-class MixSource:
-    """Random access over a mix's examples; each carries `source` (REAL, SYNTHETIC or AUGMENTED)."""
-
-    def __init__(
-        self,
-        entries: np.ndarray,
-        real,
-        synthetic,
-        *,
-        seed: int,
-        augment: label_pool.AugmentParams,
-        class_labels: bool = False,
-        max_boxes: int = 0,
-        num_classes: int = 0,
-    ):
-        self.entries, self.real, self.synthetic = entries, real, synthetic
-        self.seed, self.augment, self.class_labels = seed, augment, class_labels
-        self.max_boxes, self.num_classes = max_boxes, num_classes
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        kind, index = (int(v) for v in self.entries[i])
-        example = self.synthetic[index] if kind == SYNTHETIC else self.real[index]
-        image = np.asarray(example["image"], np.float32)
-        label = np.asarray(example["label"], np.int32)
-        if kind == AUGMENTED:  # A fresh, reproducible transform per entry.
-            rng = np.random.default_rng([self.seed, int(i), index])
-            moved, label_moved = label_pool.augment_image_and_label(image, label, rng, self.augment)
-            # A class map is the image's class, wherever the image moved.
-            image, label = moved, (np.full_like(label, label.flat[0]) if self.class_labels else label_moved)
-        out = {"image": image, "label": label, "source": np.int32(kind)}
-        if self.max_boxes:  # A detection task: a real slice keeps its boxes, others get their label's.
-            if kind == REAL:
-                out["boxes"], out["box_classes"] = example["boxes"], example["box_classes"]
-            else:
-                out["boxes"], out["box_classes"] = boxes.boxes_from_label_map(
-                    label, max_boxes=self.max_boxes, num_classes=self.num_classes
-                )
-        return out
 
 
 def _identity(example):
@@ -137,8 +50,8 @@ def _identity(example):
 def step_with_sources(state, batch, rng, *, train_step):
     """The downstream model's step, logging which source the batch came from."""
     state, metrics = train_step(state, {k: v for k, v in batch.items() if k != "source"}, rng)
-    metrics["frac_synthetic"] = jnp.mean(batch["source"] == SYNTHETIC)
-    metrics["frac_augmented"] = jnp.mean(batch["source"] == AUGMENTED)
+    metrics["frac_synthetic"] = jnp.mean(batch["source"] == mixes.SYNTHETIC)
+    metrics["frac_augmented"] = jnp.mean(batch["source"] == mixes.AUGMENTED)
     return state, metrics
 
 
@@ -160,48 +73,18 @@ def synthetic_source(config, workdir):
     return tfds.data_source(name, split="train", data_dir=data_dir, download=False), name
 
 
-def mix_parts(mix: Mix, num_real: int, num_synthetic: int, seed: int) -> dict[str, np.ndarray]:
-    """The (source, index) entries of each part of a mix: `real` (real and augmented) and `synthetic`.
-
-    Raises:
-      ValueError: the stage-C dataset is smaller than the mix needs.
-    """
-    rng = np.random.default_rng([seed, 7])
-    n_real, n_syn, n_aug = (round(x * num_real) for x in (mix.real, mix.syn, mix.aug))
-    if n_syn > num_synthetic:
-        raise ValueError(
-            f"Mix {mix.name} needs {n_syn} synthetic samples ({mix.syn:g} x {num_real} real); the stage-C "
-            f"dataset has {num_synthetic}: raise config.dataset.num_examples and rerun stage=dataset"
-        )
-    real = np.stack([np.full(n_real, REAL), rng.permutation(num_real)[:n_real]], axis=1)
-    aug = np.stack([np.full(n_aug, AUGMENTED), rng.integers(num_real, size=n_aug)], axis=1)
-    syn = np.stack([np.full(n_syn, SYNTHETIC), rng.permutation(num_synthetic)[:n_syn]], axis=1)
-    return {"real": np.concatenate([real, aug]).astype(np.int64), "synthetic": syn.astype(np.int64)}
-
-
-def phases(mix: Mix, parts: dict[str, np.ndarray], total_steps: int) -> list[tuple[str, int, np.ndarray]]:
-    """`(phase, last step, entries)` in training order; S and R split the steps by the parts' sizes."""
-    if mix.mode == "M":
-        return [("all", total_steps, np.concatenate([parts["real"], parts["synthetic"]]))]
-    order = ("synthetic", "real") if mix.mode == "S" else ("real", "synthetic")
-    present = [p for p in order if len(parts[p])]
-    sizes = np.array([len(parts[p]) for p in present], float)
-    ends = np.round(np.cumsum(sizes) / sizes.sum() * total_steps).astype(int)
-    ends = np.maximum(ends, np.arange(1, len(ends) + 1))  # Every part trains at least one step.
-    return [(p, int(end), parts[p]) for p, end in zip(present, ends, strict=True)]
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at=None):
     """Trains and evaluates every mix of the matrix (resuming), then writes the report."""
     del stop_at  # Each run has its own budget; an interrupted matrix resumes run by run.
     v = config.verify
-    mixes = [parse_mix(text) for text in v.mixes]
+    matrix = [mixes.parse_mix(text) for text in v.mixes]
     if not v.seeds:
         raise ValueError("config.verify.seeds is empty")
     workdir = os.fspath(workdir)
     real = input_pipeline.open_source(config.data, config.data.train_split)
+    subjects = mixes.subjects_of(real) if any(0 < m.real < 1 for m in matrix) else None
     synthetic, synthetic_name = (None, None)
-    if any(m.syn > 0 for m in mixes):
+    if any(m.syn > 0 for m in matrix):
         synthetic, synthetic_name = synthetic_source(config, workdir)
     total_steps = max(1, math.ceil(v.budget_epochs * len(real) / v.batch_size))
     test_config = config.copy_and_resolve_references()
@@ -216,12 +99,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     step = functools.partial(step_with_sources, train_step=base.train_step)  # One compile for all runs.
     augment = label_pool.AugmentParams.from_config(v.augment)
     rows = []
-    for mix in mixes:
+    for mix in matrix:
         for seed in v.seeds:
             run_config = config.copy_and_resolve_references()
             run_config.seed = int(config.seed) + int(seed)
-            parts = mix_parts(mix, len(real), len(synthetic) if synthetic is not None else 0, run_config.seed)
-            plan = phases(mix, parts, total_steps)
+            parts = mixes.mix_parts(
+                mix, len(real), len(synthetic) if synthetic is not None else 0, run_config.seed, subjects
+            )
+            plan = mixes.phases(mix, parts, total_steps)
             state, previous = None, None
             for i, (phase, end, entries) in enumerate(plan):
                 last = i == len(plan) - 1
@@ -235,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
                         checkpoint_every=end,
                         eval_every=end,
                     ),
-                    source=MixSource(
+                    source=mixes.MixSource(
                         entries,
                         real,
                         synthetic,
@@ -285,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     quality = []
     if synthetic is not None and v.quality.num_pairs > 0:
         test = input_pipeline.open_source(config.data, config.data.test_split)
-        quality = generator_quality(config, workdir, test, synthetic)
+        quality = generator_quality(config, workdir, test, synthetic, real_train=real)
     _write_report(workdir, config, rows, len(real), synthetic_name, quality)
     workdir_lib.done(workdir_lib.stage_dir(workdir, NAME), {"runs": len(rows)})
     return rows
@@ -309,14 +194,15 @@ def aggregate(rows: list[dict], scores) -> list[dict]:
 INTERMODALITY_GAP = 0.1
 
 
-def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
+def generator_quality(config, workdir: str, real_test, synthetic, real_train=None) -> list[str]:
     """The generator's image quality against the real test split, in the layout of Tables T3/T4.
 
     Per modality: MS-SSIM of seeded random real-synthetic pairs (higher = more alike) and within each set
     (diversity, lower = more diverse), small images upsampled to MS-SSIM's 161 px (`synth.scoring`);
-    FID and KID when `config.verify.quality.inception_weights` names the FID Inception weights; and the
-    lesion fidelity of stage C: the real-trained segmentors' Dice on every sample that reached the filter
-    (Table T2's "lesion effectiveness") and on the kept ones.
+    FID and KID when `config.verify.quality.inception_weights` names the FID Inception weights; with
+    `real_train`, the Fréchet distance in the real-trained segmentors' features; and the lesion fidelity
+    of stage C: the real-trained segmentors' Dice on every sample that reached the filter (Table T2's
+    "lesion effectiveness") and on the kept ones.
     """
     from data_builders.synthetic import synthetic_dataset_builder as chunks
 
@@ -369,6 +255,18 @@ def generator_quality(config, workdir: str, real_test, synthetic) -> list[str]:
             "MS-SSIM between the modalities of one sample (registered modalities share the anatomy, not the "
             f"contrast): synthetic {synthetic_between:.3f}, real {real_between:.3f}.{verdict}",
         ]
+    if real_train is not None and lesion.task(config) == "segment":
+        params = frozen.load(config, workdir, "segmentor")[0]["params"]
+        fd = scoring.segmentor_frechet(
+            config, params, take(real_train, n), take(real_test, n), take(synthetic, n)
+        )
+        if fd is not None:
+            lines += [
+                "",
+                f"Fréchet distance in the real-trained segmentors' bottleneck features ({n} images each): "
+                f"real test↔synthetic {fd['real_synthetic']:.3g}, real train↔test {fd['real_real']:.3g} "
+                f"({fd['real_synthetic'] / max(fd['real_real'], 1e-12):.1f}×).",
+            ]
     kind = config.dataset.dice.kind
     if kind == "none":  # No lesion processor: nothing to say about lesions.
         return lines + _inception_note(extractor)
