@@ -15,6 +15,20 @@ Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a f
   the authors' patch discriminator with 3 output channels, spatially averaged. Frozen, it is stage B's
   lesion processor, stage C's filter (the sample is kept if the classifier sees the asked-for class) and
   stage D's downstream model (accuracy on the real test split, T7).
+
+Full size follows the paper's protocol (`family.paper_protocol`): every stage and the downstream classifier
+Adam 1e-5, β1 0.5, batch 4, 200 epochs (§1, §5.3, §6.1.5, §8.3) of Kaggle's training folder: 5 216 images
+(stage B, the classifier), the 1 341 normal ones for stage A.
+
+Deviations from the paper (full size):
+- Shared by every family (configs/family.py): `norm_output=False`, no E_s input dropout, `g_code_adv` 1,
+  `paired_fraction` / `paired_l1`, G on real structure maps, 20 pre-training epochs, eval every 2 %.
+- The classifier learns with softmax cross-entropy on its averaged scores, not the code's 0.5·MSE to the
+  one-hot class (§6.4, §8.3; `segmentor.loss.kind = "mse_parity"` is the code's), and guides G with it at
+  weight 1.
+- The training-set sizes are Kaggle's folder counts (METHOD.md gives only the 5 863 total).
+- Stage D trains every mix for the same number of steps (§8.1's rule; the paper gives X-ray only "200
+  epochs"): 200 epochs of the largest mix (real + ~2 000 synthetic), i.e. 276 epochs of the real set.
 """
 
 import ml_collections
@@ -53,6 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             stage.model.size = "base"
         config.dataset.num_examples = 2000  # T7: Kaggle train + 2000 synthetic images.
         config.verify.mixes = ("real=1", "real=1 syn=0.38 mode=M")  # 5216 real + ~2000 synthetic.
+        # Kaggle's train folder: 5 216 images, 1 341 of them normal (stage A's).
+        family.paper_protocol(config, train_examples=5216, stage_examples=dict(structure=1341))
     else:
         family.runlocal_on_dummy_data(config, "chest_xray")
         config.dataset.dice.threshold = 0.0  # An untrained classifier: keep every sample.

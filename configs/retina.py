@@ -16,6 +16,19 @@ the field of view of DRIVE's test images.
 The generators (stages A and B) learn from DRIVE's training images and FIRE's 268 photos, as the authors
 did (`data.gan_extra`); the vessel segmentor and stage D use DRIVE only. `--config.data.gan_extra.name=`
 leaves FIRE out.
+
+Full size follows the paper's protocol (`family.paper_protocol`): stages A and B Adam 1e-5, β1 0.5, batch
+4, 200 epochs (§1, §5.3, §6.1.5) of DRIVE's 20 training images and FIRE's 268 (§2.1); the vessel segmentor
+likewise on DRIVE's 20.
+
+Deviations from the paper (full size):
+- Shared by every family (configs/family.py): `norm_output=False`, no E_s input dropout, `g_code_adv` 1,
+  `paired_fraction` / `paired_l1`, G on real structure maps, 20 pre-training epochs, eval every 2 %.
+- The vessel segmentor learns with softmax cross-entropy + Dice, vessel weight 4 (the code's loss indexes
+  five channels of two and crashes, §11.23).
+- §8.2 gives stage D no optimiser or budget: it takes §1's (the authors' DRIVE segmentation script) and
+  200 epochs of the largest mix (20 real + 2 000 synthetic), the same steps for every mix (§8.1's rule):
+  the real-only row trains 101 000 steps on its 20 images.
 """
 
 import ml_collections
@@ -48,6 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             stage.model.size = "base"
         config.dataset.num_examples = 2000  # T6: DRIVE train + 2000 synthetic images.
         config.verify.mixes = ("real=1", "real=1 syn=100 mode=M")  # 20 real + 2000 synthetic.
+        # The generators learn from DRIVE's 20 training images and FIRE's 268; the segmentor from DRIVE's.
+        family.paper_protocol(config, train_examples=20, stage_examples=dict(structure=288, synthesis=288))
     else:
         family.runlocal_on_dummy_data(config, "drive", eval_max_examples=2)
         config.data.gan_extra.manual_dir = family.dummy_data_dir("fire")

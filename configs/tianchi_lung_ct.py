@@ -22,9 +22,20 @@ Nodules only (Tianchi class 1), as the paper. Other classes: build the dataset w
 (`--set classes=1,5`) and run with `--config.data.adapter_options.classes='(1, 5)'
 --config.data.num_classes=3` (background + one class per kept id).
 
-Deviation: §3.3 extracts a structure map from each of the three slices; here the map is the centre slice's
-(`structure.extraction.channel = 1`) and G makes all three slices from it (1–2.5 mm apart, they share
-their anatomy). Stage A and G's input then stay one-channel like every other family.
+Full size follows the paper's protocol (`family.paper_protocol`): stages A and B, the SSD and stage D's SSD
+Adam 1e-5, β1 0.5, batch 4, 200 epochs (§1, §5.3, §6.1.5, §6.6's DETECTION script).
+
+Deviations from the paper (full size):
+- §3.3 extracts a structure map from each of the three slices; here the map is the centre slice's
+  (`structure.extraction.channel = 1`) and G makes all three slices from it (1–2.5 mm apart, they share
+  their anatomy). Stage A and G's input then stay one-channel like every other family.
+- Shared by every family (configs/family.py): `norm_output=False`, no E_s input dropout, `g_code_adv` 1,
+  `paired_fraction` / `paired_l1`, G on real structure maps, 20 pre-training epochs, eval every 2 %.
+- The SSD uses the standard box pipeline (matching, hard-negative mining, NMS), fixing §11.22.
+- METHOD.md gives 1 470 training CTs but not how many annotated nodule slices they make: the step counts
+  assume 1 470 training examples (one per CT); set `train.num_steps` from the built split's size.
+- §8.4 gives stage D no budget: 200 epochs of the largest mix (real + 20 000 synthetic), the same steps for
+  every mix (§8.1's rule).
 """
 
 import ml_collections
@@ -82,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             stage.model.size = "base"
         config.dataset.num_examples = 20000  # T8: TC train + 20 000 synthetic CTs.
         config.verify.mixes = ("real=1", "real=1 syn=13.6 mode=M")  # ~1 470 real slices + 20 000.
+        family.paper_protocol(config, train_examples=1470)  # An estimate: see the module docstring.
     else:
         family.runlocal_on_dummy_data(config, "tianchi_lung_ct", eval_max_examples=2)
         # The dummy series are 16×12 and hold few lesions: resize, and one example per crossed slice.

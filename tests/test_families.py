@@ -175,6 +175,60 @@ def test_family_configs_follow_the_method_where_the_review_found_them_off():
     assert not configs["brats2015"].dataset.pool.keep_empty
 
 
+def test_full_size_configs_follow_the_papers_training_protocol():
+    """Budgets, batch sizes and optimisers of §1, §5.3, §6.1.5, §6.3, §8.1 and §8.3 at full size.
+
+    The runlocal configs keep their tiny budgets (the tests' own).
+    """
+    from configs import family
+
+    def adam(optim, learning_rate, b1=0.5):
+        assert (optim.name, optim.learning_rate, optim.b1) == ("adam", learning_rate, b1)
+
+    brats = importlib.import_module("configs.brats2015").get_config(None)
+    paper_steps = -(-200 * 13420 // 4)  # ceil(200 epochs × 13 420 slices / batch 4) = 671 000.
+    for name in ("structure", "translator", "synthesis"):
+        stage = brats[name]
+        adam(stage.optim.g, 1e-5)
+        adam(stage.optim.d, 1e-5)
+        assert stage.train.batch_size == 4, name
+    assert brats.structure.train.num_steps == brats.translator.train.num_steps == paper_steps
+    # Stage B: the paper's 200 adversarial epochs after its pre-training (length unspecified: ours 20).
+    assert brats.synthesis.pretrain_steps == -(-20 * 13420 // 4)
+    assert brats.synthesis.train.num_steps - brats.synthesis.pretrain_steps == paper_steps
+    adam(brats.segmentor.optim, 1e-5)  # §6.3: the lesion segmentors.
+    assert (brats.segmentor.train.batch_size, brats.segmentor.train.num_steps) == (4, paper_steps)
+    # §8.1: stage D's segmentor has its own optimiser, 100 epochs of the real set, batch 4.
+    adam(brats.verify.optim, 1e-4)
+    assert (brats.verify.budget_epochs, brats.verify.batch_size) == (100.0, 4)
+    for name in ("structure", "segmentor", "translator", "synthesis"):
+        loop = brats[name].train
+        assert 0.01 <= loop.eval_every / loop.num_steps <= 0.021 and loop.checkpoint_every == loop.eval_every
+        assert 1 <= loop.log_every <= 100
+    basegan = importlib.import_module("configs.brats2015").get_config("variant=basegan")
+    assert basegan.synthesis.pretrain_steps == 0  # Variants without pre-training keep none.
+
+    xray = importlib.import_module("configs.chest_xray").get_config(None)
+    adam(xray.segmentor.optim, 1e-5)  # §8.3: the classifier, 200 epochs of the 5 216 training images.
+    assert (xray.segmentor.train.batch_size, xray.segmentor.train.num_steps) == (4, 200 * 5216 // 4)
+    adam(xray.verify.optim, 1e-5)
+    assert xray.verify.batch_size == 4
+    # Every mix trains as many steps as 200 epochs of the largest one (real + 38 % synthetic).
+    assert xray.verify.budget_epochs == pytest.approx(200 * 1.38)
+    assert xray.structure.train.num_steps == 200 * 1341 // 4  # Stage A: the normal images only.
+    adam(xray.structure.optim.g, 1e-5)
+    assert xray.synthesis.train.num_steps - xray.synthesis.pretrain_steps == 200 * 5216 // 4
+
+    retina = importlib.import_module("configs.retina").get_config(None)
+    assert retina.structure.train.num_steps == 200 * 288 // 4  # DRIVE + FIRE.
+    assert retina.segmentor.train.num_steps == 200 * 20 // 4
+    assert family.largest_mix(retina.verify.mixes) == 101
+
+    for name in ("brats2015", "chest_xray", "lung_ct", "retina", "tianchi_lung_ct"):
+        small = importlib.import_module(f"configs.{name}").get_config("runlocal")
+        assert small.structure.train.num_steps <= 4 and "optim" not in small.verify, name
+
+
 def test_adapters_give_the_one_batch_form():
     image = np.zeros((4, 5, 1), np.float32)
     xray = input_pipeline.ADAPTERS["class_map"]({"image": image, "label": 2, "id": b"x"})

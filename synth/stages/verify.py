@@ -8,11 +8,12 @@ Each row of the experiment matrix (`config.verify.mixes`) is a training mix, wri
   - `aug`: classically augmented ("enhanced", §2.2 with its defects fixed) real examples, likewise;
   - `mode`: M mixes everything at random; S trains on the synthetic part first, then on the real part
     (real and augmented); R the reverse. Each part gets steps in proportion to its size.
-Every mix trains the config's segmentor (`config.segmentor`) for the same number of steps, the §8.1 budget:
-`budget_epochs` epochs of the whole real training set, whatever the mix's size. Each mix runs once per seed
-(`seeds`), with its own subset, order and initialisation, and is evaluated on the real test split. Each
-training step logs the fraction of its batch drawn from each source (`train/frac_synthetic`,
-`train/frac_augmented`), so the order of S and R is visible in the metrics.
+Every mix trains the config's segmentor (`config.segmentor`, with the optimiser `config.verify.optim` where
+the config has one, e.g. BRATS's lr 1e-4 of §8.1, else `config.segmentor.optim`) for the same number of
+steps, the §8.1 budget: `budget_epochs` epochs of the whole real training set, whatever the mix's size.
+Each mix runs once per seed (`seeds`), with its own subset, order and initialisation, and is evaluated on
+the real test split. Each training step logs the fraction of its batch drawn from each source
+(`train/frac_synthetic`, `train/frac_augmented`), so the order of S and R is visible in the metrics.
 
 Runs go to `verify/<mix>/seed<k>/<phase>` with the shared loop's checkpoints, so an interrupted matrix
 resumes; the stage then writes `verify/results.csv` (per run), `verify/summary.md` (the T5 layout: mean ±
@@ -91,6 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_a
     test_config.data.eval_split = config.data.test_split
     test_config.data.eval_max_examples = v.eval_max_examples
     test_config.segmentor.train.batch_size = v.batch_size
+    if v.get("optim") is not None:  # The downstream model's own optimiser (§8.1), else the segmentor's.
+        test_config.segmentor.optim = v.optim
     base = segmentor.build(test_config)
     scores = segmentor.scores(config)
     class_labels = lesion.task(config) == "classify"
