@@ -49,13 +49,17 @@ class Inputs(NamedTuple):
     fitted: jax.Array | None = None
 
 
+def check_paired_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"config.synthesis.paired_fraction must be in [0, 1], got {fraction}.")
+
+
 def paired_rows(batch_size: int, fraction: float, pretraining) -> jax.Array:
     """(B,) bool: every row while pre-training, else ⌊B·fraction⌋ rows spread evenly over the batch.
 
     Spread, not the first rows, so that every data-parallel shard of the batch holds some of each kind.
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"config.synthesis.paired_fraction must be in [0, 1], got {fraction}.")
+    check_paired_fraction(fraction)
     rows = jnp.arange(batch_size)
     spread = jnp.floor((rows + 1) * fraction) > jnp.floor(rows * fraction)
     return jnp.logical_or(spread, pretraining)

@@ -44,23 +44,31 @@ def modality_conditions(targets: np.ndarray | jax.Array, batch: int, num_modalit
     return jax.nn.one_hot(jnp.repeat(jnp.asarray(targets), batch), num_modalities, dtype=jnp.float32)
 
 
-def translate_pairs(translate: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+def translate_pairs(translate_many: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     """Translates every modality into every other one in one batched call.
 
+    Each source is handed to the translator once with its K−1 target conditions, so a translator whose
+    encoder does not see the condition (G_t with FiLM, `synth.models.unet.apply_per_condition`) encodes
+    K images instead of K·(K−1): 4 encoder passes instead of 12 for K = 4.
+
     Args:
-      translate: `(images (N, H, W, C), one-hot targets (N, K)) -> (N, H, W, C)`, e.g. G_t's apply.
+      translate_many: `(images (N, H, W, C), one-hot targets (T, N, K)) -> (T, N, H, W, C)`: the images
+        under each of T conditions, e.g. `translator_nets.translate_many`.
       x: (K, B, H, W, C) images by modality.
 
     Returns:
       (K, K−1, B, H, W, C): `out[j, n]` is the n-th source (in `ordered_pairs` order) translated into j.
     """
     k, b = x.shape[:2]
-    pairs = ordered_pairs(k)
-    sources = np.array([i for i, _ in pairs])
-    targets = np.array([j for _, j in pairs])
-    flat = x[sources].reshape((len(pairs) * b,) + x.shape[2:])
-    out = translate(flat, modality_conditions(targets, b, k))
-    return out.reshape((k, k - 1, b) + out.shape[1:])
+    # Source i's t-th target is the t-th modality other than i.
+    targets = np.array([[j for j in range(k) if j != i] for i in range(k)]).T  # (K−1, K)
+    conds = jax.nn.one_hot(jnp.repeat(jnp.asarray(targets), b, axis=1), k, dtype=jnp.float32)
+    out = translate_many(x.reshape((k * b,) + x.shape[2:]), conds)  # (K−1, K·B, …), source-major
+    out = out.reshape((k - 1, k, b) + out.shape[2:])
+    # Back to target-major: into j, the sources i ≠ j in order; source i's slot for j is j, or j−1 past i.
+    sources = pair_sources(k)
+    slots = np.array([[j if j < i else j - 1 for i in row] for j, row in enumerate(sources)])
+    return out[slots, sources]
 
 
 def pair_sources(num_modalities: int) -> np.ndarray:

@@ -293,16 +293,17 @@ def _pairwise_dice(maps: jax.Array) -> jax.Array:
     return jnp.mean(jnp.stack(scores), axis=0) if scores else jnp.ones(maps.shape[1])
 
 
-def translation_error(translate, x: jax.Array) -> jax.Array:
+def translation_error(translate_many, x: jax.Array) -> jax.Array:
     """(B,) registration consistency through G_t: each modality against the others translated into it.
 
     The mean squared difference over modalities, translations and pixels, per sample.
 
     Args:
-      translate: G_t's apply with its parameters bound, `(images, one-hot targets) -> images`.
+      translate_many: G_t with its parameters bound, `(images, one-hot targets (T, N, K)) -> (T, N, …)`
+        (`synth.translator_nets.translate_many`).
       x: (K, B, H, W, C) images by modality.
     """
-    translations = registration.translate_pairs(translate, x)
+    translations = registration.translate_pairs(translate_many, x)
     return jnp.mean(jnp.square(translations - x[:, None]), axis=(0, 1, 3, 4, 5))
 
 

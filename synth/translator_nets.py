@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from synth import gan, registration
-from synth.models import sizes
+from synth.models import sizes, unet
 from synth.models.discriminator import PatchDiscriminator
 from synth.models.unet import UNet, configured_condition
 
@@ -53,6 +53,14 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
 def translate(models: Models, g_params, images: jax.Array, targets: jax.Array) -> jax.Array:
     """G_t: images (N, H, W, 1) into the modalities of the one-hot `targets` (N, K)."""
     return models.generator.apply(g_params, images, targets)
+
+
+def translate_many(models: Models, g_params, images: jax.Array, targets: jax.Array) -> jax.Array:
+    """G_t: images (N, H, W, 1) into T modalities each, one-hot `targets` (T, N, K) -> (T, N, H, W, 1).
+
+    With FiLM the encoder runs once per image whatever T is (`unet.apply_per_condition`).
+    """
+    return unet.apply_per_condition(models.generator, g_params, images, targets)
 
 
 def init_params(rng: jax.Array, images: jax.Array, *, models: Models) -> tuple[dict, dict]:

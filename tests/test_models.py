@@ -222,6 +222,39 @@ def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradien
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # Sums in another order.
 
 
+def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
+    """G_t's K·(K−1) translations from K encoder passes equal one full pass per pair, on 1 and 4 devices."""
+    from synth import registration, sharding
+    from synth.models.unet import apply_per_condition
+
+    model, params = film_unet.model, film_unet.trained
+    x = jax.random.uniform(jax.random.key(4), (4, 4, 16, 16, 1))  # K = 4 modalities, B = 4.
+    weights = jax.random.uniform(jax.random.key(5), (4, 3, 4, 16, 16, 1))
+    pairs = registration.ordered_pairs(4)
+    sources, targets = (np.array([p[i] for p in pairs]) for i in (0, 1))
+
+    def tiled(p, x):  # Every pair's source image through the whole U-Net.
+        flat = x[sources].reshape(12 * 4, 16, 16, 1)
+        out = model.apply(p, flat, registration.modality_conditions(targets, 4, 4))
+        return out.reshape(4, 3, 4, 16, 16, 1)
+
+    def once(p, x):
+        return registration.translate_pairs(functools.partial(apply_per_condition, model, p), x)
+
+    @jax.jit
+    def both(p, x):
+        grads = [jax.grad(lambda q, f=f: jnp.sum(f(q, x) * weights))(p) for f in (once, tiled)]
+        return once(p, x), tiled(p, x), grads
+
+    mesh = sharding.make_mesh((4,), (sharding.DATA_AXIS,))
+    by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+    for images in (x, jax.device_put(x, by_batch)):
+        out_once, out_tiled, (grad_once, grad_tiled) = both(params, images)
+        np.testing.assert_allclose(out_once, out_tiled, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(grad_once), jax.tree.leaves(grad_tiled), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
 def test_film_gives_each_condition_its_own_output_layer_from_the_start(film_unet):
     # Zero FiLM kernels: the decoder's features are the same for every condition, yet each condition's own
     # output conv (normal init, learnt at a conv's pace) makes the modalities differ from step 0.

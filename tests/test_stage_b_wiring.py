@@ -30,12 +30,13 @@ def test_pairs_are_grouped_by_target_and_translated_in_one_call():
     x = jnp.arange(4.0)[:, None, None, None, None] * jnp.ones((4, 2, 3, 3, 1))  # x_i == i everywhere
     calls = []
 
-    def translate(images, targets):  # "Translate" = 10·source + target.
-        calls.append(images.shape)
-        return 10 * images + jnp.argmax(targets, -1)[:, None, None, None]
+    def translate_many(images, targets):  # "Translate" = 10·source + target, under each of T targets.
+        calls.append((images.shape, targets.shape))
+        return 10 * images[None] + jnp.argmax(targets, -1)[..., None, None, None]
 
-    out = registration.translate_pairs(translate, x)
-    assert out.shape == (4, 3, 2, 3, 3, 1) and calls == [(24, 3, 3, 1)]
+    out = registration.translate_pairs(translate_many, x)
+    # One call: each of the 4·2 source images once, under its 3 targets.
+    assert out.shape == (4, 3, 2, 3, 3, 1) and calls == [((8, 3, 3, 1), (3, 8, 4))]
     sources = registration.pair_sources(4)
     for j in range(4):
         for n in range(3):
@@ -46,10 +47,14 @@ def test_pairs_are_grouped_by_target_and_translated_in_one_call():
             jnp.argmax(targets, -1)[:, None, None, None].astype(images.dtype), images.shape
         )
 
+    def set_to_targets(images, targets):
+        return jax.vmap(set_to_target, in_axes=(None, 0))(images, targets)
+
     # Every cycle i -> j -> i comes back to i, each counted once (§11.16's mis-wiring would not).
-    cycled = registration.translate_back(set_to_target, registration.translate_pairs(set_to_target, x))
+    translations = registration.translate_pairs(set_to_targets, x)
+    cycled = registration.translate_back(set_to_target, translations)
     assert float(registration.cycle_loss(x, cycled)) == 0.0
-    assert float(registration.registration_loss(x, registration.translate_pairs(set_to_target, x))) == 0.0
+    assert float(registration.registration_loss(x, translations)) == 0.0
 
 
 def test_registration_and_agreement_losses_match_loops():

@@ -274,8 +274,10 @@ def score_images(score_params, images, organ, *, scorer: Scorer, config) -> dict
     out = {"structure_agreement": scoring.structure_agreement(images, organ, params, channels)}
     if scorer.translator is not None:
         x = registration.by_modality(images, channels)
-        translate = functools.partial(scorer.translator.generator.apply, score_params["translator"])
-        out["translation_mse"] = scoring.translation_error(translate, x)
+        translate_many = functools.partial(
+            translator_nets.translate_many, scorer.translator, score_params["translator"]
+        )
+        out["translation_mse"] = scoring.translation_error(translate_many, x)
     if scorer.lesion is not None:
         predicted = scorer.lesion.predict(score_params["lesion"], images)
         out["found"] = metrics.region_mask(predicted, "whole")

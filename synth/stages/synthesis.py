@@ -49,6 +49,7 @@ from synth import (
     structure_nets,
     synthesis_nets,
     train,
+    translator_nets,
 )
 from synth import writer as writer_lib
 from synth.lesion import base as lesion_base
@@ -112,10 +113,11 @@ def generator_loss(
         "lesion": zero,
     }
     if models.translator is not None:
-        translate = functools.partial(
-            in_dtype(dtype, models.translator.generator.apply), frozen_params["translator"]
+        translate_many = functools.partial(
+            in_dtype(dtype, functools.partial(translator_nets.translate_many, models.translator)),
+            frozen_params["translator"],
         )
-        translations = registration.translate_pairs(translate, fakes)
+        translations = registration.translate_pairs(translate_many, fakes)
         terms["registration"] = registration.registration_loss(fakes, translations)
         terms["agreement"] = registration.agreement_loss(translations)
     for_d = {}
@@ -241,8 +243,10 @@ def _per_batch(gan_state, frozen_params, batch, key, *, models: synthesis_nets.M
     values["d_accuracy_fake"] = jnp.mean(d_fake < 0.5, axis=(0, 2, 3, 4))
     values["d_accuracy_real"] = jnp.mean(d_real > 0.5, axis=(0, 2, 3, 4))
     if models.translator is not None:
-        translate = functools.partial(models.translator.generator.apply, frozen_params["translator"])
-        values["translation_mse"] = scoring.translation_error(translate, fakes)
+        translate_many = functools.partial(
+            translator_nets.translate_many, models.translator, frozen_params["translator"]
+        )
+        values["translation_mse"] = scoring.translation_error(translate_many, fakes)
     predicted = None
     if models.lesion is not None:
         predicted = models.lesion.predict(frozen_params["lesion"], images)  # (K, B, H, W)
@@ -334,8 +338,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "modalities, separate_models=False and structure_source='real'"
             )
     configlib.check_choice("synthesis.model.condition", configured_condition(sy.model), CONDITIONS)
-    if not 0.0 <= sy.paired_fraction <= 1.0:
-        raise ValueError(f"config.synthesis.paired_fraction must be in [0, 1], got {sy.paired_fraction}")
+    conditioning.check_paired_fraction(sy.paired_fraction)
     low, high = sy.noise
     if not 0.0 <= low <= high:
         raise ValueError(f"config.synthesis.noise must be (low, high) with 0 <= low <= high, got {sy.noise}")

@@ -73,7 +73,8 @@ def generator_loss(g_params, d_params, images, *, models: translator_nets.Models
     x = registration.by_modality(images)  # (K, B, H, W, 1)
     k = x.shape[0]
     apply = functools.partial(translator_nets.translate, models, g_params)
-    fakes = registration.translate_pairs(apply, x)  # grouped by target
+    many = functools.partial(translator_nets.translate_many, models, g_params)
+    fakes = registration.translate_pairs(many, x)  # grouped by target
     cycled = registration.translate_back(apply, fakes)
     d_fake, c_fake = _discriminate(models, d_params, fakes)
     terms = {
@@ -124,7 +125,8 @@ def _per_batch(gan_state, frozen, batch, key, *, models: translator_nets.Models)
     del frozen, key
     x = registration.by_modality(batch["image"])
     apply = functools.partial(translator_nets.translate, models, gan_state.g_params)
-    fakes = registration.translate_pairs(apply, x)
+    many = functools.partial(translator_nets.translate_many, models, gan_state.g_params)
+    fakes = registration.translate_pairs(many, x)
     cycled = registration.translate_back(apply, fakes)
     sources = registration.pair_sources(x.shape[0])
     values = {
