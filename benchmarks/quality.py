@@ -1,6 +1,6 @@
 """Image quality of the whole pipeline on the phantom (issue 17's targets), from one command.
 
-Usage: python -m benchmarks.quality --out DIR [--seeds 0,1,2] [--num_images 120]
+Usage: python -m benchmarks.quality --out DIR [--seeds 0,1,2] [--num_images 120] [--set KEY=VALUE ...]
 
 Trains every stage on the 64² phantom with the demo's budget and fixed seeds (`configs/phantom.py:demo`;
 stage D runs the six mixes below for each seed), then scores what stage C wrote against the real test
@@ -24,6 +24,7 @@ the score.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import logging
@@ -37,7 +38,7 @@ import numpy as np
 
 from benchmarks import common
 from configs import phantom
-from synth import frozen, input_pipeline, lesion, mixes, pipeline, scoring
+from synth import configlib, frozen, input_pipeline, lesion, mixes, pipeline, scoring
 from synth.stages import verify
 
 MIXES = (
@@ -55,8 +56,17 @@ GRIDS = {  # quality.md's pictures: (stage sample folder, file prefix)
 }
 
 
-def make_config(seeds: tuple[int, ...]):
+def parse_value(text: str):
+    """A `--set` value: a Python literal (numbers, tuples, True), else the text itself (a choice)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def make_config(seeds: tuple[int, ...], overrides=()):
     config = phantom.get_config("demo")
+    configlib.apply_overrides(config, overrides)
     config.verify.mixes = MIXES
     config.verify.seeds = seeds
     config.verify.quality.num_pairs = 0  # Scored here, from the same images, with the keys above.
@@ -144,12 +154,20 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output folder (the run goes to OUT/run)")
     parser.add_argument("--seeds", default="0,1,2", help="stage D seeds")
     parser.add_argument("--num_images", type=int, default=120, help="real test and synthetic images scored")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the demo config, e.g. synthesis.structure_source=stage_a (repeatable)",
+    )
     args = parser.parse_args()
     # The stages' progress (step, rate, ETA) at INFO, as launch.py shows it; the libraries' at WARNING.
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logging.getLogger("synth").setLevel(logging.INFO)
     start = time.perf_counter()
-    config = make_config(tuple(int(s) for s in args.seeds.split(",")))
+    overrides = [(key, parse_value(value)) for key, _, value in (item.partition("=") for item in args.set)]
+    config = make_config(tuple(int(s) for s in args.seeds.split(",")), overrides)
     run_dir = os.path.join(args.out, "run")
     common.progress(f"training every stage in {run_dir}")
     pipeline.train_and_evaluate(config, run_dir)

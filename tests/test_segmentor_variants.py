@@ -186,8 +186,22 @@ def test_encoder_gradient_comes_from_every_modality(shared):
 
 @pytest.mark.parametrize("variant", ["n_seg", "one_seg"])
 def test_train_step_runs(phantom_data_dir, variant):
-    spec = segmentor.build(_config(phantom_data_dir, variant))
-    _assert_stepped(*_step(spec, _train_batch(spec)))
+    config = _config(phantom_data_dir, variant)
+    spec = segmentor.build(config)
+    batch = _train_batch(spec)
+    state, stepped, out = _step(spec, batch)
+    _assert_stepped(state, stepped, out)
+    # one_seg is one U-Net for every modality: its parameters are one U-Net's (no modality axis), and the
+    # same image in every modality slot gets the same logits; n_seg has K U-Nets that differ.
+    model = segment.make_model(config, batch["image"].shape[1:3])
+    single = jax.eval_shape(model.init, jax.random.key(0), batch["image"][..., :1])
+    shapes = [leaf.shape for leaf in jax.tree.leaves(state.params)]
+    one_unet = [leaf.shape for leaf in jax.tree.leaves(single)]
+    assert shapes == (one_unet if variant == "one_seg" else [(K, *s) for s in one_unet])
+    same = np.repeat(batch["image"][..., :1], K, axis=-1)
+    logits = segment.predict_logits(state.params, same, model=model, variant=variant, stacking="vmap")
+    spread = float(jnp.max(jnp.abs(logits - logits[:1])))
+    assert spread < 1e-5 if variant == "one_seg" else spread > 1e-4
 
 
 def test_shared_encoder_train_step_runs(shared):

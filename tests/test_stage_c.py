@@ -171,6 +171,18 @@ def test_curricula_train_in_their_order(quickstart):
     )
 
 
+def test_stage_d_reports_mean_and_std_over_seeds():
+    base = dict(real=1.0, syn=0.5, aug=0.0, mode="M", examples=30, steps=10)
+    rows = [dict(base, mix="a", seed=s, dice=d) for s, d in ((0, 0.6), (1, 0.7), (2, 0.8))]
+    rows.append(dict(base, mix="b", seed=0, dice=0.5))
+    table = verify.aggregate(rows, (("dice", "Dice"),))
+    assert [(r["mix"], r["seeds"]) for r in table] == [("a", 3), ("b", 1)]
+    assert table[0]["dice"] == pytest.approx(0.7) and table[0]["dice_std"] == pytest.approx(
+        np.std([0.6, 0.7, 0.8])
+    )
+    assert table[1]["dice_std"] == 0.0
+
+
 def test_real_subsets_are_drawn_by_subject_and_augment_only_themselves():
     subjects = np.repeat(np.arange(10), 5)  # 10 patients of 5 slices.
     for seed in range(3):
