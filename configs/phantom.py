@@ -168,7 +168,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     # real: maps extracted from the real slices, as the authors' code; stage_a: the paper's maps drawn from
-    # the trained stage-A generator after pre-training (stage C always draws them from stage A).
+    # the trained stage-A generator after pre-training (stage C always draws them from stage A). Measured
+    # with benchmarks.quality (BENCHMARKS.md, 2026-12-03): stage_a was worse on every score (MS-SSIM 0.396
+    # against 0.410, stage D synthetic-only Dice 0.373 against 0.417): stage A's rings carry less anatomy.
     config.synthesis.structure_source = "real"
     config.synthesis.label_fusion = "concat_onehot"  # The paper; "none" = the authors' BRATS code (§11.13).
     config.synthesis.label_rule = "code"  # Placement check of §3.7: "code" (default) or "paper".
