@@ -160,8 +160,9 @@ def feature_frechet(
 
     real_stats = stats(real)
     return {
-        "real_real": float(distribution.frechet_distance(*stats(reference), *real_stats)),
-        "real_synthetic": float(distribution.frechet_distance(*real_stats, *stats(synthetic))),
+        # Rounding can leave a distance of identical sets a hair below 0.
+        "real_real": max(0.0, float(distribution.frechet_distance(*stats(reference), *real_stats))),
+        "real_synthetic": max(0.0, float(distribution.frechet_distance(*real_stats, *stats(synthetic)))),
     }
 
 

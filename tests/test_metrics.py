@@ -378,3 +378,23 @@ def test_lesion_chance_scores_another_lesion_on_the_same_rows():
     # Chance compares with another lesion, never the neighbouring slice's (it overlaps by Dice 0.86) nor
     # an empty label (empty against empty would score 1 through Dice's eps).
     np.testing.assert_allclose(out["chance"][out["scored"]], 0.0, atol=1e-6)
+
+
+def test_feature_frechet_scores_each_image_after_its_own_normalisation():
+    """Real↔real is the yardstick; a dimmed copy scores as the original (§9.3), a changed set does not."""
+    from synth import scoring
+
+    rng = np.random.default_rng(0)
+    real = rng.random((40, 8, 8, 2)).astype(np.float32)
+    reference = rng.random((40, 8, 8, 2)).astype(np.float32)
+
+    def features(x):  # Per-image statistics of each modality: a stand-in for the segmentors' bottleneck.
+        return np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=-1)
+
+    score = lambda synthetic: scoring.feature_frechet(  # noqa: E731
+        features, reference, real, synthetic, modalities=2, channels=1
+    )
+    dimmed = score(0.2 + 0.5 * real)
+    assert dimmed["real_synthetic"] == pytest.approx(0.0, abs=1e-9) and dimmed["real_real"] > 0.0
+    smooth = np.repeat(np.repeat(real[:, ::2, ::2], 2, axis=1), 2, axis=2)  # Blurrier, other statistics.
+    assert score(smooth)["real_synthetic"] > 2 * dimmed["real_real"]
