@@ -118,7 +118,9 @@ def generator_terms(
     # Synthetic registration: the fakes' translations by the design's own EC_M/DC_M, each fake encoded once.
     synthetic_codes = encode(registration.flat(fakes))
     synthetic_codes = synthetic_codes.reshape(fakes.shape[:2] + synthetic_codes.shape[1:])
-    synthetic_t = registration.translate_pairs(decode, synthetic_codes)  # (K, K−1, B, H, W, C)
+    synthetic_t = registration.translate_pairs(
+        registration.tiled(decode), synthetic_codes
+    )  # (K, K−1, B, H, W, C)
     terms = {
         "registration": registration.registration_loss(fakes, synthetic_t),
         "agreement": registration.agreement_loss(synthetic_t),
@@ -134,7 +136,9 @@ def generator_terms(
     reconstructions = decode(
         registration.flat(codes), registration.modality_conditions(np.arange(k), b, k)
     ).reshape(x.shape)
-    translations = registration.translate_pairs(decode, codes)  # Decoded from the codes just computed.
+    translations = registration.translate_pairs(
+        registration.tiled(decode), codes
+    )  # Decoded from the codes just computed.
     translation_codes = encode(registration.flat(translations)).reshape(
         translations.shape[:3] + codes.shape[2:]
     )

@@ -71,6 +71,24 @@ def translate_pairs(translate_many: Callable[[jax.Array, jax.Array], jax.Array],
     return out[slots, sources]
 
 
+def tiled(
+    translate: Callable[[jax.Array, jax.Array], jax.Array],
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """A `translate_pairs` translator from a one-condition-per-image call `(x (N, …), cond (N, K))`.
+
+    For a translator whose input meets the condition early (ECAI's decoder takes `[code, c]`) there is no
+    encoder pass to share: the T copies of each input are simply stacked into one batched call.
+    """
+
+    def translate_many(x: jax.Array, conds: jax.Array) -> jax.Array:
+        t, n = conds.shape[:2]
+        tiled_x = jnp.broadcast_to(x[None], (t,) + x.shape).reshape((t * n,) + x.shape[1:])
+        out = translate(tiled_x, conds.reshape((t * n,) + conds.shape[2:]))
+        return out.reshape((t, n) + out.shape[1:])
+
+    return translate_many
+
+
 def pair_sources(num_modalities: int) -> np.ndarray:
     """(K, K−1) source index of each translation in `translate_pairs`'s output."""
     pairs = ordered_pairs(num_modalities)

@@ -50,6 +50,12 @@ def test_pairs_are_grouped_by_target_and_translated_in_one_call():
     def set_to_targets(images, targets):
         return jax.vmap(set_to_target, in_axes=(None, 0))(images, targets)
 
+    # A one-condition-per-image translator (ECAI's decoder) through `tiled` gives the same pairs.
+    def translate_one(images, conds):  # (N, …), (N, K)
+        return 10 * images + jnp.argmax(conds, -1)[:, None, None, None]
+
+    np.testing.assert_allclose(registration.translate_pairs(registration.tiled(translate_one), x), out)
+
     # Every cycle i -> j -> i comes back to i, each counted once (§11.16's mis-wiring would not).
     translations = registration.translate_pairs(set_to_targets, x)
     cycled = registration.translate_back(set_to_target, translations)
