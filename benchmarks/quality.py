@@ -1,6 +1,7 @@
 """Image quality of the whole pipeline on the phantom (issue 17's targets), from one command.
 
-Usage: python -m benchmarks.quality --out DIR [--seeds 0,1,2] [--num_images 120] [--set KEY=VALUE ...]
+Usage: python -m benchmarks.quality --out DIR [--generator gan|flow] [--reuse RUN_DIR] [--seeds 0,1,2]
+                                  [--num_images 120] [--set KEY=VALUE ...]
 
 Trains every stage on the 64² phantom with the demo's budget and fixed seeds (`configs/phantom.py:demo`;
 stage D runs the six mixes below for each seed), then scores what stage C wrote against the real test
@@ -71,6 +72,19 @@ def make_config(seeds: tuple[int, ...], overrides=()):
     config.verify.seeds = seeds
     config.verify.quality.num_pairs = 0  # Scored here, from the same images, with the keys above.
     return config
+
+
+EARLIER_STAGES = ("structure", "segmentor", "translator")  # What stage B is trained and scored against.
+
+
+def reuse_earlier_stages(source_run: str, run_dir: str) -> None:
+    """Copies the earlier stages' folders of `source_run` into a new `run_dir` (each must be complete)."""
+    for name in EARLIER_STAGES:
+        source, target = os.path.join(source_run, name), os.path.join(run_dir, name)
+        if not os.path.exists(os.path.join(source, "done.json")):
+            raise FileNotFoundError(f"--reuse: {source} is not a completed {name} stage")
+        if not os.path.exists(target):
+            shutil.copytree(source, target)
 
 
 def take(source, n: int) -> dict[str, np.ndarray]:
@@ -155,6 +169,19 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="stage D seeds")
     parser.add_argument("--num_images", type=int, default=120, help="real test and synthetic images scored")
     parser.add_argument(
+        "--generator",
+        default="gan",
+        choices=("gan", "flow"),
+        help="stage B's family (config.synthesis.generator): the paper's GAN or flow matching",
+    )
+    parser.add_argument(
+        "--reuse",
+        default="",
+        metavar="RUN_DIR",
+        help="start from the trained stage A, segmentors and G_t of an earlier run (its OUT/run), so two "
+        "generators are compared against the same frozen networks",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -167,8 +194,11 @@ def main() -> None:
     logging.getLogger("synth").setLevel(logging.INFO)
     start = time.perf_counter()
     overrides = [(key, parse_value(value)) for key, _, value in (item.partition("=") for item in args.set)]
+    overrides.insert(0, ("synthesis.generator", args.generator))
     config = make_config(tuple(int(s) for s in args.seeds.split(",")), overrides)
     run_dir = os.path.join(args.out, "run")
+    if args.reuse:
+        reuse_earlier_stages(args.reuse, run_dir)
     common.progress(f"training every stage in {run_dir}")
     pipeline.train_and_evaluate(config, run_dir)
 

@@ -11,6 +11,7 @@ Options (after the colon, comma separated):
   runlocal    32² phantom, tiny models, a handful of steps: exercises every real code path in seconds
   paper_weights  stage A with the paper's unit loss weights instead of the code's (METHOD.md §5.2)
   variant=full|basegan|skrgan|A|B|C|D|E|F|ecai   a baseline or ablation of §9.1-9.2, or the old §6.7 design
+  generator=gan|flow   stage B's family: the paper's GAN (default) or flow matching (synth/flow_synthesis.py)
 Everything else is an override, e.g. `--config.segmentor.train.num_steps=2000`.
 """
 
@@ -23,7 +24,7 @@ from synth import configlib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the phantom config; see the module docstring for the options in `arg`."""
     options = configlib.parse_arg(
-        arg, stage="all", demo=False, runlocal=False, paper_weights=False, variant="full"
+        arg, stage="all", demo=False, runlocal=False, paper_weights=False, variant="full", generator="gan"
     )
     configlib.check_stage(options.stage)
 
@@ -225,6 +226,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.synthesis.eval = ml_collections.ConfigDict(dict(num_examples=32))
     config.synthesis.train = configlib.loop_config(num_steps=5000, batch_size=8)
+    # The generator family (issue 18): "gan", the paper's G/D above, or "flow", a rectified flow that
+    # makes all K modalities as one sample conditioned on [structure, one-hot label, organ]
+    # (synth/flow_synthesis.py; of the settings above it reads lesion_processor, label_rule, compute_dtype).
+    config.synthesis.generator = options.generator
+    config.synthesis.flow = ml_collections.ConfigDict(
+        dict(
+            size="small",
+            time_distribution="logit_normal",  # SD3's: more steps at mid-path times, where learning is.
+            logit_mean=0.0,
+            logit_std=1.0,
+            label_dropout=0.1,  # Trains the null-label model too, for classifier-free guidance.
+            ema_decay=0.999,
+            # Optional terms through the frozen real-trained networks on the one-step clean estimate.
+            weights=dict(lesion=0.0, registration=0.0),
+            sampler=dict(method="heun", num_steps=16, guidance=1.0),
+            optim=configlib.adam_config(2e-4, b1=0.9),  # Diffusion practice: Adam's usual β1.
+        )
+    )
 
     # Stage C (§7): sample, filter and write a synthetic dataset from the trained stages.
     config.dataset = ml_collections.ConfigDict(
@@ -354,6 +373,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_steps=4, batch_size=4, log_every=2, checkpoint_every=2, eval_every=4
         )
         config.synthesis.model.size = "tiny"
+        config.synthesis.flow.size = "tiny"
+        config.synthesis.flow.sampler.num_steps = 2
         config.synthesis.pretrain_steps = 2
         config.synthesis.eval.num_examples = 8
         config.synthesis.train = configlib.loop_config(

@@ -105,6 +105,7 @@ DESCRIPTIONS = {
         "E: D with the lesion label and loss, but no placement check (labels drawn regardless of the organ)."
     ),
     "ecai": "The old encoder/decoder design of the AAAI/ECAI drafts (§6.7) on the one trainer.",
+    "flow": "Flow matching: one velocity U-Net makes all K modalities jointly from [s, one-hot l, organ].",
 }
 DESCRIPTIONS["A"], DESCRIPTIONS["F"] = DESCRIPTIONS["basegan"], DESCRIPTIONS["full"]
 VARIANTS = tuple(DESCRIPTIONS)
@@ -131,5 +132,6 @@ def overrides(terms: Sequence[str]) -> dict[str, dict]:
             **_weights(terms, ECAI_WEIGHTS, keep=("lesion",)),  # The method's lesion weight stays.
         },
     }
+    table["flow"] = {"synthesis.generator": "flow"}  # The second family (synth/flow_synthesis.py).
     table["A"], table["F"] = table["basegan"], table["full"]
     return {name: table[name] for name in VARIANTS}

@@ -28,6 +28,7 @@ import numpy as np
 
 from synth import (
     conditioning,
+    flow_synthesis,
     frozen,
     lesion,
     registration,
@@ -48,6 +49,13 @@ def synthesize_images(g_params, structure, organ, label, key, *, models, config)
     g_input = conditioning.generator_input(key, s, m, label.astype(jnp.int32), config=config)
     fakes = synthesis_nets.synthesize(models, g_params, g_input, len(config.data.modalities))
     return registration.channels_last(fakes)
+
+
+def _flow_images(ema_params, structure, organ, label, key, *, velocity, config) -> jax.Array:
+    """The flow family's `synthesize_images`: the configured sampler from the EMA parameters."""
+    return flow_synthesis.sample_images(
+        ema_params, structure[..., None], organ[..., None], label, key, velocity=velocity, config=config
+    )
 
 
 def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
@@ -85,13 +93,17 @@ class Generator:
         self.modalities = tuple(config.data.modalities)
         self.num_classes = int(config.data.num_classes)
         self.provenance = dict(provenance or {})
-        self.models = synthesis_nets.make_models(config, self.image_hw)
+        self.is_flow = flow_synthesis.is_flow(config)
+        # The flow family's `g_params` are its EMA parameters; it has no D or stage-A networks of its own.
+        self.models = None if self.is_flow else synthesis_nets.make_models(config, self.image_hw)
         self.g_params, self.lesion_params, self.structure_params = g_params, lesion_params, structure_params
         # The lesion filter always uses the real-trained lesion processor, even if G trained without it.
-        self._lesion = self.models.lesion or lesion.processor(config, self.image_hw)
+        own_lesion = None if self.is_flow else self.models.lesion
+        self._lesion = own_lesion or lesion.processor(config, self.image_hw)
 
         # Stage A's sampler; the same definitions as G's own when stage B draws maps from stage A.
-        self._structure_models = self.models.structure or structure_nets.make_models(config, self.image_hw)
+        own_structure = None if self.is_flow else self.models.structure
+        self._structure_models = own_structure or structure_nets.make_models(config, self.image_hw)
         self._code_shape = vae.code_shape(self.image_hw, self._structure_models.encoder.code_channels)
         self._generate_structures = structure_nets.make_generate_fn(self._structure_models, self._code_shape)
         f = config.structure.filter
@@ -101,8 +113,13 @@ class Generator:
 
         batch = sharding.batch_sharding(self.mesh)
         repl = sharding.replicated(self.mesh)
+        if self.is_flow:
+            velocity = flow_synthesis.make_velocity(config, self.image_hw)
+            synthesize_fn = functools.partial(_flow_images, velocity=velocity, config=config)
+        else:
+            synthesize_fn = functools.partial(synthesize_images, models=self.models, config=config)
         self._synthesize = jax.jit(
-            functools.partial(synthesize_images, models=self.models, config=config),
+            synthesize_fn,
             in_shardings=(repl, batch, batch, batch, repl),
             out_shardings=repl,
         )
@@ -132,7 +149,8 @@ class Generator:
             )
         mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
         load = functools.partial(frozen.load, config, workdir_path, mesh=mesh)
-        g, synthesis_step = load("synthesis", fields=("g_params",))
+        g_field = "ema_params" if flow_synthesis.is_flow(config) else "g_params"
+        g, synthesis_step = load("synthesis", fields=(g_field,))
         lesion_params, segmentor_step = load("segmentor")
         structure_params, structure_step = load("structure")
         steps = {"synthesis": synthesis_step, "segmentor": segmentor_step, "structure": structure_step}
@@ -144,7 +162,7 @@ class Generator:
         return cls(
             config,
             image_hw=frozen.image_shape(config, workdir_path, "synthesis")[:2],
-            g_params=g["g_params"],
+            g_params=g[g_field],
             lesion_params=lesion_params["params"],
             structure_params=structure_params,
             provenance=provenance,

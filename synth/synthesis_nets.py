@@ -24,7 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synth import conditioning, ecai_losses, gan, lesion, registration, structure_nets, translator_nets
+from synth import (
+    conditioning,
+    ecai_losses,
+    flow_synthesis,
+    gan,
+    lesion,
+    registration,
+    structure_nets,
+    translator_nets,
+)
 from synth.lesion import base as lesion_base
 from synth.models import ecai as ecai_models
 from synth.models import sizes
@@ -59,17 +68,21 @@ def registers(config: ml_collections.ConfigDict) -> bool:
 
 def uses_translator(config: ml_collections.ConfigDict) -> bool:
     """Whether stage B needs the frozen G_t (the old design translates with its own networks)."""
+    if flow_synthesis.is_flow(config):
+        return flow_synthesis.uses_translator(config)
     return registers(config) and config.synthesis.design != "ecai"
 
 
 def uses_lesion_processor(config: ml_collections.ConfigDict) -> bool:
     """Whether stage B's loss reads the frozen lesion processor (`config.synthesis.lesion_processor`)."""
+    if flow_synthesis.is_flow(config):
+        return flow_synthesis.uses_lesion_processor(config)
     return config.synthesis.lesion_processor != "none"
 
 
 def uses_stage_a(config: ml_collections.ConfigDict) -> bool:
     """Whether stage B draws its structure maps from the frozen stage-A generator after pre-training."""
-    return config.synthesis.structure_source == "stage_a"
+    return config.synthesis.structure_source == "stage_a" and not flow_synthesis.is_flow(config)
 
 
 def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> Models:
@@ -138,7 +151,12 @@ def init_params(rng: jax.Array, batch, *, models: Models, config) -> tuple[Any, 
 
 
 def abstract_params(config: ml_collections.ConfigDict, image_shape) -> dict:
-    """The shapes of the trained `g_params` and `d_params`, for loading them frozen (`synth.frozen`)."""
+    """The shapes of the trained `g_params` and `d_params`, for loading them frozen (`synth.frozen`).
+
+    The flow family's are its `params` and `ema_params` (`flow_synthesis.abstract_params`).
+    """
+    if flow_synthesis.is_flow(config):
+        return flow_synthesis.abstract_params(config, image_shape)
     models = make_models(config, tuple(image_shape[:2]))
     batch = {
         "image": jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),

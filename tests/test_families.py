@@ -19,6 +19,7 @@ import pytest
 from synth import (
     conditioning,
     extraction,
+    flow_synthesis,
     frozen,
     fusion,
     gan,
@@ -155,6 +156,13 @@ def test_every_dataset_config_builds_and_validates(module, arg):
     if len(config.data.modalities) > 1:
         assert compare.check_config(config)
     frozen.needs(config, "generate")  # Which trained stages generation would load.
+    # The flow family on the same config: valid, and its velocity net fits the family's image size.
+    flow_arg = ",".join(filter(None, [arg, "generator=flow"]))
+    flow_config = importlib.import_module(f"configs.{module}").get_config(flow_arg)
+    synthesis.check_config(flow_config)
+    hw = (64, 64) if arg == "demo" else (128, 128)
+    shapes = flow_synthesis.abstract_params(flow_config, hw + (len(flow_config.data.modalities),))
+    assert shapes["params"] and frozen.needs(flow_config, "generate")[-1] == "synthesis"
 
 
 def test_family_configs_follow_the_method_where_the_review_found_them_off():

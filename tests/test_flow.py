@@ -477,3 +477,73 @@ def test_stage_a_step_and_extra_loss_trace():
         "ema_decay",
     }
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+def test_stage_b_flow_config_is_checked_and_loads_what_it_needs():
+    from configs import phantom
+    from synth import flow_synthesis, frozen
+    from synth.stages import synthesis
+
+    config = phantom.get_config("runlocal,generator=flow")
+    synthesis.check_config(config)
+    assert flow_synthesis.is_flow(config) and not flow_synthesis.frozen_for_training(config)
+    # Evaluation reads the segmentors and G_t; stage A's maps are never its input.
+    assert frozen.stage_b_frozen(config) == ("segmentor", "translator")
+    assert not flow_synthesis.is_flow(phantom.get_config("runlocal"))
+    with pytest.raises(ValueError, match="Unknown config option 'generatr'"):
+        phantom.get_config("generatr=flow")
+    bad = [
+        ("generator", "diffusion", "config.synthesis.generator 'diffusion'"),
+        ("flow.sampler.method", "rk4", "config.synthesis.flow.sampler.method"),
+        ("flow.sampler.num_steps", 0, "num_steps must be >= 1"),
+        ("flow.label_dropout", 1.5, "label_dropout must be in"),
+        ("flow.size", "huge", "huge"),
+        ("structure_source", "stage_a", "needs config.synthesis.structure_source='real'"),
+    ]
+    for key, value, message in bad:
+        config = phantom.get_config("runlocal,generator=flow")
+        *path, last = key.split(".")
+        section = config.synthesis
+        for name in path:
+            section = section[name]
+        section[last] = value
+        with pytest.raises(ValueError, match=message):
+            synthesis.check_config(config)
+    config = phantom.get_config("runlocal,generator=flow")
+    config.synthesis.flow.label_dropout = 0.0
+    config.synthesis.flow.sampler.guidance = 2.0
+    with pytest.raises(ValueError, match="needs a model trained with label dropout"):
+        synthesis.check_config(config)
+    config = phantom.get_config("runlocal,generator=flow")
+    config.synthesis.flow.weights.lesion = 1.0
+    del config.synthesis.flow.weights["registration"]
+    with pytest.raises(ValueError, match=r"missing terms \['registration'\]"):
+        synthesis.check_config(config)
+
+
+def test_stage_b_flow_step_with_the_frozen_terms_traces():
+    """The lesion and registration terms on x̂₁ reach the frozen networks (shapes only: no compile)."""
+    from configs import phantom
+    from synth import flow_synthesis, optim, translator_nets
+    from synth.lesion import segment
+
+    config = phantom.get_config("runlocal,generator=flow")
+    config.synthesis.flow.weights.update(dict(lesion=1.0, registration=2.0))
+    hw = (32, 32)
+    lesion_processor = segment.processor(config, hw)
+    g_t = translator_nets.make_models(config, hw)
+    models = flow_synthesis.make_models(config, hw, lesion=lesion_processor, translator=g_t)
+    batch = {
+        "image": jax.ShapeDtypeStruct((2, 32, 32, 4), jnp.float32),
+        "label": jax.ShapeDtypeStruct((2, 32, 32), jnp.int32),
+    }
+    frozen = {
+        "lesion": segment.abstract_params(config, (32, 32, 4)),
+        "translator": translator_nets.abstract_params(config, (32, 32, 4))["g_params"],
+    }
+    tx = optim.make_optimizer(config.synthesis.flow.optim)
+    init = functools.partial(flow_synthesis.init_state, models=models, config=config, tx=tx)
+    state = jax.eval_shape(init, jax.random.key(0), batch)
+    step = functools.partial(flow_train.train_step, tx=tx, **flow_synthesis.train_options(config, models))
+    _, metrics = jax.eval_shape(step, state, batch, jax.random.key(1), frozen)
+    assert {"flow_loss", "lesion", "registration", "loss"} <= set(metrics)

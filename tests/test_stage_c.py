@@ -12,14 +12,16 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import nbformat
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from nbclient import NotebookClient
 
 from data_builders import schema
 from data_builders.synthetic import synthetic_dataset_builder as chunks
-from synth import generate, mixes, structure_filter
+from synth import generate, mixes, pipeline, structure_filter
 from synth import workdir as workdir_lib
 from synth.stages import dataset, verify
 
@@ -169,6 +171,44 @@ def test_curricula_train_in_their_order(quickstart):
         len((workdir / "verify" / "real100_syn25_aug0_M/seed0/all/metrics.jsonl").read_text().splitlines())
         == 7
     )
+
+
+def test_a_flow_generator_runs_stages_b_to_d_on_the_same_earlier_stages(quickstart, tmp_path):
+    """Issue 18: `synthesis.generator=flow` drops into stage B; generation, stage C and D are unchanged."""
+    _, workdir = quickstart
+    config = workdir_lib.load_config(workdir)
+    config.synthesis.generator = "flow"
+    config.verify.mixes = ("real=1 syn=0.25 mode=M",)
+    copy = tmp_path / "flow"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("synthesis", "dataset", "verify"))
+    for stage in ("synthesis", "dataset", "verify"):
+        config.stage = stage
+        pipeline.train_and_evaluate(config, copy)
+    last_eval = json.loads((copy / "synthesis" / "last_eval.json").read_text())
+    assert {"eval/lesion_dice", "eval/lesion_dice_chance", "eval/translation_mse"} <= set(last_eval)
+    assert list((copy / "synthesis" / "samples").glob("*.png"))
+    gen = generate.Generator.from_workdir(copy)
+    assert gen.is_flow and gen.provenance["synthesis_step"] == config.synthesis.train.num_steps
+    maps = np.stack([np.eye(32, dtype=np.uint8)] * 2)
+    masks, labels = np.ones_like(maps), np.zeros((2, 32, 32), np.int32)
+    labels[:, 10:14, 10:14] = 2
+    key = jax.random.key(3)
+    images = gen.synthesize(maps, masks, labels, key)
+    assert images.shape == (2, 32, 32, 4) and images.min() >= 0.0 and images.max() <= 1.0
+    np.testing.assert_array_equal(images, gen.synthesize(maps, masks, labels, key))  # One key, one sample.
+    assert not np.allclose(images, gen.synthesize(maps, masks, labels, jax.random.key(4)))
+    (version_dir,) = (copy / "dataset" / "tfds" / "synthetic" / "phantom_tiny").iterdir()
+    written = tfds.builder_from_directory(str(version_dir)).as_data_source("train")
+    assert len(written) == config.dataset.num_examples
+    rows = list(csv.DictReader((copy / "verify" / "results.csv").open()))
+    assert [r["mix"] for r in rows] == ["real100_syn25_aug0_M"]
+    # stage=compare puts the flow family beside the method's GAN, sharing the frozen segmentors and G_t.
+    config.stage, config.synthesis.generator = "compare", "gan"
+    config.compare.variants = ("flow",)
+    pipeline.train_and_evaluate(config, copy)
+    by_name = {e["method"]: e for e in json.loads((copy / "compare" / "results.json").read_text())["methods"]}
+    assert list(by_name) == ["real", "flow"] and by_name["flow"]["g_params"] > 0
+    assert 0.0 <= by_name["flow"]["structure_agreement"] <= 1.0
 
 
 def test_stage_d_reports_mean_and_std_over_seeds():

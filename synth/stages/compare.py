@@ -62,6 +62,7 @@ import numpy as np
 from synth import (
     conditioning,
     configlib,
+    flow_synthesis,
     frozen,
     input_pipeline,
     lesion,
@@ -289,8 +290,19 @@ def sample_and_score(g_params, frozen_params, score_params, batch, key, *, model
     inputs = conditioning.make_inputs(
         batch, key, frozen_params, models=models, config=vconfig, pretraining=jnp.asarray(False)
     )
-    fakes = synthesis_nets.synthesize(models, g_params, inputs.g_input, len(vconfig.data.modalities))
-    images = registration.channels_last(fakes)
+    if isinstance(models, flow_synthesis.Models):  # The flow family samples from its EMA parameters.
+        images = flow_synthesis.sample_images(
+            g_params,
+            inputs.structure,
+            inputs.organ,
+            inputs.label,
+            jax.random.fold_in(key, 1),
+            velocity=models.velocity,
+            config=vconfig,
+        )
+    else:
+        fakes = synthesis_nets.synthesize(models, g_params, inputs.g_input, len(vconfig.data.modalities))
+        images = registration.channels_last(fakes)
     out = score_images(score_params, images, inputs.organ, scorer=scorer, config=config)
     return dict(out, image=images, label=inputs.label, structure=inputs.structure[..., 0])
 
@@ -319,17 +331,18 @@ def run_batches(fn, slices: Slices, config, mesh) -> dict[str, np.ndarray]:
 
 def sample_variant(vconfig, vworkdir: str, slices: Slices, scorer: Scorer, config, mesh) -> dict[str, Any]:
     """A variant's trained G on the comparison's slices: images, inputs, scores, parameter count, step."""
-    g, step = frozen.load(vconfig, vworkdir, "synthesis", fields=("g_params",), mesh=mesh)
+    is_flow = flow_synthesis.is_flow(vconfig)
+    field = "ema_params" if is_flow else "g_params"
+    g, step = frozen.load(vconfig, vworkdir, "synthesis", fields=(field,), mesh=mesh)
     frozen_params, _ = frozen.load_stage_b_frozen(vconfig, vworkdir, mesh=mesh)
-    models = synthesis_nets.make_models(vconfig, slices.image.shape[1:3])
+    hw = slices.image.shape[1:3]
+    models = flow_synthesis.make_models(vconfig, hw) if is_flow else synthesis_nets.make_models(vconfig, hw)
     fn = jax.jit(
         functools.partial(sample_and_score, models=models, vconfig=vconfig, scorer=scorer, config=config),
         out_shardings=sharding.replicated(mesh),
     )
-    out = run_batches(
-        lambda b, k: fn(g["g_params"], frozen_params, scorer.params, b, k), slices, config, mesh
-    )
-    out["g_params"] = int(sum(x.size for x in jax.tree.leaves(g["g_params"])))
+    out = run_batches(lambda b, k: fn(g[field], frozen_params, scorer.params, b, k), slices, config, mesh)
+    out["g_params"] = int(sum(x.size for x in jax.tree.leaves(g[field])))
     out["step"] = step
     return out
 

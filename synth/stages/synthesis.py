@@ -15,6 +15,10 @@ METHOD §4.1, §6.0-6.1. Per step, for a batch of real slices:
   6. a two-head D (real/fake and modality category, ACGAN) is trained against G (LSGAN).
 Steps below `pretrain_steps` add the self-supervised loss L_pre of §6.1.4 against the real images.
 
+With `config.synthesis.generator="flow"` the stage trains the flow family instead (`synth.flow_synthesis`):
+one velocity network makes all K modalities as one sample from [s, one-hot l, organ], on the same data,
+against the same frozen networks, evaluated and drawn the same way (without D).
+
 Single-modality families (K = 1) use the same code: no condition input and no registration terms. The
 evaluator reports lesion fidelity against its chance level, registration consistency (structure agreement
 between the synthetic modalities, and G_t's translation error) and D's accuracy, with a grid of samples.
@@ -35,6 +39,8 @@ from synth import (
     configlib,
     ecai_losses,
     evaluation,
+    flow_synthesis,
+    flow_train,
     frozen,
     fusion,
     gan,
@@ -230,6 +236,38 @@ def _per_batch(gan_state, frozen_params, batch, key, *, models: synthesis_nets.M
         batch, key, frozen_params, models=models, config=config, pretraining=jnp.asarray(False)
     )
     fakes = synthesize(models, gan_state.g_params, inputs.g_input, k)
+    values, predicted = _image_values(fakes, inputs, batch, frozen_params, models=models, config=config)
+    d_fake, _ = discriminate(models, gan_state.d_params, fakes)
+    d_real, _ = discriminate(models, gan_state.d_params, registration.by_modality(batch["image"], channels))
+    values["d_accuracy_fake"] = jnp.mean(d_fake < 0.5, axis=(0, 2, 3, 4))
+    values["d_accuracy_real"] = jnp.mean(d_real > 0.5, axis=(0, 2, 3, 4))
+    return values, (inputs, registration.channels_last(fakes), predicted)
+
+
+def _flow_per_batch(flow_state, frozen_params, batch, key, *, models: flow_synthesis.Models, config):
+    """The flow family's evaluation: samples from the EMA parameters, scored as the GAN's are."""
+    channels = lesion_base.channels_per_modality(config)
+    label_key, sample_key = jax.random.split(key)
+    inputs = conditioning.make_inputs(
+        batch, label_key, frozen_params, models=models, config=config, pretraining=jnp.asarray(False)
+    )
+    images = flow_synthesis.sample_images(
+        flow_state.ema_params,
+        inputs.structure,
+        inputs.organ,
+        inputs.label,
+        sample_key,
+        velocity=models.velocity,
+        config=config,
+    )
+    fakes = registration.by_modality(images, channels)
+    values, predicted = _image_values(fakes, inputs, batch, frozen_params, models=models, config=config)
+    return values, (inputs, images, predicted)
+
+
+def _image_values(fakes, inputs, batch, frozen_params, *, models, config):
+    """Registration consistency and lesion fidelity of synthetic images (K, B, H, W, C), per image."""
+    channels = lesion_base.channels_per_modality(config)
     images = registration.channels_last(fakes)
     params = structure_nets.extraction_params(config)
     values = {
@@ -238,10 +276,6 @@ def _per_batch(gan_state, frozen_params, batch, key, *, models: synthesis_nets.M
             batch["image"], inputs.organ, params, channels
         ),
     }
-    d_fake, _ = discriminate(models, gan_state.d_params, fakes)
-    d_real, _ = discriminate(models, gan_state.d_params, registration.by_modality(batch["image"], channels))
-    values["d_accuracy_fake"] = jnp.mean(d_fake < 0.5, axis=(0, 2, 3, 4))
-    values["d_accuracy_real"] = jnp.mean(d_real > 0.5, axis=(0, 2, 3, 4))
     if models.translator is not None:
         translate_many = functools.partial(
             translator_nets.translate_many, models.translator, frozen_params["translator"]
@@ -260,7 +294,7 @@ def _per_batch(gan_state, frozen_params, batch, key, *, models: synthesis_nets.M
         values["lesion_dice"], values["lesion_dice/weight"] = fidelity["dice"].mean(1) * scored, scored
         values["lesion_dice_chance"] = fidelity["chance"].mean(1) * scored
         values["lesion_dice_chance/weight"] = scored
-    return values, (inputs, images, predicted)
+    return values, predicted
 
 
 def _finish(totals, count) -> dict[str, float]:
@@ -291,10 +325,11 @@ def _grid(local, shown, *, num_classes: int, modalities, max_rows: int = 4):
     return {"structure_label_" + "_".join(modalities): writer_lib.image_grid(rows)} if rows else {}
 
 
-def hooks(config, *, models: synthesis_nets.Models) -> evaluation.Hooks:
-    """Lesion fidelity, registration consistency, D accuracy, and a grid of samples."""
+def hooks(config, *, models: synthesis_nets.Models | flow_synthesis.Models) -> evaluation.Hooks:
+    """Lesion fidelity, registration consistency, D's accuracy (the GAN), and a grid of samples."""
+    per_batch = _flow_per_batch if isinstance(models, flow_synthesis.Models) else _per_batch
     return evaluation.Hooks(
-        per_batch=functools.partial(_per_batch, models=models, config=config),
+        per_batch=functools.partial(per_batch, models=models, config=config),
         finish=_finish,
         grid=functools.partial(
             _grid, num_classes=config.data.num_classes, modalities=tuple(config.data.modalities)
@@ -313,6 +348,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises a ValueError naming the key of any unknown or inconsistent stage-B setting."""
     sy = config.synthesis
     configlib.check_choice("synthesis.structure_source", sy.structure_source, STRUCTURE_SOURCES)
+    if flow_synthesis.is_flow(config):
+        flow_synthesis.check_config(config)
+        if sy.structure_source != "real":
+            raise ValueError(
+                "config.synthesis.generator='flow' learns p(image | structure, label, organ) from real "
+                "slices and their own maps: it needs config.synthesis.structure_source='real'"
+            )
     processors = sorted(lesion.PROCESSOR_NAMES.values()) + ["none"]
     configlib.check_choice("synthesis.lesion_processor", sy.lesion_processor, processors)
     expected = lesion.PROCESSOR_NAMES[lesion.task(config)]
@@ -345,16 +387,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build(config: ml_collections.ConfigDict, mesh=None, *, workdir: str | os.PathLike) -> train.StageSpec:
-    """The stage's spec; loads the frozen networks from the earlier stages in `workdir`."""
+    """The stage's spec; loads the frozen networks from the earlier stages in `workdir`.
+
+    Both families read the same data and frozen networks and are evaluated and drawn alike; they differ
+    in their networks, state and step (`_gan_parts`, `_flow_parts`).
+    """
     check_config(config)
     sy = config.synthesis
     source = input_pipeline.gan_training_source(config.data)
     image = preprocess(source[0])["image"]
     lesion_base.check_channels(config, image)
-    models = synthesis_nets.make_models(config, image.shape[:2])
+    parts = _flow_parts if flow_synthesis.is_flow(config) else _gan_parts
+    models, init_state_fn, train_step_fn = parts(config, image.shape[:2])
     mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     frozen_params, provenance = frozen.load_stage_b_frozen(config, workdir, mesh=mesh)
-    g_tx, d_tx = optim.make_optimizer(sy.optim.g), optim.make_optimizer(sy.optim.d)
     evaluate = evaluation.make_evaluator(
         input_pipeline.open_source(config.data, config.data.eval_split),
         preprocess=preprocess,
@@ -370,12 +416,31 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, workdir: str | os.Pat
         train=sy.train,
         source=source,
         preprocess=preprocess,
-        init_state=functools.partial(init_state, models=models, config=config, g_tx=g_tx, d_tx=d_tx),
-        train_step=functools.partial(train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx),
+        init_state=init_state_fn,
+        train_step=train_step_fn,
         evaluate=evaluate,
         frozen=frozen_params,
         provenance=provenance,
     )
+
+
+def _gan_parts(config: ml_collections.ConfigDict, hw):
+    """The paper's G and D: networks, `init_state` and `train_step` with their options bound."""
+    models = synthesis_nets.make_models(config, hw)
+    g_tx, d_tx = (optim.make_optimizer(config.synthesis.optim[net]) for net in ("g", "d"))
+    options = dict(models=models, config=config, g_tx=g_tx, d_tx=d_tx)
+    return models, functools.partial(init_state, **options), functools.partial(train_step, **options)
+
+
+def _flow_parts(config: ml_collections.ConfigDict, hw):
+    """The flow family: velocity net (and the frozen networks' definitions), state init and step."""
+    lesion_processor = lesion.processor(config, hw) if flow_synthesis.uses_lesion_processor(config) else None
+    g_t = translator_nets.make_models(config, hw) if flow_synthesis.uses_translator(config) else None
+    models = flow_synthesis.make_models(config, hw, lesion=lesion_processor, translator=g_t)
+    tx = optim.make_optimizer(config.synthesis.flow.optim)
+    init = functools.partial(flow_synthesis.init_state, models=models, config=config, tx=tx)
+    step = functools.partial(flow_train.train_step, tx=tx, **flow_synthesis.train_options(config, models))
+    return models, init, step
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at=None):
