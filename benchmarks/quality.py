@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks import common
 from configs import phantom
-from synth import configlib, frozen, input_pipeline, lesion, mixes, pipeline, scoring
+from synth import configlib, frozen, generate, input_pipeline, lesion, mixes, pipeline, scoring
 from synth.stages import verify
 
 MIXES = (
@@ -65,8 +65,8 @@ def parse_value(text: str):
         return text
 
 
-def make_config(seeds: tuple[int, ...], overrides=()):
-    config = phantom.get_config("demo")
+def make_config(seeds: tuple[int, ...], overrides=(), generator: str = "gan"):
+    config = phantom.get_config(f"demo,generator={generator}")
     configlib.apply_overrides(config, overrides)
     config.verify.mixes = MIXES
     config.verify.seeds = seeds
@@ -91,7 +91,11 @@ def take(source, n: int) -> dict[str, np.ndarray]:
     """N examples spread evenly over a data source, as stacked image and label arrays."""
     index = np.linspace(0, len(source) - 1, min(n, len(source))).astype(int)
     examples = [input_pipeline.image_and_label(source[int(i)]) for i in index]
-    return {k: np.stack([e[k] for e in examples]) for k in ("image", "label")}
+    keys = ("image", "label") + tuple(k for k in ("structure", "organ") if k in source[0])
+    return {
+        k: np.stack([e[k] if k in e else np.asarray(source[int(i)][k]) for e, i in zip(examples, index)])
+        for k in keys
+    }
 
 
 def lesion_scores(config, workdir: str, synthetic: dict[str, np.ndarray]) -> dict[str, float]:
@@ -104,6 +108,23 @@ def lesion_scores(config, workdir: str, synthetic: dict[str, np.ndarray]) -> dic
     }
     rows = fidelity["scored"]
     return {"dice": float(fidelity["dice"][rows].mean()), "chance": float(fidelity["chance"][rows].mean())}
+
+
+def sampling_speed(config, workdir: str, synthetic: dict[str, np.ndarray], batch: int = 16) -> dict:
+    """Registered K-modality sets per second from the trained generator (`generate.Generator.synthesize`)."""
+    gen = generate.Generator.from_workdir(workdir, config)
+    maps, masks = synthetic["structure"][:batch], synthetic["organ"][:batch]
+    labels = synthetic["label"][:batch]
+    gen.synthesize(maps, masks, labels, jax.random.key(0))  # Compiles.
+    start, calls = time.perf_counter(), 3
+    for n in range(calls):
+        gen.synthesize(maps, masks, labels, jax.random.key(n + 1))
+    seconds = (time.perf_counter() - start) / calls
+    out = {"batch": len(maps), "sets_per_second": len(maps) / seconds}
+    if gen.is_flow:
+        sampler = config.synthesis.flow.sampler
+        out.update(method=sampler.method, num_steps=int(sampler.num_steps))
+    return out
 
 
 def verify_scores(workdir: str) -> dict[str, dict[str, float]]:
@@ -124,6 +145,7 @@ def write_markdown(out_dir: str, result: dict, run_dir: str) -> None:
         "",
         f"- machine: {common.machine()}",
         f"- commit {common.commit()}, {result['seconds'] / 60:.1f} minutes",
+        f"- stage B generator: {result['generator']}; sampling {result['sampling']}",
         "",
         "| score | value | target |",
         "| --- | --- | --- |",
@@ -194,8 +216,7 @@ def main() -> None:
     logging.getLogger("synth").setLevel(logging.INFO)
     start = time.perf_counter()
     overrides = [(key, parse_value(value)) for key, _, value in (item.partition("=") for item in args.set)]
-    overrides.insert(0, ("synthesis.generator", args.generator))
-    config = make_config(tuple(int(s) for s in args.seeds.split(",")), overrides)
+    config = make_config(tuple(int(s) for s in args.seeds.split(",")), overrides, args.generator)
     run_dir = os.path.join(args.out, "run")
     if args.reuse:
         reuse_earlier_stages(args.reuse, run_dir)
@@ -238,6 +259,8 @@ def main() -> None:
             "ms_ssim.real_synthetic": {m: across[f"ms_ssim/{m}"] for m in names},
         },
     }
+    result["generator"] = args.generator
+    result["sampling"] = sampling_speed(config, run_dir, synthetic)
     result["seconds"] = time.perf_counter() - start
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(result, f, indent=2)

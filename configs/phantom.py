@@ -342,6 +342,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.synthesis.train = configlib.loop_config(
             num_steps=300, batch_size=4, log_every=25, checkpoint_every=150, eval_every=150
         )
+        # The flow family at the GAN's wall-clock budget: its step (tiny, batch 8) takes ~0.10 s on 2 cores
+        # against the GAN's ~0.47 s (batch 4, with D and the frozen networks), so 1 500 steps (BENCHMARKS.md).
+        config.synthesis.flow.size = "tiny"
+        config.synthesis.flow.optim.learning_rate = 5e-4
+        if options.generator == "flow":
+            config.synthesis.train = configlib.loop_config(
+                num_steps=1500, batch_size=8, log_every=100, checkpoint_every=500, eval_every=750
+            )
         # After 300 steps the segmentors find the asked-for lesion with whole Dice ~0.45 on average:
         # the paper's 0.95 would accept almost nothing, so the demo keeps the better half.
         config.dataset.num_examples = 400  # "syn=1" below: as many as the 400 real training slices.
