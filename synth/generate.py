@@ -51,7 +51,7 @@ def synthesize_images(g_params, structure, organ, label, key, *, models, config)
     return registration.channels_last(fakes)
 
 
-def _flow_images(ema_params, structure, organ, label, key, *, velocity, config) -> jax.Array:
+def flow_images(ema_params, structure, organ, label, key, *, velocity, config) -> jax.Array:
     """The flow family's `synthesize_images`: the configured sampler from the EMA parameters."""
     return flow_synthesis.sample_images(
         ema_params, structure[..., None], organ[..., None], label, key, velocity=velocity, config=config
@@ -115,7 +115,7 @@ class Generator:
         repl = sharding.replicated(self.mesh)
         if self.is_flow:
             velocity = flow_synthesis.make_velocity(config, self.image_hw)
-            synthesize_fn = functools.partial(_flow_images, velocity=velocity, config=config)
+            synthesize_fn = functools.partial(flow_images, velocity=velocity, config=config)
         else:
             synthesize_fn = functools.partial(synthesize_images, models=self.models, config=config)
         self._synthesize = jax.jit(

@@ -196,32 +196,44 @@ def training_images(config: ml_collections.ConfigDict, source):
     return input_pipeline.Subset(source, keep)
 
 
-def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
+def step_parts(config: ml_collections.ConfigDict, image_hw: tuple[int, int]):
+    """`(models, init_state, train_step)` of stage A for images of `image_hw`, their options bound.
+
+    What `build` hands the loop, without data: `benchmarks.memory` compiles the step from these.
+    """
     st = config.structure
-    source = training_images(config, input_pipeline.gan_training_source(config.data))
-    image_hw = tuple(preprocess(source[0])["image"].shape[:2])
     models = structure_nets.make_models(config, image_hw)
     extract_fn = functools.partial(structure_nets.real_structures, **structure_nets.extract_kwargs(config))
     g_tx, d_tx = optim.make_optimizer(st.optim.g), optim.make_optimizer(st.optim.d)
     configlib.check_choice("structure.update_mode", st.update_mode, UPDATE_MODES)
-    weights = dict(st.loss.weights)
+    init = functools.partial(init_state, models=models, extract_fn=extract_fn, g_tx=g_tx, d_tx=d_tx)
+    step = functools.partial(
+        train_step,
+        models=models,
+        extract_fn=extract_fn,
+        g_tx=g_tx,
+        d_tx=d_tx,
+        weights=dict(st.loss.weights),
+        parity=st.loss.parity,
+        update=st.update_mode,
+    )
+    return models, init, step
+
+
+def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
+    st = config.structure
+    source = training_images(config, input_pipeline.gan_training_source(config.data))
+    image_hw = tuple(preprocess(source[0])["image"].shape[:2])
+    models, init, step = step_parts(config, image_hw)
+    extract_fn = functools.partial(structure_nets.real_structures, **structure_nets.extract_kwargs(config))
     mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     return train.StageSpec(
         name=NAME,
         train=st.train,
         source=source,
         preprocess=preprocess,
-        init_state=functools.partial(init_state, models=models, extract_fn=extract_fn, g_tx=g_tx, d_tx=d_tx),
-        train_step=functools.partial(
-            train_step,
-            models=models,
-            extract_fn=extract_fn,
-            g_tx=g_tx,
-            d_tx=d_tx,
-            weights=weights,
-            parity=st.loss.parity,
-            update=st.update_mode,
-        ),
+        init_state=init,
+        train_step=step,
         evaluate=make_evaluator(config, models=models, extract_fn=extract_fn, mesh=mesh),
     )
 

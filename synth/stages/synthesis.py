@@ -390,15 +390,14 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, workdir: str | os.Pat
     """The stage's spec; loads the frozen networks from the earlier stages in `workdir`.
 
     Both families read the same data and frozen networks and are evaluated and drawn alike; they differ
-    in their networks, state and step (`_gan_parts`, `_flow_parts`).
+    in their networks, state and step (`step_parts`).
     """
     check_config(config)
     sy = config.synthesis
     source = input_pipeline.gan_training_source(config.data)
     image = preprocess(source[0])["image"]
     lesion_base.check_channels(config, image)
-    parts = _flow_parts if flow_synthesis.is_flow(config) else _gan_parts
-    models, init_state_fn, train_step_fn = parts(config, image.shape[:2])
+    models, init_state_fn, train_step_fn = step_parts(config, image.shape[:2])
     mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     frozen_params, provenance = frozen.load_stage_b_frozen(config, workdir, mesh=mesh)
     evaluate = evaluation.make_evaluator(
@@ -422,6 +421,14 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, workdir: str | os.Pat
         frozen=frozen_params,
         provenance=provenance,
     )
+
+
+def step_parts(config: ml_collections.ConfigDict, hw: tuple[int, int]):
+    """`(models, init_state, train_step)` of the configured family for images of `hw`, options bound.
+
+    What `build` hands the loop, without data: `benchmarks.memory` compiles the step from these.
+    """
+    return _flow_parts(config, hw) if flow_synthesis.is_flow(config) else _gan_parts(config, hw)
 
 
 def _gan_parts(config: ml_collections.ConfigDict, hw):
