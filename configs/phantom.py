@@ -237,6 +237,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             logit_mean=0.0,
             logit_std=1.0,
             label_dropout=0.1,  # Trains the null-label model too, for classifier-free guidance.
+            prediction="velocity",  # or "data": the net outputs the clean sample (synth.flow.PREDICTIONS).
             ema_decay=0.999,
             # Optional terms through the frozen real-trained networks on the one-step clean estimate.
             weights=dict(lesion=0.0, registration=0.0),

@@ -34,6 +34,11 @@ import jax
 import jax.numpy as jnp
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+# What the network outputs: the velocity x1 − x0 (rectified flow), or the clean sample x1 itself, whose
+# velocity at (x_t, t) is (x1 − x_t)/(1 − t) (`velocity_from_data`): it can give an exactly flat background
+# at t → 1, where a velocity network must cancel the remaining noise with a 1/(1 − t) gain.
+PREDICTIONS = ("velocity", "data")
+MIN_REMAINING = 0.02  # (1 − t) floor of `velocity_from_data` (t = 1 itself is only Heun's last corrector).
 SAMPLERS = ("euler", "heun")
 
 # (x_t, t, cond) -> velocity, with t of shape (B,) and cond None or (B, H, W, C_cond).
@@ -80,6 +85,20 @@ def sample_time(
     raise ValueError(f"Unknown time distribution {distribution!r}; valid: {TIME_DISTRIBUTIONS}.")
 
 
+def velocity_from_data(data_fn: VelocityFn, *, min_remaining: float = MIN_REMAINING) -> VelocityFn:
+    """The velocity field of a clean-sample predictor: ``(x1_hat(x_t, t) − x_t) / max(1 − t, floor)``.
+
+    On the uniform grid of `solve` Euler's last step from t = 1 − dt lands exactly on the prediction.
+    """
+
+    def velocity(x: jax.Array, t: jax.Array, cond: jax.Array | None) -> jax.Array:
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        remaining = jnp.maximum(1.0 - _per_example(t, x), min_remaining)
+        return (data_fn(x, t, cond) - x) / remaining
+
+    return velocity
+
+
 def _per_example(t: jax.Array, x: jax.Array) -> jax.Array:
     """Reshape times (B,) to broadcast against x (B, ...)."""
     return t.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
@@ -100,8 +119,12 @@ def flow_matching_loss(
     time_distribution: str = "uniform",
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    prediction: str = "velocity",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Rectified-flow loss: MSE between the predicted and the path's velocity ``x1 − x0``.
+
+    With ``prediction="data"`` ``velocity_fn`` outputs the clean sample and the loss is its MSE to x1
+    (the velocity loss weighted by (1 − t)², which keeps the loss bounded as t → 1).
 
     Args:
         velocity_fn: ``(x_t, t, cond) -> v``, e.g. ``functools.partial(model.apply, params)``.
@@ -128,8 +151,16 @@ def flow_matching_loss(
         std=logit_std,
     )
     x_t = interpolate(noise, x1, t)
-    velocity = velocity_fn(x_t, t, cond)
     target = x1 - noise
+    if prediction == "data":
+        x1_hat = velocity_fn(x_t, t, cond)
+        loss = jnp.mean(jnp.square(x1_hat.astype(jnp.float32) - x1.astype(jnp.float32)))
+        velocity = velocity_from_data(lambda x, tt, c: x1_hat)(x_t, t, cond)
+        aux = {"x_t": x_t, "t": t, "velocity": velocity, "target": target, "noise": noise, "x1_hat": x1_hat}
+        return loss, aux
+    if prediction != "velocity":
+        raise ValueError(f"Unknown prediction {prediction!r}; valid: {PREDICTIONS}.")
+    velocity = velocity_fn(x_t, t, cond)
     loss = jnp.mean(jnp.square(velocity.astype(jnp.float32) - target.astype(jnp.float32)))
     x1_hat = x_t + (1.0 - _per_example(t, x_t)) * velocity
     aux = {"x_t": x_t, "t": t, "velocity": velocity, "target": target, "noise": noise, "x1_hat": x1_hat}
@@ -263,13 +294,16 @@ def solve(
     method: str = "euler",
     num_steps: int = 32,
     guidance: float | jax.Array = 1.0,
+    euler_last_step: bool = False,
 ) -> jax.Array:
     """Integrate dx/dt = v(x, t) from t = 0 to 1 on a uniform grid, in one ``lax.scan``.
 
     Euler takes one network evaluation per step (error O(1/num_steps)); Heun's method (explicit
     trapezoid: an Euler predictor, then the mean of the slopes at both ends) takes two and has error
     O(1/num_steps²), so it reaches Euler's accuracy in far fewer steps. Heun also corrects the last
-    step: unlike a diffusion ODE, the rectified-flow velocity is finite at t = 1.
+    step: unlike a diffusion ODE, the rectified-flow velocity is finite at t = 1. A clean-sample
+    predictor's velocity is not defined at t = 1 (`velocity_from_data`): with ``euler_last_step`` the
+    last step is Euler's, which lands on the prediction (as EDM's sampler skips its last correction).
 
     Args:
         velocity_fn: ``(x, t, cond) -> v``.
@@ -304,7 +338,10 @@ def solve(
         if method == "euler":
             return x + dt * slope, None
         predicted = x + dt * slope
-        return x + 0.5 * dt * (slope + velocity(predicted, t + dt)), None
+        corrected = x + 0.5 * dt * (slope + velocity(predicted, t + dt))
+        if euler_last_step:
+            corrected = jnp.where(i == num_steps - 1, predicted, corrected)
+        return corrected, None
 
     x1, _ = jax.lax.scan(step, x0, jnp.arange(num_steps))
     return x1
@@ -320,6 +357,7 @@ def sample(
     method: str = "euler",
     num_steps: int = 32,
     guidance: float | jax.Array = 1.0,
+    euler_last_step: bool = False,
 ) -> jax.Array:
     """Draw samples: noise from ``rng``, :func:`solve`, then back to [0, 1] and clipped.
 
@@ -336,10 +374,20 @@ def sample(
         method: ``"euler"`` or ``"heun"``.
         num_steps: integration steps.
         guidance: classifier-free guidance scale.
+        euler_last_step: see :func:`solve` (for a clean-sample predictor).
 
     Returns:
         Samples (B, H, W, K·C) float32 in [0, 1].
     """
     x0 = jax.random.normal(rng, shape, jnp.float32)
-    x1 = solve(velocity_fn, x0, cond, null_cond, method=method, num_steps=num_steps, guidance=guidance)
+    x1 = solve(
+        velocity_fn,
+        x0,
+        cond,
+        null_cond,
+        method=method,
+        num_steps=num_steps,
+        guidance=guidance,
+        euler_last_step=euler_last_step,
+    )
     return jnp.clip(to_image_space(x1), 0.0, 1.0)

@@ -58,6 +58,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fl = config.synthesis.flow
     configlib.check_choice("synthesis.flow.time_distribution", fl.time_distribution, flow.TIME_DISTRIBUTIONS)
     configlib.check_choice("synthesis.flow.sampler.method", fl.sampler.method, flow.SAMPLERS)
+    configlib.check_choice("synthesis.flow.prediction", fl.prediction, flow.PREDICTIONS)
     if int(fl.sampler.num_steps) < 1:
         raise ValueError(f"config.synthesis.flow.sampler.num_steps must be >= 1, got {fl.sampler.num_steps}")
     if not 0.0 <= fl.label_dropout <= 1.0:
@@ -167,6 +168,7 @@ def train_options(config: ml_collections.ConfigDict, models: Models) -> dict[str
         logit_mean=fl.logit_mean,
         logit_std=fl.logit_std,
         ema_decay=fl.ema_decay,
+        prediction=fl.get("prediction", "velocity"),
         extra_loss=functools.partial(extra_loss, models=models, config=config)
         if frozen_for_training(config)
         else None,
@@ -203,8 +205,12 @@ def sample_images(
     cond = flow.conditioning_maps(structure, label.astype(jnp.int32), organ, num_classes=num_classes)
     guidance = float(sampler.guidance)
     null_cond = None if guidance == 1.0 else flow.null_conditioning(cond, num_classes=num_classes)
+    network = functools.partial(velocity.apply, ema_params)
+    predicts_data = config.synthesis.flow.get("prediction", "velocity") == "data"
+    if predicts_data:
+        network = flow.velocity_from_data(network)
     return flow.sample(
-        functools.partial(velocity.apply, ema_params),
+        network,
         key,
         cond,
         null_cond,
@@ -212,4 +218,5 @@ def sample_images(
         method=sampler.method,
         num_steps=int(sampler.num_steps),
         guidance=guidance,
+        euler_last_step=predicts_data,
     )

@@ -168,6 +168,7 @@ def train_step(
     ema_decay: float = 0.999,
     ema_warmup: bool = True,
     extra_loss: ExtraLoss | None = None,
+    prediction: str = "velocity",
 ) -> tuple[FlowState, dict[str, jax.Array]]:
     """One optimisation step of a flow generator; pure ``(state, batch, rng[, frozen]) -> (state, metrics)``.
 
@@ -188,6 +189,7 @@ def train_step(
         logit_std: see :func:`synth.flow.sample_time`.
         ema_decay: EMA decay of the parameters.
         ema_warmup: see :func:`ema_decay_at`.
+        prediction: what ``model`` outputs, the velocity or the clean sample (`synth.flow.PREDICTIONS`).
         extra_loss: optional ``(aux, batch, frozen) -> (loss, metrics)`` added to the flow loss, e.g.
             a lesion or registration term on ``aux["x1_hat"]``; ``aux`` is the aux dict of
             :func:`synth.flow.flow_matching_loss` plus ``x1`` and ``cond``. Its weight is its own.
@@ -208,6 +210,7 @@ def train_step(
             time_distribution=time_distribution,
             logit_mean=logit_mean,
             logit_std=logit_std,
+            prediction=prediction,
         )
         metrics = {"flow_loss": flow_loss}
         total = flow_loss

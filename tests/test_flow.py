@@ -223,6 +223,32 @@ def test_loss_aux_is_consistent():
     np.testing.assert_allclose(loss0, jnp.mean(aux0["target"] ** 2), rtol=1e-6)
 
 
+def test_data_prediction_loss_and_its_velocity():
+    x1 = flow.to_model_space(np.random.default_rng(1).random((4, 4, 4, 2)).astype(np.float32))
+    knows_x1 = lambda x_t, t, cond: jnp.broadcast_to(x1, x_t.shape)  # noqa: E731
+    loss, aux = flow.flow_matching_loss(knows_x1, x1, None, jax.random.key(2), prediction="data")
+    assert float(loss) == 0.0
+    np.testing.assert_allclose(aux["x1_hat"], x1)
+    # Its velocity is the path's own (x1 − x0) wherever 1 − t is above the floor.
+    far = np.asarray(aux["t"]) < 1.0 - flow.MIN_REMAINING
+    np.testing.assert_allclose(aux["velocity"][far], aux["target"][far], rtol=1e-4, atol=1e-4)
+    zero = lambda x_t, t, cond: jnp.zeros_like(x_t)  # noqa: E731
+    loss0, _ = flow.flow_matching_loss(zero, x1, None, jax.random.key(2), prediction="data")
+    np.testing.assert_allclose(loss0, jnp.mean(x1**2), rtol=1e-6)
+    with pytest.raises(ValueError, match="Unknown prediction 'noise'"):
+        flow.flow_matching_loss(zero, x1, None, jax.random.key(2), prediction="noise")
+    # Euler's last step lands on the prediction exactly: no noise is left for the net to cancel.
+    x0 = jax.random.normal(jax.random.key(3), x1.shape)
+    for method, steps in (("euler", 4), ("euler", 1), ("heun", 4)):
+        out = flow.solve(
+            flow.velocity_from_data(knows_x1), x0, method=method, num_steps=steps, euler_last_step=True
+        )
+        np.testing.assert_allclose(out, x1, atol=1e-5)
+    # Without it Heun's last corrector, at t = 1, would stop halfway.
+    halfway = flow.solve(flow.velocity_from_data(knows_x1), x0, method="heun", num_steps=4)
+    assert float(jnp.max(jnp.abs(halfway - x1))) > 0.1
+
+
 @pytest.mark.parametrize(
     ("distribution", "mean", "median"),
     [("uniform", 0.0, 0.5), ("logit_normal", 0.0, 0.5), ("logit_normal", -1.0, 0.269)],
