@@ -1,4 +1,5 @@
-# `make demo` runs the pipeline on the built-in phantom, `make test` the test suite, `make test-slow` the
+# `make demo` runs the pipeline on the built-in phantom (stage B by flow matching, which scores better than
+# the paper's GAN at the demo budget: README, BENCHMARKS.md), `make test` the test suite, `make test-slow` the
 # whole-pipeline tests. Each creates (or reuses) the local virtual environment .venv and installs the
 # project into it at the versions pinned in requirements/constraints.txt (pyproject.toml has the floors).
 
@@ -22,7 +23,7 @@ setup: $(STAMP)
 
 demo: setup
 	SYNTH_DATA_DIR=$(DATA_DIR) $(PY) -m data_builders build phantom/demo --data_dir=$(DATA_DIR)
-	SYNTH_DATA_DIR=$(DATA_DIR) $(PY) launch.py --config configs/phantom.py:demo --workdir $(DEMO_DIR)
+	SYNTH_DATA_DIR=$(DATA_DIR) $(PY) launch.py --config configs/phantom.py:demo,generator=flow --workdir $(DEMO_DIR)
 
 # A persistent compilation cache for the run: tests, subprocesses and the notebook kernel compile many
 # identical programs, and each is then compiled once. Fresh per run, removed afterwards. The processes

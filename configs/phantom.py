@@ -237,7 +237,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             logit_mean=0.0,
             logit_std=1.0,
             label_dropout=0.1,  # Trains the null-label model too, for classifier-free guidance.
-            prediction="velocity",  # or "data": the net outputs the clean sample (synth.flow.PREDICTIONS).
+            # "data": the net outputs the clean sample (synth.flow.PREDICTIONS). Measured at the demo budget
+            # (BENCHMARKS.md, 2026-12-04) a velocity net left speckle in every sample (background std 0.041
+            # against 0.012) and scored lower (MS-SSIM 0.403 against 0.419, lesion Dice 0.72 against 0.81).
+            prediction="data",
             ema_decay=0.999,
             # Optional terms through the frozen real-trained networks on the one-step clean estimate.
             weights=dict(lesion=0.0, registration=0.0),
