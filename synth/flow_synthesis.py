@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from synth import configlib, flow, flow_train, registration, structure_nets, translator_nets
+from synth import configlib, flow, flow_train, gan, registration, structure_nets, translator_nets
 from synth.lesion import base as lesion_base
 from synth.models import sizes
 from synth.models.flow_unet import FlowUNet
@@ -70,13 +70,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "config.synthesis.flow.sampler.guidance other than 1 needs a model trained with label dropout: "
             "set config.synthesis.flow.label_dropout > 0 (e.g. 0.1)"
         )
-    unknown = sorted(set(fl.weights) - set(FLOW_TERMS))
-    missing = sorted(set(FLOW_TERMS) - set(fl.weights))
-    if unknown or missing:
-        raise ValueError(
-            f"config.synthesis.flow.weights: unknown terms {unknown}, missing terms {missing} "
-            f"(valid: {list(FLOW_TERMS)})"
-        )
+    gan.check_loss_weights("synthesis", fl.weights, FLOW_TERMS, where="config.synthesis.flow.weights")
     if any(float(v) < 0 for v in fl.weights.values()):
         raise ValueError(f"config.synthesis.flow.weights must be >= 0, got {dict(fl.weights)}")
     sizes.variant_sizes(fl.size, "flow_unet")  # Names the variant if unknown.
