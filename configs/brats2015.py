@@ -7,7 +7,7 @@ Usage:
 
 Options: stage=..., runlocal (the builder's dummy volumes, slices resized to 32², tiny models), and the
 phantom's `paper_weights`, `variant=` (baselines, ablations A-F, the old ecai design: configs/variants.py) and
-`generator=gan|flow` (stage B's family).
+`generator=gan|flow` (stage B's family), `structure_generator=gan|flow` (stage A's).
 
 Everything but the data is the phantom's config, which was designed as a stand-in for BRATS: the same
 modalities, classes, networks, losses and stage settings. The slices are the authors' 184×144 crop of axial
@@ -41,11 +41,18 @@ DUMMY_CROP = dict(slice_start=2, slice_stop=6, row_start=2, row_stop=11, col_sta
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the BRATS2015 config; see the module docstring for the options in `arg`."""
     options = configlib.parse_arg(
-        arg, stage="all", runlocal=False, paper_weights=False, variant="full", generator="gan"
+        arg,
+        stage="all",
+        runlocal=False,
+        paper_weights=False,
+        variant="full",
+        generator="gan",
+        structure_generator="gan",
     )
     configlib.check_stage(options.stage)
     flags = [f"stage={options.stage}"] + [name for name in ("runlocal", "paper_weights") if options[name]]
     flags += [f"variant={options.variant}", f"generator={options.generator}"]
+    flags += [f"structure_generator={options.structure_generator}"]
     config = phantom.get_config(",".join(flags))
     config.data.name, config.data.builder_config = "brats2015", "slices"
     config.data.build_if_missing = False  # Needs the manual download: see data_builders/brats2015/README.md.
@@ -54,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         for stage in (config.structure, config.segmentor, config.translator, config.synthesis):
             stage.model.size = "base"
         config.synthesis.flow.size = "base"
+        config.structure.flow.size = "base"
         config.dataset.num_examples = 13420  # T5's "syn=1": as many as the real training slices.
         config.verify.mixes = (
             "real=1",

@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         for stage in (config.structure, config.segmentor, config.synthesis):
             stage.model.size = "base"
         config.synthesis.flow.size = "base"
+        config.structure.flow.size = "base"
         config.dataset.num_examples = 2000  # T7: Kaggle train + 2000 synthetic images.
         config.verify.mixes = ("real=1", "real=1 syn=0.38 mode=M")  # 5216 real + ~2000 synthetic.
         # Kaggle's train folder: 5 216 images, 1 341 of them normal (stage A's).

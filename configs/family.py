@@ -59,9 +59,12 @@ def base_config(
     arg: str | None, **family_options
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The phantom's config at full size (or its `runlocal` variant) and the parsed family options."""
-    options = configlib.parse_arg(arg, stage="all", runlocal=False, generator="gan", **family_options)
+    options = configlib.parse_arg(
+        arg, stage="all", runlocal=False, generator="gan", structure_generator="gan", **family_options
+    )
     configlib.check_stage(options.stage)
-    flags = f"stage={options.stage},generator={options.generator}" + (",runlocal" if options.runlocal else "")
+    flags = f"stage={options.stage},generator={options.generator}"
+    flags += f",structure_generator={options.structure_generator}" + (",runlocal" if options.runlocal else "")
     config = phantom.get_config(flags)
     return config, options
 

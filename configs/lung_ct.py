@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         for stage in (config.structure, config.segmentor, config.synthesis):
             stage.model.size = "base"
         config.synthesis.flow.size = "base"
+        config.structure.flow.size = "base"
         config.dataset.num_examples = 500
         config.verify.mixes = ("real=1", "syn=1", "real=1 syn=1 mode=M")
         # 267 slices, split 70 / 10 / 20 % by subject: about 187 to train on.

@@ -12,6 +12,8 @@ Options (after the colon, comma separated):
   paper_weights  stage A with the paper's unit loss weights instead of the code's (METHOD.md §5.2)
   variant=full|basegan|skrgan|A|B|C|D|E|F|ecai   a baseline or ablation of §9.1-9.2, or the old §6.7 design
   generator=gan|flow   stage B's family: the paper's GAN (default) or flow matching (synth/flow_synthesis.py)
+  structure_generator=gan|flow   stage A's family: the paper's VAE-GAN (default) or flow matching
+                       (synth/structure_flow.py)
 Everything else is an override, e.g. `--config.segmentor.train.num_steps=2000`.
 """
 
@@ -24,7 +26,14 @@ from synth import configlib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the phantom config; see the module docstring for the options in `arg`."""
     options = configlib.parse_arg(
-        arg, stage="all", demo=False, runlocal=False, paper_weights=False, variant="full", generator="gan"
+        arg,
+        stage="all",
+        demo=False,
+        runlocal=False,
+        paper_weights=False,
+        variant="full",
+        generator="gan",
+        structure_generator="gan",
     )
     configlib.check_stage(options.stage)
 
@@ -97,6 +106,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.structure.filter = ml_collections.ConfigDict(dict(min_j_s=0.55, mae=0.05, max_count=50))
     config.structure.eval = ml_collections.ConfigDict(dict(num_examples=8, num_samples=16))
     config.structure.train = configlib.loop_config(num_steps=5000, batch_size=8)
+    # Stage A's family: "gan", the paper's VAE-GAN above, or "flow", a rectified flow drawing the map and
+    # the mask as one 2-channel sample (synth/structure_flow.py; of the settings above it reads extraction,
+    # remove_lesions, train_classes, filter, eval and train).
+    config.structure.generator = options.structure_generator
+    config.structure.flow = ml_collections.ConfigDict(
+        dict(
+            size="small",
+            time_distribution="logit_normal",
+            logit_mean=0.0,
+            logit_std=1.0,
+            prediction="data",  # As stage B's: the net outputs the clean sample.
+            ema_decay=0.999,
+            sampler=dict(method="heun", num_steps=16, guidance=1.0),
+            threshold=0.5,  # A sample's channels (in [0, 1]) above it are edge / organ.
+            optim=configlib.adam_config(2e-4, b1=0.9),
+        )
+    )
 
     # Lesion processors (§6.3), trained on real data and frozen for synthesis.
     config.segmentor = ml_collections.ConfigDict()
@@ -244,6 +270,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ema_decay=0.999,
             # Optional terms through the frozen real-trained networks on the one-step clean estimate.
             weights=dict(lesion=0.0, registration=0.0),
+            # Score the samples with G_t's translation error (the registration check) even when no term
+            # trains against it; stage=all trains G_t only for a stage B that reads it.
+            score_registration=True,
             sampler=dict(method="heun", num_steps=16, guidance=1.0),
             optim=configlib.adam_config(2e-4, b1=0.9),  # Diffusion practice: Adam's usual β1.
         )
@@ -330,7 +359,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.segmentor.model.size = "tiny"
         config.segmentor.optim.learning_rate = 1e-3
         config.segmentor.train = configlib.loop_config(
-            num_steps=500, batch_size=8, log_every=25, checkpoint_every=250, eval_every=250
+            num_steps=400, batch_size=8, log_every=25, checkpoint_every=200, eval_every=400
         )
         config.translator.model.size = "tiny"
         # Registered phantom slices: the supervised term gets a usable translator within the demo budget.
@@ -346,13 +375,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.synthesis.train = configlib.loop_config(
             num_steps=300, batch_size=4, log_every=25, checkpoint_every=150, eval_every=150
         )
-        # The flow family at the GAN's wall-clock budget: its step (tiny, batch 8) takes ~0.10 s on 2 cores
-        # against the GAN's ~0.47 s (batch 4, with D and the frozen networks), so 1 500 steps (BENCHMARKS.md).
+        # The flow family: its step (tiny, batch 8) takes ~0.13 s on 2 cores against the GAN's ~0.47 s
+        # (batch 4, with D and the frozen networks). benchmarks.quality trains it 1 500 steps, the GAN's
+        # wall clock (its QUALITY_BUDGET); the demo 1 000.
         config.synthesis.flow.size = "tiny"
         config.synthesis.flow.optim.learning_rate = 5e-4
+        # Its samples are registered by construction and no term trains against G_t: the demo leaves out
+        # the registration score, and with it the translator stage (~4 of the demo's minutes).
+        config.synthesis.flow.score_registration = False
+        config.structure.flow.size = "tiny"
+        config.structure.flow.optim.learning_rate = 5e-4
         if options.generator == "flow":
             config.synthesis.train = configlib.loop_config(
-                num_steps=1500, batch_size=8, log_every=100, checkpoint_every=500, eval_every=750
+                num_steps=1000, batch_size=8, log_every=100, checkpoint_every=500, eval_every=1000
             )
         # After 300 steps the segmentors find the asked-for lesion with whole Dice ~0.45 on average:
         # the paper's 0.95 would accept almost nothing, so the demo keeps the better half.
@@ -363,8 +398,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.dataset.export = ("png",)
         config.dataset.audit.max_real = 200
         config.dataset.audit.max_synthetic = 100
-        config.verify.budget_epochs = 3.0  # 150 steps per mix (the demo segmentor trains 500).
+        config.verify.budget_epochs = 2.0  # 100 steps per mix (the demo's lesion segmentors train 400).
         config.verify.log_every = 25
+        config.verify.quality.num_pairs = 50
     if options.runlocal:
         config.data.builder_config = "tiny"
         config.structure.model.size = "tiny"
@@ -387,6 +423,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.synthesis.model.size = "tiny"
         config.synthesis.flow.size = "tiny"
         config.synthesis.flow.sampler.num_steps = 2
+        config.structure.flow.size = "tiny"
+        config.structure.flow.sampler.num_steps = 2
         config.synthesis.pretrain_steps = 2
         config.synthesis.eval.num_examples = 8
         config.synthesis.train = configlib.loop_config(

@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         for stage in (config.structure, config.segmentor, config.synthesis):
             stage.model.size = "base"
         config.synthesis.flow.size = "base"
+        config.structure.flow.size = "base"
         config.dataset.num_examples = 2000  # T6: DRIVE train + 2000 synthetic images.
         config.verify.mixes = ("real=1", "real=1 syn=100 mode=M")  # 20 real + 2000 synthetic.
         # The generators learn from DRIVE's 20 training images and FIRE's 268; the segmentor from DRIVE's.

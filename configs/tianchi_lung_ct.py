@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         for stage in (config.structure, config.synthesis):
             stage.model.size = "base"
         config.synthesis.flow.size = "base"
+        config.structure.flow.size = "base"
         config.dataset.num_examples = 20000  # T8: TC train + 20 000 synthetic CTs.
         config.verify.mixes = ("real=1", "real=1 syn=13.6 mode=M")  # ~1 470 real slices + 20 000.
         family.paper_protocol(config, train_examples=1470)  # An estimate: see the module docstring.

@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from synth import configlib, flow, flow_train, gan, registration, structure_nets, translator_nets
+from synth import flow, flow_train, gan, registration, structure_nets, translator_nets
 from synth.lesion import base as lesion_base
 from synth.models import sizes
 from synth.models.flow_unet import FlowUNet
 
-GENERATORS = ("gan", "flow")  # config.synthesis.generator
 FLOW_TERMS = ("lesion", "registration")  # config.synthesis.flow.weights
 
 
@@ -48,23 +47,15 @@ class Models(NamedTuple):
 
 def is_flow(config: ml_collections.ConfigDict) -> bool:
     """Whether stage B is the flow family (`config.synthesis.generator`)."""
-    # A workdir written before the flow family has no such key: its stage B is the GAN.
-    generator = config.synthesis.get("generator", "gan")
-    return configlib.check_choice("synthesis.generator", generator, GENERATORS) == "flow"
+    return flow_train.is_flow_stage(config, "synthesis")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises a ValueError naming the key of any unknown or inconsistent flow setting."""
     fl = config.synthesis.flow
-    configlib.check_choice("synthesis.flow.time_distribution", fl.time_distribution, flow.TIME_DISTRIBUTIONS)
-    configlib.check_choice("synthesis.flow.sampler.method", fl.sampler.method, flow.SAMPLERS)
-    configlib.check_choice("synthesis.flow.prediction", fl.prediction, flow.PREDICTIONS)
-    if int(fl.sampler.num_steps) < 1:
-        raise ValueError(f"config.synthesis.flow.sampler.num_steps must be >= 1, got {fl.sampler.num_steps}")
+    flow_train.check_settings(fl, "synthesis.flow")
     if not 0.0 <= fl.label_dropout <= 1.0:
         raise ValueError(f"config.synthesis.flow.label_dropout must be in [0, 1], got {fl.label_dropout}")
-    if not 0.0 <= fl.ema_decay < 1.0:
-        raise ValueError(f"config.synthesis.flow.ema_decay must be in [0, 1), got {fl.ema_decay}")
     if fl.sampler.guidance != 1.0 and fl.label_dropout == 0.0:
         raise ValueError(
             "config.synthesis.flow.sampler.guidance other than 1 needs a model trained with label dropout: "
@@ -73,7 +64,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     gan.check_loss_weights("synthesis", fl.weights, FLOW_TERMS, where="config.synthesis.flow.weights")
     if any(float(v) < 0 for v in fl.weights.values()):
         raise ValueError(f"config.synthesis.flow.weights must be >= 0, got {dict(fl.weights)}")
-    sizes.variant_sizes(fl.size, "flow_unet")  # Names the variant if unknown.
 
 
 def uses_lesion_processor(config: ml_collections.ConfigDict) -> bool:
@@ -82,8 +72,14 @@ def uses_lesion_processor(config: ml_collections.ConfigDict) -> bool:
 
 
 def uses_translator(config: ml_collections.ConfigDict) -> bool:
-    """G_t is read for the registration term and the evaluation's translation error (K > 1)."""
-    return len(config.data.modalities) > 1
+    """G_t is read (K > 1) for the registration term, or for the evaluation's translation error.
+
+    `config.synthesis.flow.score_registration`: whether the evaluation scores the samples with G_t's
+    translation error when no term trains against it (G_t then costs a stage of its own).
+    """
+    fl = config.synthesis.flow
+    scored = fl.get("score_registration", True) or fl.weights.registration > 0
+    return len(config.data.modalities) > 1 and bool(scored)
 
 
 def image_channels(config: ml_collections.ConfigDict) -> int:
@@ -154,15 +150,10 @@ def frozen_for_training(config: ml_collections.ConfigDict) -> bool:
 
 def train_options(config: ml_collections.ConfigDict, models: Models) -> dict[str, Any]:
     """`flow_train.train_step`'s keyword options from the config."""
-    fl = config.synthesis.flow
-    return dict(
+    return flow_train.step_options(
+        config.synthesis.flow,
         model=models.velocity,
         prepare=functools.partial(prepare, config=config),
-        time_distribution=fl.time_distribution,
-        logit_mean=fl.logit_mean,
-        logit_std=fl.logit_std,
-        ema_decay=fl.ema_decay,
-        prediction=fl.get("prediction", "velocity"),
         extra_loss=functools.partial(extra_loss, models=models, config=config)
         if frozen_for_training(config)
         else None,
@@ -194,23 +185,15 @@ def sample_images(
     The configured sampler (`config.synthesis.flow.sampler`: method, steps, guidance scale); deterministic
     for a key.
     """
-    sampler = config.synthesis.flow.sampler
     num_classes = config.data.num_classes
     cond = flow.conditioning_maps(structure, label.astype(jnp.int32), organ, num_classes=num_classes)
-    guidance = float(sampler.guidance)
-    null_cond = None if guidance == 1.0 else flow.null_conditioning(cond, num_classes=num_classes)
-    network = functools.partial(velocity.apply, ema_params)
-    predicts_data = config.synthesis.flow.get("prediction", "velocity") == "data"
-    if predicts_data:
-        network = flow.velocity_from_data(network)
-    return flow.sample(
-        network,
+    guided = float(config.synthesis.flow.sampler.guidance) != 1.0
+    null_cond = flow.null_conditioning(cond, num_classes=num_classes) if guided else None
+    return flow_train.sample_configured(
+        functools.partial(velocity.apply, ema_params),
         key,
         cond,
         null_cond,
+        settings=config.synthesis.flow,
         shape=structure.shape[:3] + (velocity.out_channels,),
-        method=sampler.method,
-        num_steps=int(sampler.num_steps),
-        guidance=guidance,
-        euler_last_step=predicts_data,
     )

@@ -18,9 +18,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-from synth import flow, optim
+from synth import configlib, flow, optim
+from synth.models import sizes
 
 Batch = Mapping[str, jax.Array]
 # (batch, rng) -> (x1 in model space, conditioning maps or None): how a stage turns its batch into targets.
@@ -234,3 +236,83 @@ def train_step(
     }
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
     return new_state, metrics
+
+
+# --- One stage's flow settings (`config.<stage>.flow`) ----------------------------------------------------
+
+
+GENERATORS = ("gan", "flow")  # config.structure.generator and config.synthesis.generator
+
+
+def is_flow_stage(config: ml_collections.ConfigDict, stage: str) -> bool:
+    """Whether `config.<stage>.generator` chooses the flow family (stage "structure" or "synthesis")."""
+    # A workdir written before the flow family has no such key: its stage is the paper's GAN.
+    generator = config[stage].get("generator", "gan")
+    return configlib.check_choice(f"{stage}.generator", generator, GENERATORS) == "flow"
+
+
+def check_settings(settings: ml_collections.ConfigDict, key: str) -> None:
+    """Raises a ValueError naming `config.<key>.<field>` for any unknown or inconsistent flow setting.
+
+    The settings both stages share: time distribution, prediction, EMA decay, network size, sampler.
+    """
+    configlib.check_choice(f"{key}.time_distribution", settings.time_distribution, flow.TIME_DISTRIBUTIONS)
+    configlib.check_choice(f"{key}.sampler.method", settings.sampler.method, flow.SAMPLERS)
+    configlib.check_choice(f"{key}.prediction", settings.get("prediction", "velocity"), flow.PREDICTIONS)
+    if int(settings.sampler.num_steps) < 1:
+        raise ValueError(f"config.{key}.sampler.num_steps must be >= 1, got {settings.sampler.num_steps}")
+    if not 0.0 <= settings.ema_decay < 1.0:
+        raise ValueError(f"config.{key}.ema_decay must be in [0, 1), got {settings.ema_decay}")
+    sizes.variant_sizes(settings.size, "flow_unet")  # Names the variant if unknown.
+
+
+def step_options(
+    settings: ml_collections.ConfigDict,
+    *,
+    model: nn.Module,
+    prepare: Prepare,
+    extra_loss: ExtraLoss | None = None,
+) -> dict[str, Any]:
+    """:func:`train_step`'s keyword options (all but ``tx``) from a stage's flow settings."""
+    return dict(
+        model=model,
+        prepare=prepare,
+        time_distribution=settings.time_distribution,
+        logit_mean=settings.logit_mean,
+        logit_std=settings.logit_std,
+        ema_decay=settings.ema_decay,
+        # Workdirs from before the clean-sample parameterisation trained velocity nets.
+        prediction=settings.get("prediction", "velocity"),
+        extra_loss=extra_loss,
+    )
+
+
+def sample_configured(
+    network: flow.VelocityFn,
+    key: jax.Array,
+    cond: jax.Array | None,
+    null_cond: jax.Array | None = None,
+    *,
+    settings: ml_collections.ConfigDict,
+    shape: tuple[int, ...],
+) -> jax.Array:
+    """Samples (``shape``, in [0, 1]) of a trained net with a stage's sampler settings; deterministic per key.
+
+    ``network`` is the bound net, ``(x_t, t, cond) -> output``; a clean-sample net (``prediction="data"``)
+    is turned into its velocity, and its last step is Euler's, which lands on the prediction.
+    """
+    sampler = settings.sampler
+    predicts_data = settings.get("prediction", "velocity") == "data"
+    if predicts_data:
+        network = flow.velocity_from_data(network)
+    return flow.sample(
+        network,
+        key,
+        cond,
+        null_cond,
+        shape=tuple(shape),
+        method=sampler.method,
+        num_steps=int(sampler.num_steps),
+        guidance=float(sampler.guidance),
+        euler_last_step=predicts_data,
+    )

@@ -29,6 +29,7 @@ from synth import (
     input_pipeline,
     lesion,
     sharding,
+    structure_flow,
     structure_nets,
     synthesis_nets,
     translator_nets,
@@ -39,7 +40,9 @@ log = logging.getLogger("synth")
 
 # Stage -> (config, image shape (H, W, C)) -> {field of its state: abstract subtree}.
 ABSTRACT_PARAMS: dict[str, Callable[[ml_collections.ConfigDict, tuple], dict]] = {
-    "structure": structure_nets.abstract_params,
+    "structure": lambda config, shape: (
+        structure_flow if structure_flow.is_flow(config) else structure_nets
+    ).abstract_params(config, shape),
     "segmentor": lambda config, shape: {"params": lesion.kind(config).abstract_params(config, shape)},
     "translator": translator_nets.abstract_params,
     "synthesis": synthesis_nets.abstract_params,

@@ -35,6 +35,7 @@ from synth import (
     scoring,
     sharding,
     structure_filter,
+    structure_flow,
     structure_nets,
     synthesis_nets,
     workdir,
@@ -85,7 +86,7 @@ class Generator:
         workdir: str | os.PathLike | None = None,
         mesh=None,
     ):
-        """Networks from parameters (`structure_params`: stage A's `g_params` and `d_params`)."""
+        """Networks from parameters (`structure_params`: stage A's `g_params`, `d_params` or `ema_params`)."""
         self.config = config
         self.workdir = os.path.abspath(os.fspath(workdir)) if workdir is not None else None
         self.mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
@@ -101,11 +102,18 @@ class Generator:
         own_lesion = None if self.is_flow else self.models.lesion
         self._lesion = own_lesion or lesion.processor(config, self.image_hw)
 
-        # Stage A's sampler; the same definitions as G's own when stage B draws maps from stage A.
-        own_structure = None if self.is_flow else self.models.structure
-        self._structure_models = own_structure or structure_nets.make_models(config, self.image_hw)
-        self._code_shape = vae.code_shape(self.image_hw, self._structure_models.encoder.code_channels)
-        self._generate_structures = structure_nets.make_generate_fn(self._structure_models, self._code_shape)
+        # Stage A's sampler: its VAE-GAN (the same definitions as G's own when stage B draws maps from
+        # stage A) or its flow (`structure_params`: `ema_params`).
+        if structure_flow.is_flow(config):
+            models_a = structure_flow.make_models(config, self.image_hw)
+            self._generate_structures = structure_flow.make_generate_fn(models_a, config, self.image_hw)
+        else:
+            own_structure = None if self.is_flow else self.models.structure
+            self._structure_models = own_structure or structure_nets.make_models(config, self.image_hw)
+            self._code_shape = vae.code_shape(self.image_hw, self._structure_models.encoder.code_channels)
+            self._generate_structures = structure_nets.make_generate_fn(
+                self._structure_models, self._code_shape
+            )
         f = config.structure.filter
         self.filter_params = structure_filter.FilterParams(
             min_j_s=f.min_j_s, mae=f.mae, max_count=f.max_count
@@ -187,6 +195,14 @@ class Generator:
           `maps`, `masks` (n, H, W) uint8 (masks: 1 = organ), `accepted` (n,) whether each passed the
           filter within `config.structure.filter.max_count` draws, `scores` and `draws` (n,).
         """
+        if structure_flow.is_flow(self.config):
+            return structure_flow.sample_structures(
+                self.structure_params["ema_params"],
+                key,
+                n,
+                generate_fn=self._generate_structures,
+                filter_params=self.filter_params,
+            )
         return structure_nets.sample_structures(
             self.structure_params["g_params"],
             self.structure_params["d_params"],

@@ -174,3 +174,57 @@ def sample_until_pass(
         if best is None or j > best[2]:
             best = (s, m, j)
     return best[0], best[1], False, params.max_count
+
+
+def sample_filtered(
+    draw: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    n: int,
+    *,
+    params: FilterParams = FilterParams(),
+) -> dict[str, np.ndarray]:
+    """The §5.4 loop over a batch of n slots: redraw the rejected ones, up to ``max_count`` draws each.
+
+    Args:
+        draw: ``draw(attempt) -> (maps, masks, scores)`` of n fresh samples, maps and masks (n, H, W)
+            in {0, 1}; ``scores`` are D_s's (n,), or None for a generator without a discriminator,
+            whose maps then pass on the contour test alone.
+        n: slots.
+        params: thresholds and ``max_count``.
+
+    Returns:
+        ``maps``, ``masks`` (n, H, W) uint8; ``scores`` (n,) of the kept draws (D_s's, or minus the
+        contour-fill MAE without a discriminator); ``accepted`` (n,) bool; ``draws`` (n,) draws used.
+        A slot that never passes keeps its best-scored draw.
+    """
+    if params.max_count < 1:
+        raise ValueError(f"max_count must be >= 1, got {params.max_count}")
+    best = None
+    done = np.zeros(n, bool)
+    draws = np.zeros(n, np.int32)
+    for attempt in range(params.max_count):
+        maps, masks, d_scores = draw(attempt)
+        maps, masks = np.asarray(maps), np.asarray(masks)
+        if d_scores is None:
+            # No discriminator: rank draws by how well the map's filled contours match its mask.
+            maes = np.array([contour_mask_mae(s, m, blur_size=params.blur_size) for s, m in zip(maps, masks)])
+            scores, ok = -maes, maes <= params.mae
+        else:
+            scores = np.asarray(d_scores, np.float32)
+            ok = passes_filter_batch(maps, masks, d_scores=scores, params=params)
+        if best is None:
+            best = dict(maps=maps.copy(), masks=masks.copy(), scores=scores.copy())
+        todo = ~done
+        better = todo & ((scores > best["scores"]) | ok)
+        for name, value in (("maps", maps), ("masks", masks), ("scores", scores)):
+            best[name][better] = value[better]
+        draws[todo] += 1
+        done |= todo & ok
+        if done.all():
+            break
+    return dict(
+        maps=best["maps"].astype(np.uint8),
+        masks=best["masks"].astype(np.uint8),
+        scores=best["scores"],
+        accepted=done,
+        draws=draws,
+    )

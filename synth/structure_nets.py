@@ -159,29 +159,9 @@ def sample_structures(
       `maps`, `masks` (n, H, W) uint8; `scores` (n,); `accepted` (n,) bool; `draws` (n,) draws used.
     """
     gen = generate_fn or make_generate_fn(models, code_shape)
-    best = None
-    done = np.zeros(n, bool)
-    draws = np.zeros(n, np.int32)
-    for attempt in range(filter_params.max_count):
-        maps, masks, scores = (
-            np.asarray(x)
-            for x in jax.device_get(gen(g_params, d_params, jax.random.fold_in(key, attempt), n))
-        )
-        ok = structure_filter.passes_filter_batch(maps, masks, d_scores=scores, params=filter_params)
-        if best is None:
-            best = dict(maps=maps.copy(), masks=masks.copy(), scores=scores.copy())
-        todo = ~done
-        better = todo & ((scores > best["scores"]) | ok)
-        for name, value in (("maps", maps), ("masks", masks), ("scores", scores)):
-            best[name][better] = value[better]
-        draws[todo] += 1
-        done |= todo & ok
-        if done.all():
-            break
-    return dict(
-        maps=best["maps"].astype(np.uint8),
-        masks=best["masks"].astype(np.uint8),
-        scores=best["scores"],
-        accepted=done,
-        draws=draws,
-    )
+
+    def draw(attempt: int):
+        maps, masks, scores = jax.device_get(gen(g_params, d_params, jax.random.fold_in(key, attempt), n))
+        return np.asarray(maps), np.asarray(masks), np.asarray(scores)
+
+    return structure_filter.sample_filtered(draw, n, params=filter_params)

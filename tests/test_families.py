@@ -29,6 +29,7 @@ from synth import (
     mixes,
     pipeline,
     registration,
+    structure_flow,
     structure_losses,
 )
 from synth.lesion import classify, segment
@@ -157,12 +158,16 @@ def test_every_dataset_config_builds_and_validates(module, arg):
         assert compare.check_config(config)
     frozen.needs(config, "generate")  # Which trained stages generation would load.
     # The flow family on the same config: valid, and its velocity net fits the family's image size.
-    flow_arg = ",".join(filter(None, [arg, "generator=flow"]))
+    flow_arg = ",".join(filter(None, [arg, "generator=flow", "structure_generator=flow"]))
     flow_config = importlib.import_module(f"configs.{module}").get_config(flow_arg)
     synthesis.check_config(flow_config)
+    structure_flow.check_config(flow_config)
+    assert structure_flow.is_flow(flow_config) and not structure_flow.is_flow(config)
     hw = (64, 64) if arg == "demo" else (128, 128)
     shapes = flow_synthesis.abstract_params(flow_config, hw + (len(flow_config.data.modalities),))
     assert shapes["params"] and frozen.needs(flow_config, "generate")[-1] == "synthesis"
+    stage_a = structure_flow.abstract_params(flow_config, hw + (len(flow_config.data.modalities),))
+    assert set(stage_a) == {"params", "ema_params"}
 
 
 def test_family_configs_follow_the_method_where_the_review_found_them_off():

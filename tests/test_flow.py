@@ -508,13 +508,22 @@ def test_stage_a_step_and_extra_loss_trace():
 def test_stage_b_flow_config_is_checked_and_loads_what_it_needs():
     from configs import phantom
     from synth import flow_synthesis, frozen
-    from synth.stages import synthesis
+    from synth.stages import synthesis, translator
 
     config = phantom.get_config("runlocal,generator=flow")
     synthesis.check_config(config)
     assert flow_synthesis.is_flow(config) and not flow_synthesis.frozen_for_training(config)
     # Evaluation reads the segmentors and G_t; stage A's maps are never its input.
     assert frozen.stage_b_frozen(config) == ("segmentor", "translator")
+    assert translator.skip_reason(config) is None
+    # Without the registration score and term nothing reads G_t, and stage=all does not train it.
+    config.synthesis.flow.score_registration = False
+    assert frozen.stage_b_frozen(config) == ("segmentor",)
+    assert "score_registration=False" in translator.skip_reason(config)
+    config.synthesis.flow.weights.registration = 0.5
+    assert frozen.stage_b_frozen(config) == ("segmentor", "translator")
+    assert translator.skip_reason(phantom.get_config("demo,generator=flow")) is not None
+    config = phantom.get_config("runlocal,generator=flow")
     assert not flow_synthesis.is_flow(phantom.get_config("runlocal"))
     with pytest.raises(ValueError, match="Unknown config option 'generatr'"):
         phantom.get_config("generatr=flow")
@@ -526,15 +535,7 @@ def test_stage_b_flow_config_is_checked_and_loads_what_it_needs():
         ("flow.size", "huge", "huge"),
         ("structure_source", "stage_a", "needs config.synthesis.structure_source='real'"),
     ]
-    for key, value, message in bad:
-        config = phantom.get_config("runlocal,generator=flow")
-        *path, last = key.split(".")
-        section = config.synthesis
-        for name in path:
-            section = section[name]
-        section[last] = value
-        with pytest.raises(ValueError, match=message):
-            synthesis.check_config(config)
+    _assert_each_rejected("runlocal,generator=flow", "synthesis", bad, synthesis.check_config)
     config = phantom.get_config("runlocal,generator=flow")
     config.synthesis.flow.label_dropout = 0.0
     config.synthesis.flow.sampler.guidance = 2.0
@@ -544,6 +545,52 @@ def test_stage_b_flow_config_is_checked_and_loads_what_it_needs():
     config.synthesis.flow.weights.lesion = 1.0
     del config.synthesis.flow.weights["registration"]
     with pytest.raises(ValueError, match=r"missing terms \['registration'\]"):
+        synthesis.check_config(config)
+
+
+def _assert_each_rejected(arg: str, stage: str, bad, check) -> None:
+    """`check(config)` raises a ValueError matching `message` for each `(key under stage, value, message)`."""
+    from configs import phantom
+
+    for key, value, message in bad:
+        config = phantom.get_config(arg)
+        *path, last = key.split(".")
+        section = config[stage]
+        for name in path:
+            section = section[name]
+        section[last] = value
+        with pytest.raises(ValueError, match=message):
+            check(config)
+
+
+def test_stage_a_flow_config_is_checked_and_loaded_from_its_ema():
+    from configs import phantom
+    from synth import frozen, structure_flow
+    from synth.stages import structure, synthesis
+
+    config = phantom.get_config("runlocal,structure_generator=flow")
+    structure_flow.check_config(config)
+    assert structure_flow.is_flow(config) and not structure_flow.is_flow(phantom.get_config("runlocal"))
+    models, init, _ = structure.step_parts(config, (32, 32))
+    assert models.velocity.out_channels == 2
+    # The frozen-loading tree is the trained state's: params and their EMA.
+    shapes = frozen.ABSTRACT_PARAMS["structure"](config, (32, 32, 4))
+    batch = {"image": jnp.zeros((2, 32, 32, 4)), "label": jnp.zeros((2, 32, 32), jnp.int32)}
+    state = jax.eval_shape(init, jax.random.key(0), batch)
+    assert jax.tree.structure(shapes["ema_params"]) == jax.tree.structure(state.ema_params)
+    bad = [
+        ("generator", "vae", "config.structure.generator 'vae'"),
+        ("flow.threshold", 1.0, "threshold must be in"),
+        ("flow.sampler.method", "rk4", "config.structure.flow.sampler.method"),
+        ("flow.ema_decay", 1.0, "config.structure.flow.ema_decay"),
+        ("flow.size", "huge", "huge"),
+    ]
+    check = functools.partial(structure.step_parts, image_hw=(32, 32))
+    _assert_each_rejected("runlocal,structure_generator=flow", "structure", bad, check)
+    # Stage B's GAN cannot draw its maps from a flow stage A inside its step.
+    config = phantom.get_config("runlocal,structure_generator=flow")
+    config.synthesis.structure_source = "stage_a"
+    with pytest.raises(ValueError, match="structure_source='stage_a' draws maps from stage A's VAE-GAN"):
         synthesis.check_config(config)
 
 

@@ -173,22 +173,36 @@ def test_curricula_train_in_their_order(quickstart):
     )
 
 
-def test_a_flow_generator_runs_stages_b_to_d_on_the_same_earlier_stages(quickstart, tmp_path):
-    """Issue 18: `synthesis.generator=flow` drops into stage B; generation, stage C and D are unchanged."""
+def test_a_flow_pipeline_runs_stages_a_to_d_beside_the_same_frozen_networks(quickstart, tmp_path):
+    """Issue 18: flow-matching stages A and B drop in; generation, stage C and D are unchanged.
+
+    `structure.generator=flow` and `synthesis.generator=flow`; the segmentors and G_t are the quickstart's.
+    """
     _, workdir = quickstart
     config = workdir_lib.load_config(workdir)
-    config.synthesis.generator = "flow"
+    config.structure.generator = config.synthesis.generator = "flow"
     config.verify.mixes = ("real=1 syn=0.25 mode=M",)
     copy = tmp_path / "flow"
-    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("synthesis", "dataset", "verify"))
-    for stage in ("synthesis", "dataset", "verify"):
+    ignored = ("structure", "synthesis", "dataset", "verify")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(*ignored))
+    for stage in ignored:
         config.stage = stage
         pipeline.train_and_evaluate(config, copy)
+    stage_a = json.loads((copy / "structure" / "last_eval.json").read_text())
+    assert 0.0 <= stage_a["eval/acceptance_first_draw"] <= stage_a["eval/acceptance"] <= 1.0
+    assert {"eval/edge_fraction_sampled", "eval/diversity", "eval/contour_mae_sampled"} <= set(stage_a)
+    assert list((copy / "structure" / "samples").glob("samples_map_mask*.png"))
     last_eval = json.loads((copy / "synthesis" / "last_eval.json").read_text())
     assert {"eval/lesion_dice", "eval/lesion_dice_chance", "eval/translation_mse"} <= set(last_eval)
     assert list((copy / "synthesis" / "samples").glob("*.png"))
     gen = generate.Generator.from_workdir(copy)
     assert gen.is_flow and gen.provenance["synthesis_step"] == config.synthesis.train.num_steps
+    assert gen.provenance["structure_step"] == config.structure.train.num_steps
+    structures = gen.sample_structures(jax.random.key(0), 3)
+    assert structures["maps"].shape == structures["masks"].shape == (3, 32, 32)
+    assert set(np.unique(structures["maps"])) <= {0, 1} and (structures["draws"] >= 1).all()
+    again = gen.sample_structures(jax.random.key(0), 3)
+    np.testing.assert_array_equal(structures["maps"], again["maps"])  # One key, one draw.
     maps = np.stack([np.eye(32, dtype=np.uint8)] * 2)
     masks, labels = np.ones_like(maps), np.zeros((2, 32, 32), np.int32)
     labels[:, 10:14, 10:14] = 2

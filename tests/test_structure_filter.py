@@ -84,3 +84,29 @@ def test_sample_until_pass():
     s, _, passed, count = F.sample_until_pass(draw, params=F.FilterParams(max_count=4))
     assert not passed and count == 4 and len(marked) == 4
     np.testing.assert_array_equal(s, bad * 0.5)  # the best-scoring draw
+
+
+def test_sample_filtered_redraws_rejected_slots_and_ranks_without_a_discriminator():
+    closed, organ = _clean_map(), _filled_disc()
+    wrong = np.zeros_like(organ)  # A mask the map's contour does not fill.
+    calls = []
+
+    def draw(attempt):
+        calls.append(attempt)
+        # Slot 0 passes at once; slot 1 only on the third draw; slot 2 never (its masks get closer).
+        masks = [organ, organ if attempt == 2 else wrong, np.roll(organ, 6, axis=0) * (attempt > 0)]
+        return np.stack([closed] * 3), np.stack(masks), None
+
+    out = F.sample_filtered(draw, 3, params=F.FilterParams(max_count=4))
+    assert calls == [0, 1, 2, 3]
+    assert out["accepted"].tolist() == [True, True, False]
+    assert out["draws"].tolist() == [1, 3, 4]
+    np.testing.assert_array_equal(out["masks"][1], organ)
+    # Without D_s the score is minus the contour-fill MAE; a slot that never passes keeps its best draw.
+    assert out["scores"][0] == pytest.approx(-F.contour_mask_mae(closed, organ))
+    assert out["scores"][2] == pytest.approx(-F.contour_mask_mae(closed, np.roll(organ, 6, axis=0)))
+    # With D_s's scores a high score accepts at once (the paper's shortcut).
+    out = F.sample_filtered(
+        lambda a: (np.stack([closed]), np.stack([wrong]), np.array([0.9])), 1, params=F.FilterParams()
+    )
+    assert out["accepted"].tolist() == [True] and out["draws"].tolist() == [1]

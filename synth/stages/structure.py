@@ -1,4 +1,4 @@
-"""Stage `structure` (stage A, METHOD.md §5): a VAE-GAN that draws structure maps and organ masks from noise.
+"""Stage `structure` (stage A, METHOD.md §5): a generator of structure maps and organ masks from noise.
 
 Real structure maps and organ masks are extracted on the fly, on device, from the configured dataset's images
 (Algorithms 1-2, `synth.extraction`), with the lesion removed using its label (§3.4), so any BRATS-like
@@ -7,6 +7,9 @@ decoder G_s, mask generator G_m (the G side, one optimiser) and the structure an
 D_z (the D side). Updates are simultaneous (the authors': both sides' gradients from one forward pass) or
 alternating. The evaluator reports reconstruction errors, and the acceptance and diversity of maps drawn
 from noise through the quality filter of §5.4 (`structure_nets.sample_structures`).
+
+With `config.structure.generator = "flow"` the stage trains the flow family instead (`synth.structure_flow`):
+one velocity network draws map and mask together; its evaluation draws through the same filter.
 """
 
 from __future__ import annotations
@@ -20,7 +23,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synth import configlib, input_pipeline, optim, sharding, state, structure_filter, structure_nets, train
+from synth import (
+    configlib,
+    flow_train,
+    input_pipeline,
+    optim,
+    sharding,
+    state,
+    structure_filter,
+    structure_flow,
+    structure_nets,
+    train,
+)
 from synth import structure_losses as losses_a
 from synth import writer as writer_lib
 from synth.models import vae
@@ -119,14 +133,38 @@ def map_diversity(maps: np.ndarray) -> float:
     return float(np.abs(flat[:, None] - flat[None]).mean(-1).sum() / max(pairs, 1))
 
 
+def _sampling_report(real_maps: np.ndarray, sampled: dict[str, np.ndarray], num_samples: int):
+    """Scalars and a grid of maps drawn through the §5.4 filter (`structure_filter.sample_filtered`)."""
+    scalars = {
+        "edge_fraction_real": float(real_maps.mean()),
+        "edge_fraction_sampled": float(sampled["maps"].mean()),
+        "acceptance_first_draw": float(np.mean(sampled["draws"] == 1) * 1.0),
+        "acceptance": float(sampled["accepted"].mean()),
+        "diversity": map_diversity(sampled["maps"]),
+        "diversity_real": map_diversity(real_maps),  # The value a sampler that matches the data reaches.
+    }
+    rows = [
+        [sampled["maps"][i + j] if k == 0 else sampled["masks"][i + j] for j in range(2) for k in range(2)]
+        for i in range(0, min(8, num_samples) - 1, 2)
+    ]
+    grid = writer_lib.image_grid([[x.astype(np.float32) for x in r] for r in rows])
+    return scalars, grid
+
+
+def _eval_images(config):
+    """The first `config.structure.eval.num_examples` eval images, stacked, and the fixed sampling key."""
+    source = input_pipeline.open_source(config.data, config.data.eval_split)
+    n_real = min(config.structure.eval.num_examples, len(source))
+    real = jax.tree.map(lambda *x: np.stack(x), *[preprocess(source[i]) for i in range(n_real)])
+    key = jax.random.fold_in(jax.random.key(config.seed), 7)  # Fixed draws: comparable across steps.
+    return real, key
+
+
 def make_evaluator(config, *, models: structure_nets.Models, extract_fn, mesh):
     """Reconstruction error on eval images, sample acceptance rate and diversity, and a grid."""
     ev = config.structure.eval
-    source = input_pipeline.open_source(config.data, config.data.eval_split)
-    n_real = min(ev.num_examples, len(source))
-    real = jax.tree.map(lambda *x: np.stack(x), *[preprocess(source[i]) for i in range(n_real)])
+    real, key = _eval_images(config)
     filter_params = structure_filter.FilterParams(**config.structure.filter)
-    key = jax.random.fold_in(jax.random.key(config.seed), 7)  # Fixed codes: comparable across steps.
 
     @jax.jit
     def reconstruct(g_params, batch):
@@ -148,33 +186,42 @@ def make_evaluator(config, *, models: structure_nets.Models, extract_fn, mesh):
             code_shape=code_shape,
             filter_params=filter_params,
         )
-        scalars = {
-            "recon_error": float(np.mean(recon != s)),
-            "mask_error": float(np.mean(mask != organ)),
-            "edge_fraction_real": float(s.mean()),
-            "edge_fraction_sampled": float(sampled["maps"].mean()),
-            "acceptance_first_draw": float(np.mean(sampled["draws"] == 1) * 1.0),
-            "acceptance": float(sampled["accepted"].mean()),
-            "diversity": map_diversity(sampled["maps"]),
-            "diversity_real": map_diversity(s),  # The value a sampler that matches the data reaches.
-            "d_score_sampled": float(sampled["scores"].mean()),
-        }
+        scalars, sample_grid = _sampling_report(s, sampled, ev.num_samples)
+        scalars.update(
+            recon_error=float(np.mean(recon != s)),
+            mask_error=float(np.mean(mask != organ)),
+            d_score_sampled=float(sampled["scores"].mean()),
+        )
         rows = [[s[i], organ[i], recon[i], mask[i]] for i in range(min(4, len(s)))]
-        sample_rows = [
-            [
-                sampled["maps"][i + j] if k == 0 else sampled["masks"][i + j]
-                for j in range(2)
-                for k in range(2)
-            ]
-            for i in range(0, min(8, ev.num_samples) - 1, 2)
-        ]
         images = {
             "real_map_mask_recon_mask": writer_lib.image_grid(
                 [[x.astype(np.float32) for x in r] for r in rows]
             ),
-            "samples_map_mask": writer_lib.image_grid(
-                [[x.astype(np.float32) for x in r] for r in sample_rows]
-            ),
+            "samples_map_mask": sample_grid,
+        }
+        return scalars, images
+
+    return evaluate
+
+
+def make_flow_evaluator(config, *, models: structure_flow.Models, extract_fn, image_hw):
+    """The flow family's evaluation: maps and masks drawn by the EMA net through the filter, and a grid."""
+    ev = config.structure.eval
+    real, key = _eval_images(config)
+    filter_params = structure_filter.FilterParams(**config.structure.filter)
+    s, organ = (np.asarray(x)[..., 0] for x in jax.device_get(jax.jit(extract_fn)(real)))
+    generate_fn = structure_flow.make_generate_fn(models, config, image_hw)
+
+    def evaluate(flow_state, step: int):
+        sampled = structure_flow.sample_structures(
+            flow_state.ema_params, key, ev.num_samples, generate_fn=generate_fn, filter_params=filter_params
+        )
+        scalars, sample_grid = _sampling_report(s, sampled, ev.num_samples)
+        scalars["contour_mae_sampled"] = float(-sampled["scores"].mean())
+        rows = [[s[i], organ[i]] for i in range(min(4, len(s)))]
+        images = {
+            "real_map_mask": writer_lib.image_grid([[x.astype(np.float32) for x in r] for r in rows]),
+            "samples_map_mask": sample_grid,
         }
         return scalars, images
 
@@ -197,10 +244,15 @@ def training_images(config: ml_collections.ConfigDict, source):
 
 
 def step_parts(config: ml_collections.ConfigDict, image_hw: tuple[int, int]):
-    """`(models, init_state, train_step)` of stage A for images of `image_hw`, their options bound.
+    """`(models, init_state, train_step)` of stage A's configured family for `image_hw`, options bound.
 
     What `build` hands the loop, without data: `benchmarks.memory` compiles the step from these.
     """
+    return _flow_parts(config, image_hw) if structure_flow.is_flow(config) else _gan_parts(config, image_hw)
+
+
+def _gan_parts(config: ml_collections.ConfigDict, image_hw: tuple[int, int]):
+    """The paper's VAE-GAN: networks, `init_state` and `train_step` with their options bound."""
     st = config.structure
     models = structure_nets.make_models(config, image_hw)
     extract_fn = functools.partial(structure_nets.real_structures, **structure_nets.extract_kwargs(config))
@@ -220,6 +272,16 @@ def step_parts(config: ml_collections.ConfigDict, image_hw: tuple[int, int]):
     return models, init, step
 
 
+def _flow_parts(config: ml_collections.ConfigDict, image_hw: tuple[int, int]):
+    """The flow family: velocity net, state init and step (`synth.structure_flow`)."""
+    structure_flow.check_config(config)
+    models = structure_flow.make_models(config, image_hw)
+    tx = optim.make_optimizer(config.structure.flow.optim)
+    init = functools.partial(structure_flow.init_state, models=models, config=config, tx=tx)
+    step = functools.partial(flow_train.train_step, tx=tx, **structure_flow.train_options(config, models))
+    return models, init, step
+
+
 def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
     st = config.structure
     source = training_images(config, input_pipeline.gan_training_source(config.data))
@@ -227,6 +289,10 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
     models, init, step = step_parts(config, image_hw)
     extract_fn = functools.partial(structure_nets.real_structures, **structure_nets.extract_kwargs(config))
     mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    if structure_flow.is_flow(config):
+        evaluate = make_flow_evaluator(config, models=models, extract_fn=extract_fn, image_hw=image_hw)
+    else:
+        evaluate = make_evaluator(config, models=models, extract_fn=extract_fn, mesh=mesh)
     return train.StageSpec(
         name=NAME,
         train=st.train,
@@ -234,7 +300,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
         preprocess=preprocess,
         init_state=init,
         train_step=step,
-        evaluate=make_evaluator(config, models=models, extract_fn=extract_fn, mesh=mesh),
+        evaluate=evaluate,
     )
 
 

@@ -52,6 +52,7 @@ from synth import (
     scoring,
     sharding,
     state,
+    structure_flow,
     structure_nets,
     synthesis_nets,
     train,
@@ -348,6 +349,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises a ValueError naming the key of any unknown or inconsistent stage-B setting."""
     sy = config.synthesis
     configlib.check_choice("synthesis.structure_source", sy.structure_source, STRUCTURE_SOURCES)
+    if sy.structure_source == "stage_a" and structure_flow.is_flow(config):
+        raise ValueError(
+            "config.synthesis.structure_source='stage_a' draws maps from stage A's VAE-GAN inside G's step; "
+            "with config.structure.generator='flow' use structure_source='real' (stage C still draws from "
+            "the flow)"
+        )
     if flow_synthesis.is_flow(config):
         flow_synthesis.check_config(config)
         if sy.structure_source != "real":

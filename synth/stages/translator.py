@@ -27,12 +27,14 @@ import numpy as np
 from synth import (
     configlib,
     evaluation,
+    flow_synthesis,
     gan,
     input_pipeline,
     optim,
     registration,
     sharding,
     state,
+    synthesis_nets,
     train,
     translator_nets,
 )
@@ -213,9 +215,19 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> train.StageSpec:
 
 
 def skip_reason(config: ml_collections.ConfigDict) -> str | None:
-    """Why `stage=all` leaves this stage out for `config`, or None: translation needs two modalities."""
+    """Why `stage=all` leaves this stage out for `config`, or None.
+
+    Translation needs two modalities, and G_t is trained only for a stage B that reads it: the GAN's
+    registration terms, or the flow family's registration term or registration score.
+    """
     if len(config.data.modalities) < 2:
         return f"{config.data.name} has one modality, so there is nothing to translate or register"
+    if not synthesis_nets.uses_translator(config):
+        return (
+            "stage B neither trains against G_t nor scores with it (no registration weight"
+            + (", config.synthesis.flow.score_registration=False" if flow_synthesis.is_flow(config) else "")
+            + "); stage=translator trains it anyway"
+        )
     return None
 
 
