@@ -151,6 +151,9 @@ def main(argv):
             any(k in os.environ for k in _CLUSTER_ENV)
             and int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1
         )
+    from synth import xla_defaults
+
+    xla_defaults.apply()  # Before the backend starts.
     import jax
 
     if distributed:

@@ -55,7 +55,7 @@ def test_settings_follow_each_variants_config():
     base = phantom.get_config("runlocal")
     flags = {
         name: compare_report.settings(compare.variant_config(base, name))
-        for name in ("basegan", "skrgan", "B", "C", "D", "E", "full", "ecai")
+        for name in ("basegan", "skrgan", "B", "C", "D", "E", "full", "ecai", "flow")
     }
     assert base.variant == "full" and base.synthesis.g_input == "structure"  # The base is left alone.
     on = {name: {k for k, v in f.items() if v} for name, f in flags.items()}
@@ -68,6 +68,8 @@ def test_settings_follow_each_variants_config():
     assert on["full"] == on["E"] | {"placement_check"}
     # The old design registers through its own translations, on a fusion map without noise (§6.7).
     assert on["ecai"] == {"structure_map", "registration_loss", "lesion_label_loss", "placement_check"}
+    # The flow family: map-conditioned from noise; none of the GAN's terms unless its own weights say so.
+    assert on["flow"] == {"structure_map", "noise"}
     assert compare_report.description("D", base).startswith("D: C with the frozen G_t")
     assert list(frozen.needs(base, "compare")) == ["segmentor", "translator"]
 

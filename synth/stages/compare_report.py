@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from synth import synthesis_nets
+from synth import flow_synthesis, synthesis_nets
 from synth import workdir as workdir_lib
 from synth import writer as writer_lib
 from synth.lesion import base as lesion_base
@@ -45,6 +45,18 @@ def title(name: str) -> str:
 def settings(vconfig: ml_collections.ConfigDict) -> dict[str, bool]:
     """What a variant's stage B uses, as T1's columns, read from its config."""
     sy = vconfig.synthesis
+    if flow_synthesis.is_flow(vconfig):
+        # The flow family: conditioned on the clean map and the label, noise is its starting point, the
+        # modalities are one sample, and its optional terms are its own weights.
+        weights = sy.flow.weights
+        return {
+            "structure_map": True,
+            "noise": True,
+            "registration_loss": len(vconfig.data.modalities) > 1 and weights.registration > 0,
+            "lesion_label_loss": sy.lesion_processor != "none" and weights.lesion > 0,
+            "placement_check": False,
+            "separate_models": False,
+        }
     structure = sy.g_input != "noise"
     lesion = sy.label_fusion != "none" and sy.lesion_processor != "none" and sy.loss.weights.lesion > 0
     return {
