@@ -85,6 +85,7 @@ QUALITY_BUDGET = {
     "segmentor.train.checkpoint_every": 250,
     "segmentor.train.eval_every": 250,
     "synthesis.flow.score_registration": True,
+    "synthesis.flow.sampler.num_steps": 16,
     "verify.budget_epochs": 3.0,
 }
 FLOW_STAGE_B_BUDGET = {

@@ -5,7 +5,8 @@ Usage:
   python launch.py --config configs/chest_xray.py --workdir runs/chest_xray
   python launch.py --config configs/chest_xray.py:runlocal --workdir /tmp/xray   # dummy data, CPU, minutes
 
-Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a few steps).
+Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a few steps), and each stage's
+generator family: generator=gan|flow (stage B), structure_generator=gan|flow (stage A).
 
 - Stage A learns structure maps of normal images only: pneumonia is diffuse, so lesion images are left
   out rather than their lesions removed (§3.4).

@@ -5,7 +5,8 @@ Usage:
   python launch.py --config configs/lung_ct.py --workdir runs/lung_ct
   python launch.py --config configs/lung_ct.py:runlocal --workdir /tmp/lung   # dummy data, CPU, minutes
 
-Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a few steps).
+Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a few steps), and each stage's
+generator family: generator=gan|flow (stage B), structure_generator=gan|flow (stage A).
 
 The generator has no lesion input and no lesion processor; the authors report image quality only (T3).
 We add a downstream task: lung segmentation with the builder's lung masks. The segmentor stage trains a

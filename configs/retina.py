@@ -6,7 +6,8 @@ Usage:
   python launch.py --config configs/retina.py --workdir runs/retina
   python launch.py --config configs/retina.py:runlocal --workdir /tmp/retina   # dummy data, CPU, minutes
 
-Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a few steps).
+Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a few steps), and each stage's
+generator family: generator=gan|flow (stage B), structure_generator=gan|flow (stage A).
 
 G maps a noise-fused structure map (extracted from all three channels, §3.3) to an RGB fundus image, with
 no lesion input. Synthetic images get coarse vessel labels from their own structure map inside the field

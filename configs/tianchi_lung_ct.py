@@ -5,7 +5,8 @@ Usage:
   python launch.py --config configs/tianchi_lung_ct.py --workdir runs/tianchi
   python launch.py --config configs/tianchi_lung_ct.py:runlocal --workdir /tmp/tianchi   # dummy data, CPU
 
-Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a few steps).
+Options: stage=..., runlocal (the builder's dummy data at 32², tiny models, a few steps), and each stage's
+generator family: generator=gan|flow (stage B), structure_generator=gan|flow (stage A).
 
 Each example is an annotated slice with its two neighbours as 3 channels (§2.1) and the boxes of its
 lesions. The `boxes` adapter turns the builder's pixel boxes into padded, normalised ones and repaints the

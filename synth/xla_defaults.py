@@ -1,10 +1,10 @@
 """XLA settings a run gets by default, set in code before the backend starts, unless the user set them.
 
 On a CPU-only install, LLVM optimisation level 2 instead of XLA's default 3: on 2 cores the demo's stage-A
-and segmentor steps compile in ~19 s instead of ~33 s and ~19 s instead of ~22 s, and run as fast (their
-heavy work is convolutions in precompiled library kernels, not generated code); BENCHMARKS.md has the
-measurement. A short run (the demo, a notebook) spends much of its time compiling, so this is the better
-trade there; a GPU install keeps XLA's defaults.
+and segmentor train steps compile in 20 s and 16 s instead of 31 s and 21 s (means of 3-4 runs each), and
+run as fast (their heavy work is convolutions in precompiled library kernels, not generated code);
+BENCHMARKS.md has the measurement. A short run (the demo, a notebook) spends much of its time compiling,
+so this is the better trade there; a GPU install keeps XLA's defaults.
 """
 
 from __future__ import annotations
