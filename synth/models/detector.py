@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synth.models import conv
 from synth.models.layers import NORM_EPSILON, kernel_init
 from synth.models.layers import activation as activation_fn
 
@@ -277,7 +278,7 @@ class SSD(nn.Module):
             for i, (kernel, stride, mult) in enumerate(convs):
                 width = self.features * mult
                 # No bias: GroupNorm's offset absorbs it.
-                h = nn.Conv(
+                h = conv.Conv(
                     width,
                     (kernel, kernel),
                     strides=(stride, stride),
@@ -296,7 +297,7 @@ class SSD(nn.Module):
                 if len(sources) == self.num_maps:
                     break
 
-        head = functools.partial(nn.Conv, padding="SAME", kernel_init=init, bias_init=nn.initializers.zeros)
+        head = functools.partial(conv.Conv, padding="SAME", kernel_init=init, bias_init=nn.initializers.zeros)
         all_logits, all_offsets = [], []
         for k, source in enumerate(sources):
             boxes = boxes_per_cell(ratios[k])

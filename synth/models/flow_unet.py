@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synth.models import layers
+from synth.models import conv, layers
 
 NORM_EPSILON = 1e-5
 TIME_SCALE = 1000.0  # t in [0, 1] is stretched to DDPM's step range so the sinusoids resolve small dt.
@@ -89,7 +89,7 @@ class FiLMConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
         """Apply the block to NHWC ``x`` with the (B, E) time embedding ``emb``."""
-        h = nn.Conv(
+        h = conv.Conv(
             self.features,
             (3, 3),
             strides=(self.strides, self.strides),
@@ -193,7 +193,7 @@ class FlowUNet(nn.Module):
         def residual_pair(h: jax.Array, width: int, name: str) -> jax.Array:
             out = block(width, f"{name}_conv1")(block(width, f"{name}_conv0")(h, emb), emb)
             if h.shape[-1] != width:
-                h = nn.Conv(width, (1, 1), dtype=self.dtype, name=f"{name}_skip")(h)
+                h = conv.Conv(width, (1, 1), dtype=self.dtype, name=f"{name}_skip")(h)
             return out + h
 
         skips = []
@@ -214,7 +214,7 @@ class FlowUNet(nn.Module):
             h = jnp.concatenate([skip, h], axis=-1)
             h = residual_pair(h, widths[max(level - 1, 0)], f"dec{level}")
 
-        return nn.Conv(
+        return conv.Conv(
             self.out_channels,
             (3, 3),
             padding="SAME",

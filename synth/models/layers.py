@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synth.models import conv
+
 Initializer = Callable[..., jax.Array]
 
 ACTIVATIONS = ("leaky_relu", "capped_relu", "relu")
@@ -184,7 +186,7 @@ class ConvBlock(nn.Module):
         an instance-normalised conv is a per-channel constant the norm subtracts again.
         """
         c_nominal = x.shape[-1] if self.c_nominal is None else self.c_nominal
-        x = nn.Conv(
+        x = conv.Conv(
             self.features,
             (self.kernel_size, self.kernel_size),
             strides=(self.strides, self.strides),

@@ -1,0 +1,70 @@
+"""The convolution algorithms of `synth.models.conv` on 3×3 U-Net layers: forward and both gradients.
+
+Usage: python -m benchmarks.conv_algorithms [--layers 184x144x64,92x72x128,46x36x256,64x64x32]
+                                            [--batches 1,4,8] [--steps 3]
+
+For each layer (H×W×C, a 3×3 C → C convolution, stride 1, SAME) and batch, times the forward pass, the
+input gradient and the filter gradient under each `SYNTH_CONV` algorithm (`xla`, `per_example`,
+`winograd2`, `winograd4`), each jitted once and timed after a warm-up call. `GFLOP/s` is the direct
+convolution's multiply-adds (2·N·H·W·9·C²) over the time, so an algorithm that multiplies less can exceed
+the machine's matmul rate.
+"""
+
+import argparse
+import os
+
+import jax
+
+from benchmarks import common
+from synth.models import conv
+
+ALGORITHMS = ("xla", "per_example", "winograd2", "winograd4")
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, kernel):
+    return conv.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+
+
+def parts(x, kernel, grad):
+    """The three jitted computations of one layer: forward, input gradient, filter gradient."""
+    forward = jax.jit(_conv)
+    input_grad = jax.jit(lambda x, k, g: jax.vjp(lambda x_: _conv(x_, k), x)[1](g)[0])
+    filter_grad = jax.jit(lambda x, k, g: jax.vjp(lambda k_: _conv(x, k_), k)[1](g)[0])
+    return {
+        "forward": (forward, (x, kernel)),
+        "input grad": (input_grad, (x, kernel, grad)),
+        "filter grad": (filter_grad, (x, kernel, grad)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", default="184x144x64,92x72x128,46x36x256,64x64x32")
+    parser.add_argument("--batches", default="1,4,8")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    common.header("3×3 convolution algorithms (ms per call; direct-equivalent GFLOP/s)")
+    print("| layer H×W×C | batch | part | " + " | ".join(ALGORITHMS) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in ALGORITHMS) + " |")
+    for layer in args.layers.split(","):
+        height, width, channels = (int(v) for v in layer.split("x"))
+        for batch in (int(b) for b in args.batches.split(",")):
+            keys = jax.random.split(jax.random.key(0), 3)
+            x = jax.random.normal(keys[0], (batch, height, width, channels))
+            kernel = 0.05 * jax.random.normal(keys[1], (3, 3, channels, channels))
+            grad = jax.random.normal(keys[2], x.shape)
+            flops = 2 * batch * height * width * 9 * channels * channels
+            cells = {}
+            for algorithm in ALGORITHMS:
+                os.environ[conv.ENV_VAR] = algorithm  # Read when each function is traced, below.
+                for part, (fn, fn_args) in parts(x, kernel, grad).items():
+                    seconds = common.timed(fn, *fn_args, steps=args.steps)
+                    cells.setdefault(part, []).append(f"{seconds * 1e3:.1f} ({flops / seconds / 1e9:.0f})")
+            for part, row in cells.items():
+                print(f"| {layer} | {batch} | {part} | " + " | ".join(row) + " |", flush=True)
+    os.environ.pop(conv.ENV_VAR, None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""How the networks' convolutions are computed: XLA's own, per-example filter gradients, or Winograd.
+
+Every `ConvBlock` (and the flow nets' convs) calls :func:`conv_general_dilated`, a drop-in for
+``lax.conv_general_dilated`` that picks the algorithm when the step is traced. The function is the same
+whichever is picked (tests/test_conv.py compares outputs and gradients); only speed and float32 rounding
+differ. The choice is ``SYNTH_CONV`` in the environment, read at trace time:
+
+* ``auto`` (default): on the CPU backend and maps of at least ``MIN_PIXELS``, the forward pass and the
+  input gradient by XLA, the filter gradient of 3×3 stride-1 convolutions by Winograd F(4×4, 3×3) and
+  that of the others (stride 2, 5×5) summed over examples; elsewhere (GPUs, small maps) XLA's;
+* ``xla``: XLA's convolution everywhere (the reference, and what GPUs use: cuDNN picks its own algorithms);
+* ``winograd_filter_grad`` / ``per_example``: those two filter gradients wherever the shapes allow;
+* ``winograd2`` / ``winograd4``: 3×3 stride-1 ``SAME`` convolutions by Winograd F(2×2, 3×3) / F(4×4, 3×3)
+  (`synth.models.winograd`) in all three parts, the rest by XLA.
+
+Why (BENCHMARKS.md, "Convolutions on XLA:CPU", `benchmarks/conv_algorithms.py`). XLA:CPU computes a
+convolution's filter gradient as one convolution whose "kernel" is the whole output-gradient map: at
+3×3, 64 → 64 on 184×144 maps it takes 3× the forward pass at batch 1, and its cost grows faster than the
+batch (63 ms at batch 1, 2 180 ms at batch 8). The same gradient by Winograd F(4×4, 3×3) takes 33 and
+292 ms; summed over examples (the unrolled sum; ``lax.scan`` or ``vmap`` over examples are slower than
+XLA's form) 56 and 490 ms. Winograd's forward pass is no faster than XLA's and its input gradient is
+4× slower (the transposed transforms), so those stay XLA's. The project's meshes have automatic axes
+(`synth.sharding`), under which slicing one example of a batch split over devices is allowed. At 64²
+the tiny networks' steps gain nothing, so test and demo networks keep XLA's form and its shorter
+compile.
+"""
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+from jax import lax
+
+from synth.models import winograd
+
+ALGORITHMS = ("auto", "xla", "per_example", "winograd_filter_grad", "winograd2", "winograd4")
+ENV_VAR = "SYNTH_CONV"
+# Under "auto", maps smaller than this (H·W of the convolution's input) keep XLA's filter gradient: at 64²
+# the tiny networks' steps are no faster (their few channels leave little to save) and compile longer.
+MIN_PIXELS = 96 * 96
+_NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+
+
+def algorithm() -> str:
+    """The configured algorithm (``SYNTH_CONV``, default ``auto``); an unknown name is an error."""
+    name = os.environ.get(ENV_VAR, "auto")
+    if name not in ALGORITHMS:
+        raise ValueError(f"{ENV_VAR}={name!r} is not a convolution algorithm; valid: {ALGORITHMS}.")
+    return name
+
+
+def _direct(x, kernel, strides, padding, precision):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_per_example_filter_grad(x, kernel, strides, padding, precision=None):
+    """An NHWC/HWIO convolution whose filter gradient is summed over examples (module docstring)."""
+    return _direct(x, kernel, strides, padding, precision)
+
+
+def _forward(x, kernel, strides, padding, precision):
+    return _direct(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _backward(strides, padding, precision, residuals, grad):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: _direct(x_, kernel, strides, padding, precision), x)
+    (grad_x,) = input_vjp(grad)
+    grad_kernel = None
+    for i in range(x.shape[0]):
+        example = x[i : i + 1]
+        _, kernel_vjp = jax.vjp(lambda k, e=example: _direct(e, k, strides, padding, precision), kernel)
+        (part,) = kernel_vjp(grad[i : i + 1])
+        grad_kernel = part if grad_kernel is None else grad_kernel + part
+    return grad_x, grad_kernel
+
+
+conv_per_example_filter_grad.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_winograd_filter_grad(x, kernel, precision=None):
+    """A 3×3 stride-1 SAME convolution by XLA whose filter gradient is Winograd F(4×4, 3×3)'s."""
+    return _direct(x, kernel, (1, 1), "SAME", precision)
+
+
+def _winograd_forward(x, kernel, precision):
+    return _direct(x, kernel, (1, 1), "SAME", precision), (x, kernel)
+
+
+def _winograd_backward(precision, residuals, grad):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: _direct(x_, kernel, (1, 1), "SAME", precision), x)
+    _, kernel_vjp = jax.vjp(lambda k: winograd.conv3x3_same(x, k, tile=4, precision=precision), kernel)
+    return input_vjp(grad)[0], kernel_vjp(grad)[0]
+
+
+conv3x3_winograd_filter_grad.defvjp(_winograd_forward, _winograd_backward)
+
+
+def _is_plain(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_groups, batch_groups) -> bool:
+    """Whether the call is a plain NHWC/HWIO convolution (no dilation, groups) the other algorithms handle."""
+    ones = (None, (1, 1))
+    return (
+        lhs.ndim == 4
+        and rhs.ndim == 4
+        and tuple(lhs_dilation or (1, 1)) in ones
+        and tuple(rhs_dilation or (1, 1)) in ones
+        and feature_groups == 1
+        and batch_groups == 1
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+    )
+
+
+def _is_winograd_shape(rhs, window_strides, padding) -> bool:
+    same = padding == "SAME" or tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+    return rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and same
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """``lax.conv_general_dilated`` by the configured algorithm (module docstring); same arguments."""
+    name = algorithm()
+    plain = preferred_element_type is None and _is_plain(
+        lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count
+    )
+    if plain and not isinstance(padding, str):
+        padding = tuple(map(tuple, padding))
+    pixels = lhs.shape[1] * lhs.shape[2] if plain else 0
+    auto_cpu = name == "auto" and jax.default_backend() == "cpu"
+    if plain and _is_winograd_shape(rhs, window_strides, padding):
+        if name in ("winograd2", "winograd4"):
+            return winograd.conv3x3_same(lhs, rhs, tile=int(name[-1]), precision=precision)
+        if name == "winograd_filter_grad" or (auto_cpu and pixels >= MIN_PIXELS):
+            return conv3x3_winograd_filter_grad(lhs, rhs, precision)
+    if plain and lhs.shape[0] > 1:
+        if name == "per_example" or (auto_cpu and pixels >= MIN_PIXELS):
+            return conv_per_example_filter_grad(lhs, rhs, tuple(window_strides), padding, precision)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+# `nn.Conv` computing by the configured algorithm: the networks' convolution layer (same parameters).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

@@ -1,0 +1,109 @@
+"""The convolution algorithms (synth.models.conv, synth.models.winograd) compute XLA's convolution.
+
+Per-example filter gradients and Winograd F(2×2, 3×3) / F(4×4, 3×3) are checked against
+``lax.conv_general_dilated`` in value and in both gradients, on odd sizes and strides, on one device and
+sharded over four; ``auto`` replaces the filter gradient only where XLA:CPU's is slow.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from synth import sharding
+from synth.models import conv, winograd
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _loss(x, kernel, strides, padding):
+    y = conv.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+    return jnp.sum(jnp.sin(y)), y
+
+
+def _value_and_grads(algorithm, monkeypatch, x, kernel, strides=(1, 1), padding="SAME"):
+    monkeypatch.setenv(conv.ENV_VAR, algorithm)
+    fn = jax.jit(jax.grad(_loss, argnums=(0, 1), has_aux=True), static_argnums=(2, 3))
+    (grad_x, grad_kernel), y = fn(x, kernel, strides, padding)
+    return y, grad_x, grad_kernel
+
+
+def _inputs(shape, out_channels, seed=0):
+    kx, kk = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, shape)
+    kernel = 0.3 * jax.random.normal(kk, (3, 3, shape[-1], out_channels))
+    return x, kernel
+
+
+@pytest.mark.parametrize("algorithm", ["per_example", "winograd_filter_grad", "winograd2", "winograd4"])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_algorithms_equal_xla_in_value_and_gradients(algorithm, strides, monkeypatch):
+    x, kernel = _inputs((3, 13, 10, 5), 4)  # Odd sizes: Winograd pads to whole tiles and crops.
+    reference = _value_and_grads("xla", monkeypatch, x, kernel, strides)
+    got = _value_and_grads(algorithm, monkeypatch, x, kernel, strides)
+    # F(4, 3)'s transform coefficients (up to 8 and 1/24) cost a few more bits than F(2, 3)'s.
+    tolerance = 2e-4 if algorithm in ("winograd4", "winograd_filter_grad") else 2e-5
+    for a, b in zip(got, reference):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=tolerance * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_winograd_rejects_what_it_cannot_compute():
+    x, kernel = _inputs((1, 8, 8, 2), 3)
+    with pytest.raises(ValueError, match="tile"):
+        winograd.conv3x3_same(x, kernel, tile=3)
+    with pytest.raises(ValueError, match="3×3 HWIO"):
+        winograd.conv3x3_same(x, jnp.zeros((5, 5, 2, 3)))
+
+
+def test_per_example_filter_gradient_sharded_over_four_devices_equals_one(monkeypatch):
+    x, kernel = _inputs((4, 12, 12, 3), 2, seed=1)
+    one = _value_and_grads("per_example", monkeypatch, x, kernel)
+    mesh = sharding.make_mesh((4,), ("data",))  # The project's mesh (automatic axes), as in training.
+    sharded_x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    with jax.set_mesh(mesh):
+        four = _value_and_grads("per_example", monkeypatch, sharded_x, kernel)
+    assert four[0].sharding.spec[0] == "data"  # The output stays split by example.
+    for a, b in zip(four, one):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
+    monkeypatch.setenv(conv.ENV_VAR, "auto")
+
+    def filter_gradient(shape, strides):
+        x, kernel = _inputs(shape, 2)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: _loss(x, k, strides, "SAME")[0]))(kernel))
+        # XLA's form is two convolutions (the forward one and its filter gradient) and no matmul;
+        # Winograd's is one batched matmul per tile position; the per-example form adds a filter
+        # gradient (and its linearisation) per example.
+        if "dot_general" in jaxpr:
+            return "winograd"
+        return "per_example" if jaxpr.count("conv_general_dilated[") > 2 else "xla"
+
+    side = int(np.ceil(np.sqrt(conv.MIN_PIXELS)))
+    assert jax.default_backend() == "cpu"
+    assert filter_gradient((1, side, side, 1), (1, 1)) == "winograd"
+    assert filter_gradient((2, side, side, 1), (2, 2)) == "per_example"
+    assert filter_gradient((1, side, side, 1), (2, 2)) == "xla"  # One example: XLA's form is the sum.
+    assert filter_gradient((2, 32, 32, 1), (1, 1)) == "xla"  # Small maps: alike in speed, shorter compiles.
+    assert filter_gradient((2, 32, 32, 1), (2, 2)) == "xla"
+
+
+def test_an_unknown_algorithm_names_the_variable(monkeypatch):
+    monkeypatch.setenv(conv.ENV_VAR, "fft")
+    x, kernel = _inputs((1, 4, 4, 1), 1)
+    with pytest.raises(ValueError, match="SYNTH_CONV='fft'"):
+        conv.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+
+
+def test_other_convolutions_fall_through_to_xla(monkeypatch):
+    """Dilated or grouped convolutions are XLA's, whatever the setting."""
+    monkeypatch.setenv(conv.ENV_VAR, "winograd4")
+    x, _ = _inputs((2, 9, 9, 4), 4)
+    kernel = jax.random.normal(jax.random.key(3), (3, 3, 2, 4))
+    args = dict(dimension_numbers=NHWC, rhs_dilation=(2, 2), feature_group_count=2)
+    got = conv.conv_general_dilated(x, kernel, (1, 1), "SAME", **args)
+    np.testing.assert_array_equal(got, lax.conv_general_dilated(x, kernel, (1, 1), "SAME", **args))
