@@ -1,7 +1,7 @@
 """Compiled memory of the paper's configurations: whether each training step fits a 16 GB GPU at batch 1.
 
 Usage: python -m benchmarks.memory [--configs brats2015,chest_xray,lung_ct,retina,tianchi_lung_ct]
-                                   [--batches 1] [--generators gan,flow] [--json FILE]
+                                   [--batches 1] [--generators gan,flow] [--json FILE] [--largest_batch]
 
 For every dataset config at its full size (BRATS 184×144 with K = 4, the others 512²), the stage-A
 training step, the stage-B training step of each generator family (with the frozen networks it reads) and
@@ -10,8 +10,10 @@ and XLA's `memory_analysis()` is read: arguments, outputs, temporaries and gener
 is arguments + outputs + temporaries − aliased (donated) bytes, the peak an executable needs on the
 device it was compiled for. The figures are the backend's that runs the script: on a CPU host they are
 XLA:CPU's buffer assignment, close to but not the same as a GPU's (fusion and convolution algorithms
-differ). `--json FILE` writes one row per measurement: `config`, `step`, `batch`, `total_bytes` and the
-parts.
+differ). Convolutions compile as XLA's own (`SYNTH_CONV=xla` unless the environment sets it), as on a
+GPU, not with the CPU's filter-gradient forms. `--json FILE` writes one row per measurement: `config`,
+`step`, `batch`, `total_bytes` and the parts. `--largest_batch` also finds, for each step, the largest
+batch whose compiled total fits a 16, 40 and 80 GB card (rows with `card_gb` and `largest_batch`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import argparse
 import functools
 import importlib
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks import common
 from synth import flow_synthesis, frozen, generate
+from synth.models import conv
 from synth.stages import structure, synthesis
 
 CONFIGS = ("brats2015", "chest_xray", "lung_ct", "retina", "tianchi_lung_ct")
@@ -34,6 +38,7 @@ IMAGE_HW = {"brats2015": (184, 144)}
 DEFAULT_HW = (512, 512)
 GB = 1e9
 CARDS_GB = (16, 40, 80)
+MAX_BATCH = 1024  # The largest-batch search stops here (generation's batches fit in the thousands).
 
 
 def abstract_batch(config, hw: tuple[int, int], batch: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -100,30 +105,75 @@ def generation_memory(config, hw: tuple[int, int], batch: int, init) -> dict[str
     return memory(jax.jit(fn), state.g_params, maps, maps, labels, key)
 
 
+def _config(name: str, generator: str, arg: str = ""):
+    options = ",".join(filter(None, [arg, f"generator={generator}"]))
+    config = importlib.import_module(f"configs.{name}").get_config(options)
+    config.structure.extraction.size = None  # Extract at the measured size.
+    return config
+
+
+def steps_of(generator: str) -> tuple[str, ...]:
+    """The steps measured for a family: stage A's (the VAE-GAN's) for the GAN only, stage B's, generation."""
+    return ("stage_a_train",) * (generator == "gan") + ("stage_b_train", "generate")
+
+
+def step_memory(config, step_name: str, hw: tuple[int, int], batch: int) -> dict[str, int]:
+    """One step's compiled memory at one batch size."""
+    batch_shapes = abstract_batch(config, hw, batch)
+    if step_name == "stage_a_train":
+        _, init_a, step_a = structure.step_parts(config, hw)
+        return train_step_memory(init_a, step_a, batch_shapes)
+    _, init_b, step_b = synthesis.step_parts(config, hw)
+    if step_name == "stage_b_train":
+        return train_step_memory(init_b, step_b, batch_shapes, abstract_frozen(config, hw))
+    if step_name == "generate":
+        return generation_memory(config, hw, batch, init_b)
+    raise ValueError(f"Unknown step {step_name!r}; valid: stage_a_train, stage_b_train, generate.")
+
+
 def measure(name: str, generator: str, batch: int, *, arg: str = "", hw=None) -> list[dict]:
     """Rows for one config, family and batch: stage A's step (GAN only), stage B's step, generation.
 
     `arg` adds config options (e.g. `runlocal`), `hw` replaces the paper's image size.
     """
-    options = ",".join(filter(None, [arg, f"generator={generator}"]))
-    config = importlib.import_module(f"configs.{name}").get_config(options)
+    config = _config(name, generator, arg)
     hw = tuple(hw or IMAGE_HW.get(name, DEFAULT_HW))
-    config.structure.extraction.size = None  # Extract at the measured size.
-    batch_shapes = abstract_batch(config, hw, batch)
     rows = []
-
-    def row(step_name: str, figures: dict) -> None:
+    for step_name in steps_of(generator):
+        figures = step_memory(config, step_name, hw, batch)
         rows.append(dict(config=name, generator=generator, step=step_name, batch=batch, **figures))
-        gb = figures["total_bytes"] / GB
-        common.progress(f"{name} {generator} {step_name} batch {batch}: {gb:.2f} GB")
-
-    if generator == "gan":
-        _, init_a, step_a = structure.step_parts(config, hw)
-        row("stage_a_train", train_step_memory(init_a, step_a, batch_shapes))
-    _, init_b, step_b = synthesis.step_parts(config, hw)
-    row("stage_b_train", train_step_memory(init_b, step_b, batch_shapes, abstract_frozen(config, hw)))
-    row("generate", generation_memory(config, hw, batch, init_b))
+        common.progress(f"{name} {generator} {step_name} batch {batch}: {figures['total_bytes'] / GB:.2f} GB")
     return rows
+
+
+def largest_batches(
+    name: str, generator: str, step_name: str, cards_gb=CARDS_GB, *, arg: str = "", hw=None
+) -> dict[int, int]:
+    """The largest batch whose compiled total fits each card (GB), for one step, up to `MAX_BATCH`.
+
+    Memory grows linearly with the batch beyond the parameters' fixed share: batches 1 and 8 give the
+    line, its prediction for each card is compiled, and the batch is lowered (by the measured per-example
+    bytes, at least 1) until the compiled figure fits. 0 means not even batch 1 fits; `MAX_BATCH` means
+    that many or more.
+    """
+    config = _config(name, generator, arg)
+    hw = tuple(hw or IMAGE_HW.get(name, DEFAULT_HW))
+    measured = {b: step_memory(config, step_name, hw, b)["total_bytes"] for b in (1, 8)}
+    # XLA may reuse buffers so that 8 examples cost less than the line suggests; never below 1 byte.
+    per_example = max((measured[8] - measured[1]) // 7, 1)
+    out = {}
+    for card in cards_gb:
+        limit = int(card * GB)
+        batch = min(max(int((limit - measured[1]) // per_example) + 1, 0), MAX_BATCH)
+        while batch > 0:
+            total = measured.get(batch) or step_memory(config, step_name, hw, batch)["total_bytes"]
+            measured[batch] = total
+            if total <= limit:
+                break
+            batch = max(batch - max(1, -(-(total - limit) // per_example)), 0)
+        out[card] = batch
+        common.progress(f"{name} {generator} {step_name}: largest batch in {card} GB: {batch}")
+    return out
 
 
 def main() -> None:
@@ -132,7 +182,15 @@ def main() -> None:
     parser.add_argument("--batches", default="1", help="batch sizes, comma-separated")
     parser.add_argument("--generators", default="gan,flow", help="stage B families, comma-separated")
     parser.add_argument("--json", default="", help="write the rows to this file")
+    parser.add_argument(
+        "--largest_batch",
+        action="store_true",
+        help="also find the largest batch of each step that fits each card (16, 40, 80 GB)",
+    )
     args = parser.parse_args()
+    # The question is a GPU's memory: compile the convolutions as a GPU runs them (XLA's own), not with the
+    # CPU's filter-gradient forms (synth.models.conv), whose temporaries differ. An explicit choice wins.
+    os.environ.setdefault(conv.ENV_VAR, "xla")
     rows = []
     for name in args.configs.split(","):
         for generator in args.generators.split(","):
@@ -150,6 +208,25 @@ def main() -> None:
             f"| {r['config']} | {r['generator']} | {r['step']} | {r['batch']} | {sizes} | {fits} GB |",
             flush=True,
         )
+    if args.largest_batch:
+        largest = [
+            (name, generator, step_name, largest_batches(name, generator, step_name))
+            for name in args.configs.split(",")
+            for generator in args.generators.split(",")
+            for step_name in steps_of(generator)
+        ]
+        common.header("Largest batch that fits each card (XLA's compiled total)")
+        print("| config | generator | step | " + " | ".join(f"{card} GB" for card in CARDS_GB) + " |")
+        print("| --- | --- | --- | " + " | ".join("---" for _ in CARDS_GB) + " |")
+        for name, generator, step_name, batches in largest:
+            cells = " | ".join(
+                f"≥ {MAX_BATCH}" if batches[card] >= MAX_BATCH else str(batches[card]) for card in CARDS_GB
+            )
+            print(f"| {name} | {generator} | {step_name} | {cells} |", flush=True)
+            rows.extend(
+                dict(config=name, generator=generator, step=step_name, card_gb=card, largest_batch=b)
+                for card, b in batches.items()
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
