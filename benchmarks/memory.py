@@ -153,8 +153,9 @@ def largest_batches(
 
     Memory grows linearly with the batch beyond the parameters' fixed share: batches 1 and 8 give the
     line, its prediction for each card is compiled, and the batch is lowered (by the measured per-example
-    bytes, at least 1) until the compiled figure fits. 0 means not even batch 1 fits; `MAX_BATCH` means
-    that many or more.
+    bytes, at least 1) until the compiled figure fits. Where XLA's memory is not linear in the batch
+    (its buffer reuse changes with the shapes) the result is a batch that fits, possibly below the
+    largest. 0 means not even batch 1 fits; `MAX_BATCH` means that many or more.
     """
     config = _config(name, generator, arg)
     hw = tuple(hw or IMAGE_HW.get(name, DEFAULT_HW))
@@ -162,7 +163,8 @@ def largest_batches(
     # XLA may reuse buffers so that 8 examples cost less than the line suggests; never below 1 byte.
     per_example = max((measured[8] - measured[1]) // 7, 1)
     out = {}
-    for card in cards_gb:
+    fitted = 0  # What fits a smaller card fits a larger one, whatever the line predicted.
+    for card in sorted(cards_gb):
         limit = int(card * GB)
         batch = min(max(int((limit - measured[1]) // per_example) + 1, 0), MAX_BATCH)
         while batch > 0:
@@ -171,8 +173,8 @@ def largest_batches(
             if total <= limit:
                 break
             batch = max(batch - max(1, -(-(total - limit) // per_example)), 0)
-        out[card] = batch
-        common.progress(f"{name} {generator} {step_name}: largest batch in {card} GB: {batch}")
+        out[card] = fitted = max(batch, fitted)
+        common.progress(f"{name} {generator} {step_name}: largest batch in {card} GB: {fitted}")
     return out
 
 
