@@ -73,8 +73,8 @@ def test_per_example_filter_gradient_sharded_over_four_devices_equals_one(monkey
 def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
     monkeypatch.setenv(conv.ENV_VAR, "auto")
 
-    def filter_gradient(shape, strides):
-        x, kernel = _inputs(shape, 2)
+    def filter_gradient(shape, strides, dtype=jnp.float32):
+        x, kernel = (a.astype(dtype) for a in _inputs(shape, 2))
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: _loss(x, k, strides, "SAME")[0]))(kernel))
         # XLA's form is two convolutions (the forward one and its filter gradient) and no matmul;
         # Winograd's is one batched matmul per tile position; the per-example form adds a filter
@@ -90,6 +90,7 @@ def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
     assert filter_gradient((1, side, side, 1), (2, 2)) == "xla"  # One example: XLA's form is the sum.
     assert filter_gradient((2, 32, 32, 1), (1, 1)) == "xla"  # Small maps: alike in speed, shorter compiles.
     assert filter_gradient((2, 32, 32, 1), (2, 2)) == "xla"
+    assert filter_gradient((2, side, side, 1), (1, 1), jnp.bfloat16) == "xla"  # Float32 only.
 
 
 def test_an_unknown_algorithm_names_the_variable(monkeypatch):

@@ -5,9 +5,10 @@ Every `ConvBlock` (and the flow nets' convs) calls :func:`conv_general_dilated`,
 whichever is picked (tests/test_conv.py compares outputs and gradients); only speed and float32 rounding
 differ. The choice is ``SYNTH_CONV`` in the environment, read at trace time:
 
-* ``auto`` (default): on the CPU backend and maps of at least ``MIN_PIXELS``, the forward pass and the
-  input gradient by XLA, the filter gradient of 3×3 stride-1 convolutions by Winograd F(4×4, 3×3) and
-  that of the others (stride 2, 5×5) summed over examples; elsewhere (GPUs, small maps) XLA's;
+* ``auto`` (default): on the CPU backend, in float32, on maps of at least ``MIN_PIXELS``, the forward
+  pass and the input gradient by XLA, the filter gradient of 3×3 stride-1 convolutions by Winograd
+  F(4×4, 3×3) and that of the others (stride 2, 5×5) summed over examples; elsewhere (GPUs, bf16, small
+  maps) XLA's;
 * ``xla``: XLA's convolution everywhere (the reference, and what GPUs use: cuDNN picks its own algorithms);
 * ``winograd_filter_grad`` / ``per_example``: those two filter gradients wherever the shapes allow;
 * ``winograd2`` / ``winograd4``: 3×3 stride-1 ``SAME`` convolutions by Winograd F(2×2, 3×3) / F(4×4, 3×3)
@@ -30,6 +31,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from synth.models import winograd
@@ -140,7 +142,8 @@ def conv_general_dilated(
     if plain and not isinstance(padding, str):
         padding = tuple(map(tuple, padding))
     pixels = lhs.shape[1] * lhs.shape[2] if plain else 0
-    auto_cpu = name == "auto" and jax.default_backend() == "cpu"
+    # Float32 only: Winograd F(4×4, 3×3)'s transform coefficients (up to 8 and 1/24) cost bf16 its precision.
+    auto_cpu = name == "auto" and jax.default_backend() == "cpu" and lhs.dtype == jnp.float32
     if plain and _is_winograd_shape(rhs, window_strides, padding):
         if name in ("winograd2", "winograd4"):
             return winograd.conv3x3_same(lhs, rhs, tile=int(name[-1]), precision=precision)

@@ -6,7 +6,7 @@ minimal filtering F(m×m, 3×3) computes an m×m output tile from an (m+2)×(m+2
 needs 36 for 16 (4× fewer). In a network the multiplies become (m+2)² independent matrix products,
 one per tile position, of the transformed input tiles (tiles × C_in) with the transformed filters
 (C_in × C_out); the transforms are small linear maps with constant coefficients, written here as
-strided slices and weighted sums that XLA fuses. This is what oneDNN does on CPUs; XLA:CPU's own
+reshaped tiles and weighted sums that XLA fuses. This is what oneDNN does on CPUs; XLA:CPU's own
 convolution has no such form.
 
 Everything is linear and differentiable, so the backward pass is again products of the same shape
