@@ -37,10 +37,12 @@ test: setup
 	@cache=$$(mktemp -d); $(JAX_CACHE_ENV) \
 	  $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder; status=$$?; rm -rf $$cache; exit $$status
 
-# The whole-pipeline runs of the other families on their dummy data (minutes each; see tests/test_families.py).
+# The whole-pipeline runs: the phantom's quickstart notebook and flow pipeline (tests/test_pipeline.py), the
+# other families on their dummy data (tests/test_families.py), stage=compare. Tests are handed out one by one,
+# except an xdist group's, which share a trained workdir and stay on one worker (`--dist loadgroup`).
 test-slow: setup
 	@cache=$$(mktemp -d); $(JAX_CACHE_ENV) \
-	  $(PY) -m pytest -q -n 2 --dist load -m slow; status=$$?; rm -rf $$cache; exit $$status
+	  $(PY) -m pytest -q -n 2 --dist loadgroup -m slow; status=$$?; rm -rf $$cache; exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -5,6 +5,11 @@ import os
 # Must happen before anything touches the backend: sharding tests need a 4-device mesh.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "")
+# Under `pytest -n N` the N workers share the cores: one XLA thread each, not a pool per worker sized to all
+# of them (the oversubscribed threads mostly wait on one another). Measured with two workers on 2 cores:
+# test_structure_stage.py and test_loop.py side by side take 203 s instead of 237 (2026-12-05).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 and "eigen" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 import jax  # noqa: E402
 
@@ -37,10 +42,12 @@ def tiny_config(phantom_data_dir):
 
 # The files that take longest (minutes of training or compiling each), longest first. `make test` hands out
 # whole files to its two workers in collection order (`--dist loadfile --no-loadscope-reorder`): starting
-# these first keeps one long file from running alone at the end of the run.
+# these first keeps one long file from running alone at the end of the run. `make test-slow` hands out its
+# tests in this order too: stage=compare (~10 minutes) and the quickstart's group first.
 LONGEST_FIRST = (
+    "test_compare.py",
+    "test_pipeline.py",
     "test_stage_b_trained.py",
-    "test_stage_c.py",
     "test_structure_stage.py",
     "test_loop.py",
     "test_stage_b_wiring.py",

@@ -151,7 +151,7 @@ def test_run_error_prints_one_message(tmp_path):
 
 def test_launch_runs_and_resumes(phantom_data_dir, tmp_path):
     workdir = tmp_path / "run"
-    # One stage keeps the test short; test_stage_c runs stage=all (in the quickstart notebook).
+    # One stage keeps the test short; test_pipeline runs stage=all (in the quickstart notebook).
     args = [
         "--config",
         "configs/phantom.py:runlocal,stage=segmentor",

@@ -1,5 +1,9 @@
-"""Stage B wiring with random networks: pairs, losses, label draws, shapes, frozen-network gradients."""
+"""Stage B wiring with random networks: pairs, losses, label draws, shapes, frozen-network gradients.
 
+The slow suite adds the bf16 loss against float32 and the whole stage sharded over four devices.
+"""
+
+import dataclasses
 import functools
 from types import SimpleNamespace
 
@@ -8,20 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from equivalence import assert_same_training
 
+from synth import checkpoint as checkpoint_lib
 from synth import (
     conditioning,
+    configlib,
     gan,
     input_pipeline,
     optim,
     registration,
     structure_nets,
     synthesis_nets,
+    train,
     translator_nets,
 )
+from synth import writer as writer_lib
 from synth.lesion import segment
 from synth.models import sizes
-from synth.stages import synthesis, translator
+from synth.stages import segmentor, synthesis, translator
 
 
 def test_pairs_are_grouped_by_target_and_translated_in_one_call():
@@ -367,3 +376,58 @@ def test_bf16_generator_loss_is_close_to_float32(random_stage_b):
         values[dtype] = {name: float(v) for name, v in terms.items()}
     for name, exact in values["float32"].items():
         assert values["bfloat16"][name] == pytest.approx(exact, rel=0.05, abs=1e-3), name
+
+
+@pytest.mark.slow  # The whole stage compiled twice (four devices and one): ~2 minutes of the 2 cores.
+def test_sharded_stage_equals_single_device_and_frozen_untouched(phantom_data_dir, tmp_path):
+    """Stage B on a 4-device mesh equals 1 device and leaves every frozen network untouched.
+
+    Both phases run, with the registration path on (the config's registration and agreement weights): a
+    random translator and random segmentors are saved as their stages' step 0 and loaded as a run would.
+    Only wiring and sharding matter here; tests/test_stage_b_trained.py checks what training achieves.
+    """
+    from configs import phantom
+
+    base = phantom.get_config("runlocal")
+    base.data.data_dir = phantom_data_dir
+    assert base.synthesis.loss.weights.registration > 0 and base.synthesis.loss.weights.agreement > 0
+    workdir = tmp_path / "frozen"
+    for stage, spec in (("translator", translator.build(base)), ("segmentor", segmentor.build(base))):
+        example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+        saved = jax.jit(spec.init_state)(jax.random.key(2), example)
+        with checkpoint_lib.Checkpointer(workdir / stage / "checkpoints", async_save=False) as ckpt:
+            ckpt.save(0, saved)
+        if stage == "translator":
+            tr_state = saved
+
+    results, init = [], None
+    for mesh_shape in ((-1,), (1,)):
+        config = base.copy_and_resolve_references()
+        config.mesh.shape = mesh_shape
+        config.synthesis.pretrain_steps = 1  # Both phases run.
+        config.synthesis.train = configlib.loop_config(num_steps=2, batch_size=4, log_every=1)
+        for side in (config.synthesis.optim.g, config.synthesis.optim.d):
+            side.name, side.learning_rate, side.b1 = "sgd", 1e-3, 0.0
+        spec = dataclasses.replace(synthesis.build(config, workdir=workdir), evaluate=None)
+        assert set(spec.frozen) == {"translator", "lesion"}, spec.frozen.keys()
+        assert spec.provenance["translator_step"] == spec.provenance["segmentor_step"] == 0, spec.provenance
+        frozen_before = jax.tree.map(np.array, jax.device_get(spec.frozen))
+        if init is None:
+            example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+            # Jitted: one compile costs less than initialising op by op.
+            state0 = jax.jit(spec.init_state)(train.stage_rngs(config.seed, "synthesis")[0], example)
+            init = (state0.g_params, state0.d_params)
+        run_dir = tmp_path / str(mesh_shape[0])
+        state = train.run_stage(spec, config, run_dir)
+        results.append(jax.tree.map(np.asarray, jax.device_get((state.g_params, state.d_params))))
+        after = jax.device_get(spec.frozen)
+        assert jax.tree.structure(frozen_before) == jax.tree.structure(after)
+        for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(after)):
+            np.testing.assert_array_equal(a, b)
+        rows = writer_lib.read_jsonl(str(run_dir / "synthesis" / "metrics.jsonl"))
+        assert [r["step"] for r in rows] == [1, 2], rows
+        for row in rows:  # The frozen translator scored G's images in both phases.
+            assert row["train/registration"] > 0 and row["train/agreement"] > 0, row
+    for a, b in zip(jax.tree.leaves(frozen_before["translator"]), jax.tree.leaves(tr_state.g_params)):
+        np.testing.assert_array_equal(a, b)  # The frozen G_t is the saved one.
+    assert_same_training(results[0], results[1], init)

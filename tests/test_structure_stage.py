@@ -1,4 +1,7 @@
-"""Stage A training (`stage=structure`): sharding equivalence, learning, sampling with the quality filter."""
+"""Stage A training (`stage=structure`): learning, sampling with the quality filter, sharding equivalence.
+
+The sharded run against one device is in the slow suite (`make test-slow`).
+"""
 
 import dataclasses
 import json
@@ -24,6 +27,9 @@ def trained(phantom_data_dir, tmp_path_factory):
     config.structure.train.log_every = 5
     config.structure.train.eval_every = 150
     config.structure.train.checkpoint_every = 150
+    # The evaluation draws 32 maps through the §5.4 filter (runlocal's 4 are too few for a threshold).
+    config.structure.eval.num_samples = 32
+    config.structure.eval.num_examples = 8
     config.mesh.shape = (1,)  # Faster than four simulated devices on two cores; sharding is tested below.
     workdir = tmp_path_factory.mktemp("structure")
     spec = structure.build(config)
@@ -41,6 +47,21 @@ def test_reconstruction_loss_falls(trained):
     evals = [r for r in rows if "eval/recon_error" in r]
     assert evals and 0.0 <= evals[-1]["eval/acceptance"] <= 1.0 and evals[-1]["eval/diversity"] > 0.0
     assert list((workdir / "structure" / "samples").glob("samples_map_mask_*.png"))
+
+
+def test_sampled_maps_vary_and_fill_like_real_ones(trained):
+    """32 maps drawn through the filter after 150 steps: as varied as real maps, about as many edges.
+
+    Seen (2026-12-05): diversity 0.223 against 0.237 real, edge fraction 0.308 against 0.273 real (a
+    collapsed sampler draws one map: diversity near 0; blobs fill 2-3x the edges). Acceptance is not
+    asserted: this tiny 32² run passes the §5.4 filter on 0 of 32 first draws (3 % within two), against
+    0.69 for the demo's 400 steps at 64² (BENCHMARKS.md, image quality).
+    """
+    _, _, _, workdir = trained
+    ev = json.loads((workdir / "structure" / "last_eval.json").read_text())
+    assert ev["eval/diversity"] >= 0.6 * ev["eval/diversity_real"], ev
+    assert abs(ev["eval/edge_fraction_sampled"] / ev["eval/edge_fraction_real"] - 1) <= 0.5, ev
+    assert 0.0 <= ev["eval/acceptance_first_draw"] <= ev["eval/acceptance"] <= 1.0, ev
 
 
 def test_sample_structures_shapes_and_filter(trained):
@@ -67,6 +88,7 @@ def test_sample_structures_shapes_and_filter(trained):
     assert (out["draws"][~out["accepted"]] == 3).all()
 
 
+@pytest.mark.slow  # Stage A's whole step compiled twice (four devices and one): ~2 minutes of the 2 cores.
 def test_alternating_sharded_equals_single_device(tiny_config, tmp_path):
     results, init = [], None
     for mesh_shape in ((-1,), (1,)):
