@@ -30,7 +30,7 @@ def trained(phantom_data_dir, tmp_path_factory):
     # The evaluation draws 32 maps through the §5.4 filter (runlocal's 4 are too few for a threshold).
     config.structure.eval.num_samples = 32
     config.structure.eval.num_examples = 8
-    config.mesh.shape = (1,)  # Faster than four simulated devices on two cores; sharding is tested below.
+    config.mesh.shape = (1,)  # Faster than four simulated devices on 2 cores; sharding: slow test below.
     workdir = tmp_path_factory.mktemp("structure")
     spec = structure.build(config)
     state = train.run_stage(spec, config, workdir)
@@ -52,15 +52,16 @@ def test_reconstruction_loss_falls(trained):
 def test_sampled_maps_vary_and_fill_like_real_ones(trained):
     """32 maps drawn through the filter after 150 steps: as varied as real maps, about as many edges.
 
-    Seen (2026-12-05): diversity 0.223 against 0.237 real, edge fraction 0.308 against 0.273 real (a
-    collapsed sampler draws one map: diversity near 0; blobs fill 2-3x the edges). Acceptance is not
+    Seen (2026-12-05): diversity 0.223 against 0.237 real, edge fraction 0.308 against 0.273 real (+13 %).
+    A collapsed sampler draws one map (diversity near 0); the blobs issue 17 found had 1.5x the real edge
+    fraction (0.28 against 0.18), which the 30 % bound rejects. Acceptance is not
     asserted: this tiny 32² run passes the §5.4 filter on 0 of 32 first draws (3 % within two), against
     0.69 for the demo's 400 steps at 64² (BENCHMARKS.md, image quality).
     """
     _, _, _, workdir = trained
     ev = json.loads((workdir / "structure" / "last_eval.json").read_text())
     assert ev["eval/diversity"] >= 0.6 * ev["eval/diversity_real"], ev
-    assert abs(ev["eval/edge_fraction_sampled"] / ev["eval/edge_fraction_real"] - 1) <= 0.5, ev
+    assert abs(ev["eval/edge_fraction_sampled"] / ev["eval/edge_fraction_real"] - 1) <= 0.3, ev
     assert 0.0 <= ev["eval/acceptance_first_draw"] <= ev["eval/acceptance"] <= 1.0, ev
 
 
