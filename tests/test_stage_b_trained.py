@@ -31,7 +31,8 @@ from synth.stages import segmentor, synthesis
 # Thresholds of the trained checks, and what 80-150 segmentor and 160-300 synthesis steps at 32² gave when
 # they were set (2026-11-25, five runs; the fixture runs 85 and 170 to keep the suite in its budget). With
 # FiLM, the paired L1 anchor and no output norm (2026-12-03, one run): lesion Dice 0.29 against a chance of
-# 0.015 (another lesion, same rows), structure agreement 0.87 against 0.81 real.
+# 0.015 (another lesion, same rows), structure agreement 0.87 against 0.81 real; with G at 4e-4
+# (2026-12-05, two runs) lesion Dice 0.48-0.51, structure agreement 0.85-0.86.
 # segmentor whole-tumour Dice 0.42-0.48 on real images; lesion Dice on synthetic images 0.27-0.45 against
 # a chance level (another sample's lesion) of 0.05-0.12, a ratio of 2.4-8; structure agreement between the
 # synthetic modalities 0.67-0.98, between the real ones 0.81.
@@ -55,6 +56,11 @@ def trained(phantom_data_dir, tmp_path_factory):
         num_steps=85, batch_size=8, log_every=85, checkpoint_every=85, eval_every=85
     )
     config.synthesis.loss.weights.registration = config.synthesis.loss.weights.agreement = 0.0
+    # G learns at 4e-4, not the configs' 1e-4: at 1e-4 its 170 steps left the modalities almost alike
+    # (contrast 0.041 against 0.137 real, on the 0.3x threshold below; 0.040 with LLVM level 2), so the
+    # test passed or failed on float rounding. At 4e-4: 0.073 (level 3) and 0.084 (level 2), lesion Dice
+    # 0.48-0.51 against 0.015-0.017 chance (2026-12-05).
+    config.synthesis.optim.g.learning_rate = 4e-4
     config.synthesis.pretrain_steps = 60
     config.synthesis.eval.num_examples = 16
     config.synthesis.train = configlib.loop_config(
@@ -114,8 +120,8 @@ def test_modality_code_changes_contrast_not_anatomy(trained):
         np.asarray, generate(trained_g["g_params"], batch)
     )
     # Anatomy: structure maps extracted from each synthetic modality agree about as well as the real
-    # modalities' do, and clearly better than misregistered ones (seen: 0.75 against 0.55; real 0.81
-    # against 0.53).
+    # modalities' do, and clearly better than misregistered ones (seen: 0.85-0.86 against 0.53-0.55; real
+    # 0.81 against 0.53).
     ev = evals["synthesis"]
     assert ev["eval/structure_agreement"] >= MIN_AGREEMENT_VS_REAL * ev["eval/structure_agreement_real"], ev
     assert agreement > misregistered + 0.1, (agreement, misregistered)
@@ -126,6 +132,7 @@ def test_modality_code_changes_contrast_not_anatomy(trained):
     def contrast(x):  # Mean |x_i - x_j| inside the organ over modality pairs.
         return np.mean([np.abs(x[i] - x[j])[organ > 0].mean() for i in range(4) for j in range(i + 1, 4)])
 
+    # Seen: 0.073-0.084 against 0.137 real (0.53-0.61x).
     assert contrast(fakes) > 0.3 * contrast(real), (contrast(fakes), contrast(real))
     # Alike modalities show as inter-modality MS-SSIM above the real one (seen with FiLM: 0.62 against 0.59
     # real; the code's concatenated condition gave 0.96 against 0.56 on the demo).

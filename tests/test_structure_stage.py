@@ -1,6 +1,7 @@
 """Stage A training (`stage=structure`): learning, sampling with the quality filter, sharding equivalence.
 
-The sharded run against one device is in the slow suite (`make test-slow`).
+The sharded run against one device, and issue 17's acceptance and edge-fraction targets at the demo's
+budget, are in the slow suite (`make test-slow`).
 """
 
 import dataclasses
@@ -33,7 +34,11 @@ def trained(phantom_data_dir, tmp_path_factory):
     config.mesh.shape = (1,)  # Faster than four simulated devices on 2 cores; sharding: slow test below.
     workdir = tmp_path_factory.mktemp("structure")
     spec = structure.build(config)
-    state = train.run_stage(spec, config, workdir)
+    jax.config.update("jax_disable_most_optimizations", False)  # 150 steps: run time dominates.
+    try:
+        state = train.run_stage(spec, config, workdir)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
     return config, spec, state, workdir
 
 
@@ -52,11 +57,12 @@ def test_reconstruction_loss_falls(trained):
 def test_sampled_maps_vary_and_fill_like_real_ones(trained):
     """32 maps drawn through the filter after 150 steps: as varied as real maps, about as many edges.
 
-    Seen (2026-12-05): diversity 0.223 against 0.237 real, edge fraction 0.308 against 0.273 real (+13 %).
+    Seen (2026-12-05): diversity 0.223 against 0.237 real, edge fraction 0.308 against 0.273 real (+13 %);
+    compiled with optimisations (LLVM level 2, as runs): 0.284 against 0.237, 0.299 against 0.273 (+9 %).
     A collapsed sampler draws one map (diversity near 0); the blobs issue 17 found had 1.5x the real edge
     fraction (0.28 against 0.18), which the 30 % bound rejects. Acceptance is not
     asserted: this tiny 32² run passes the §5.4 filter on 0 of 32 first draws (3 % within two), against
-    0.69 for the demo's 400 steps at 64² (BENCHMARKS.md, image quality).
+    0.69 for the demo's 400 steps at 64² (BENCHMARKS.md, image quality), which the slow test below checks.
     """
     _, _, _, workdir = trained
     ev = json.loads((workdir / "structure" / "last_eval.json").read_text())
@@ -134,3 +140,33 @@ def test_load_state_restores_the_trained_state(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="run stage=structure"):
         frozen.load(config, tmp_path, "structure")
+
+
+@pytest.mark.slow
+def test_demo_budget_samples_pass_the_filter_on_the_first_draw(tmp_path_factory):
+    """Issue 17's stage-A targets, at the demo's budget (400 steps at 64²).
+
+    The tiny run above cannot reach them. At least half of the sampled maps pass the §5.4 filter on their
+    first draw, and their edge fraction is within 20 % of the real maps'; benchmarks.quality saw 0.69 and
+    +12 % (2026-12-03).
+    """
+    import data_builders
+    from configs import phantom
+
+    data_dir = tmp_path_factory.mktemp("tfds_demo")
+    data_builders.build("phantom", data_dir=str(data_dir), config="demo")
+    config = phantom.get_config("demo")
+    config.data.data_dir = str(data_dir)
+    config.structure.train.eval_every = config.structure.train.num_steps  # One evaluation, at the end.
+    config.structure.eval.num_samples = 32
+    config.mesh.shape = (1,)  # As a one-device run; four simulated devices only split the 2 cores.
+    workdir = tmp_path_factory.mktemp("structure_demo")
+    jax.config.update("jax_disable_most_optimizations", False)  # 400 steps: run time dominates.
+    try:
+        structure.run(config, workdir)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+    ev = json.loads((workdir / "structure" / "last_eval.json").read_text())
+    print(f"\nstage A at the demo budget: {ev}")
+    assert ev["eval/acceptance_first_draw"] >= 0.5, ev
+    assert abs(ev["eval/edge_fraction_sampled"] / ev["eval/edge_fraction_real"] - 1) <= 0.2, ev
