@@ -11,9 +11,10 @@ os.environ.setdefault("XLA_FLAGS", "")
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 and "eigen" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
-# What `launch.py` sets on a CPU install (LLVM level 2): the fixtures that compile with optimisations on (the
-# trained stage-B networks, stage=compare) then compile as a run does, a third faster than at level 3. The
-# other tests compile at level 0 (`jax_disable_most_optimizations` below overrides the flag).
+# What `launch.py` sets on a CPU install (LLVM level 2): the fixtures that compile with optimisations on
+# (stages A and B trained for the quality checks, stage=compare; tests/compile_mode.py) then compile as a
+# run does, a third faster than at level 3. The other tests compile at level 0
+# (`jax_disable_most_optimizations` below overrides the flag).
 from synth import xla_defaults  # noqa: E402
 
 xla_defaults.apply()

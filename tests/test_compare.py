@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from compile_mode import optimised
 
 from configs import phantom
 from synth import configlib, frozen, pipeline
@@ -167,8 +168,6 @@ REGISTERED = ("full",)
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
-    import jax
-
     config = phantom.get_config("runlocal,stage=compare")
     config.seed = seed
     config.data.data_dir = phantom_data_dir
@@ -195,11 +194,8 @@ def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
     # The frozen networks' few steps first, compiled fast (the run below finds them complete); then the
     # variants' stage B, whose steps dominate, with XLA's optimisations on.
     compare.train_frozen(config, str(tmp_path))
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
+    with optimised():
         pipeline.train_and_evaluate(config, tmp_path)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", True)
     seconds = time.perf_counter() - start
 
     out = tmp_path / "compare"

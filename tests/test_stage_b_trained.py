@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_mode import optimised
 
 from synth import (
     conditioning,
@@ -67,12 +68,9 @@ def trained(phantom_data_dir, tmp_path_factory):
         num_steps=170, batch_size=8, log_every=85, checkpoint_every=170, eval_every=170
     )
     workdir = tmp_path_factory.mktemp("stage_b")
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
+    with optimised():
         segmentor.run(config, workdir)
         synthesis.run(config, workdir)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", True)
     evals = {
         name: json.loads((workdir / name / "last_eval.json").read_text())
         for name in ("segmentor", "synthesis")

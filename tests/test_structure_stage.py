@@ -10,6 +10,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from compile_mode import optimised
 from equivalence import assert_same_training
 
 from synth import frozen, sharding, structure_filter, structure_nets, train
@@ -34,11 +35,8 @@ def trained(phantom_data_dir, tmp_path_factory):
     config.mesh.shape = (1,)  # Faster than four simulated devices on 2 cores; sharding: slow test below.
     workdir = tmp_path_factory.mktemp("structure")
     spec = structure.build(config)
-    jax.config.update("jax_disable_most_optimizations", False)  # 150 steps: run time dominates.
-    try:
+    with optimised():  # 150 steps: run time dominates.
         state = train.run_stage(spec, config, workdir)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", True)
     return config, spec, state, workdir
 
 
@@ -161,11 +159,8 @@ def test_demo_budget_samples_pass_the_filter_on_the_first_draw(tmp_path_factory)
     config.structure.eval.num_samples = 32
     config.mesh.shape = (1,)  # As a one-device run; four simulated devices only split the 2 cores.
     workdir = tmp_path_factory.mktemp("structure_demo")
-    jax.config.update("jax_disable_most_optimizations", False)  # 400 steps: run time dominates.
-    try:
+    with optimised():  # 400 steps: run time dominates.
         structure.run(config, workdir)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", True)
     ev = json.loads((workdir / "structure" / "last_eval.json").read_text())
     print(f"\nstage A at the demo budget: {ev}")
     assert ev["eval/acceptance_first_draw"] >= 0.5, ev
