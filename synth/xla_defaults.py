@@ -4,7 +4,13 @@ On a CPU-only install, LLVM optimisation level 2 instead of XLA's default 3: on 
 and segmentor train steps compile in 20 s and 16 s instead of 31 s and 21 s (means of 3-4 runs each), and
 run as fast (their heavy work is convolutions in precompiled library kernels, not generated code);
 BENCHMARKS.md has the measurement. A short run (the demo, a notebook) spends much of its time compiling,
-so this is the better trade there; a GPU install keeps XLA's defaults.
+so this is the better trade there.
+
+On a GPU install, cuDNN autotuning level 1 instead of XLA's default 4 (BENCHMARKS.md, "Stage B on a GPU"):
+level 1 times each convolution's candidate algorithms once on uninitialised buffers, without the
+correctness re-runs of the higher levels; at the default level the paper's 512² stage-B step compiled for
+minutes on an H100, and level 0 runs cuDNN's algorithm 0 (no tensor cores), 30-1 000x slower. Level 1
+compiled that step in 108 s on an H200 and its rows run at 100-240 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import importlib.util
 import os
 
 CPU_FLAGS = {"--xla_backend_optimization_level": "2"}
+GPU_FLAGS = {"--xla_gpu_autotune_level": "1"}
+GPU_PLATFORMS = ("cuda", "gpu", "rocm")
 GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_plugins.xla_cuda12")
 
 
@@ -34,8 +42,18 @@ def with_defaults(xla_flags: str, defaults: dict[str, str]) -> str:
     return " ".join([xla_flags.strip(), *added]).strip()
 
 
+def defaults_for(platforms: str, gpu_plugin: bool) -> dict[str, str]:
+    """The default flags for `JAX_PLATFORMS`'s value and whether a GPU plugin is installed."""
+    named = {name.strip() for name in platforms.split(",") if name.strip()}
+    if named & set(GPU_PLATFORMS) or (not named and gpu_plugin):
+        return GPU_FLAGS
+    if named == {"cpu"} or (not named and not gpu_plugin):
+        return CPU_FLAGS
+    return {}  # A platform we have no numbers for (e.g. `tpu`).
+
+
 def apply() -> None:
     """Sets this run's default XLA flags in the environment; call before JAX's backend starts."""
-    if os.environ.get("JAX_PLATFORMS", "").strip() not in ("", "cpu") or has_gpu_plugin():
-        return
-    os.environ["XLA_FLAGS"] = with_defaults(os.environ.get("XLA_FLAGS", ""), CPU_FLAGS)
+    defaults = defaults_for(os.environ.get("JAX_PLATFORMS", ""), has_gpu_plugin())
+    if defaults:
+        os.environ["XLA_FLAGS"] = with_defaults(os.environ.get("XLA_FLAGS", ""), defaults)

@@ -1,4 +1,4 @@
-"""The XLA flags a CPU run gets by default, and that the user's own flags win."""
+"""The XLA flags a CPU or GPU run gets by default, and that the user's own flags win."""
 
 from synth import xla_defaults
 
@@ -23,8 +23,18 @@ def test_apply_sets_cpu_defaults_only_for_cpu(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     xla_defaults.apply()
-    assert xla_defaults.os.environ["XLA_FLAGS"] == ""
+    assert xla_defaults.os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=1"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=4")
     monkeypatch.setenv("JAX_PLATFORMS", "")
     monkeypatch.setattr(xla_defaults, "has_gpu_plugin", lambda: True)
     xla_defaults.apply()
-    assert xla_defaults.os.environ["XLA_FLAGS"] == ""
+    assert xla_defaults.os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=4"  # The user's level wins.
+
+
+def test_each_platform_gets_its_own_defaults():
+    cpu, gpu = xla_defaults.CPU_FLAGS, xla_defaults.GPU_FLAGS
+    assert xla_defaults.defaults_for("", gpu_plugin=False) == cpu
+    assert xla_defaults.defaults_for("", gpu_plugin=True) == gpu
+    assert xla_defaults.defaults_for("cpu", gpu_plugin=True) == cpu  # A CPU run on a GPU node.
+    assert xla_defaults.defaults_for("cuda,cpu", gpu_plugin=True) == gpu
+    assert xla_defaults.defaults_for("tpu", gpu_plugin=False) == {}
