@@ -7,7 +7,7 @@ mean what the authors' weights mean. Every adversarial term is least squares (ta
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,36 @@ import jax.numpy as jnp
 from synth import losses
 
 CATEGORY_KINDS = ("index_mse", "cross_entropy")
+
+
+def judged_once(judge: Callable) -> Callable:
+    """`judge(params, images, rng)` computed once and returned twice, for a G/D step in one backward pass.
+
+    `both(params, images, rng) -> (for_g, for_d)`: two copies of D's output on the fakes. Gradients reach
+    the images (and so G) only through `for_g`, and D's parameters only through `for_d`, as if G's loss
+    judged the fakes with frozen D and D's loss judged `stop_gradient(fakes)`; but the forward pass (and
+    its saved activations) is shared, where the two losses' separate passes ran D on the fakes twice.
+    The two pullbacks each need only half of D's backward pass (input or parameter gradients); XLA drops
+    the other half of each as dead code.
+    """
+
+    @jax.custom_vjp
+    def both(params, images, rng):
+        out = judge(params, images, rng)
+        return out, out
+
+    def forward(params, images, rng):
+        out, pullback = jax.vjp(lambda p, x: judge(p, x, rng), params, images)
+        return (out, out), pullback
+
+    def backward(pullback, cotangents):
+        for_g, for_d = cotangents
+        _, images_grad = pullback(for_g)
+        params_grad, _ = pullback(for_d)
+        return params_grad, images_grad, None  # The key takes no gradient.
+
+    both.defvjp(forward, backward)
+    return both
 
 
 def per_modality_mse(out: jax.Array, value: float) -> jax.Array:

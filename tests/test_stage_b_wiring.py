@@ -1,6 +1,7 @@
 """Stage B wiring with random networks: pairs, losses, label draws, shapes, frozen-network gradients.
 
-The slow suite adds the bf16 loss against float32 and the whole stage sharded over four devices.
+The slow suite adds the bf16 loss against float32, the step's one pass of D on the fakes against two, and
+the whole stage sharded over four devices.
 """
 
 import dataclasses
@@ -93,6 +94,34 @@ def test_category_loss_kinds():
     assert gan.predicted_category(logits, kind="cross_entropy").tolist() == [1, 1]
     with pytest.raises(ValueError, match="category loss kind 'hinge'"):
         gan.category_loss(maps, 0, kind="hinge", num_modalities=4)
+
+
+def test_judged_once_routes_g_and_d_gradients_as_two_passes():
+    """One forward pass of a (random, dropout-like) judge; each copy's gradient reaches only its own side."""
+
+    def judge(params, images, rng):
+        keep = jax.random.bernoulli(rng, 0.7, images.shape)
+        hidden = jnp.tanh(jnp.where(keep, images, 0.0) @ params["w"])
+        return hidden.sum(-1), hidden.mean(-1)
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)}
+    images, rng = jnp.linspace(0.0, 2.0, 8).reshape(2, 4), jax.random.key(3)
+    g_loss = lambda out: jnp.sum(jnp.square(out[0] - 1.0)) + jnp.sum(out[1])  # noqa: E731
+    d_loss = lambda out: jnp.sum(jnp.sin(out[0])) + jnp.sum(jnp.square(out[1]))  # noqa: E731
+
+    def joint(params, images):
+        for_g, for_d = gan.judged_once(judge)(params, images, rng)
+        return g_loss(for_g) + d_loss(for_d)
+
+    params_grad, images_grad = jax.jit(jax.grad(joint, argnums=(0, 1)))(params, images)
+    stop = jax.lax.stop_gradient
+    want_params = jax.grad(lambda p: d_loss(judge(p, stop(images), rng)))(params)
+    want_images = jax.grad(lambda x: g_loss(judge(stop(params), x, rng)))(images)
+    np.testing.assert_allclose(params_grad["w"], want_params["w"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(images_grad, want_images, rtol=1e-5, atol=1e-7)
+    for_g, for_d = gan.judged_once(judge)(params, images, rng)
+    np.testing.assert_array_equal(for_g[0], judge(params, images, rng)[0])
+    np.testing.assert_array_equal(for_d[1], for_g[1])
 
 
 def test_labels_are_drawn_to_fit_the_organ():
@@ -214,7 +243,7 @@ def test_frozen_networks_take_no_gradient_but_pass_it_on(random_stage_b):
     terms = ("registration", "agreement", "lesion")
 
     def term_values(g_params, frozen):
-        _, (values, _, _, _) = synthesis.generator_loss(
+        _, (values, *_) = synthesis.generator_loss(
             g_params,
             b.state.d_params,
             frozen,
@@ -238,6 +267,54 @@ def test_frozen_networks_take_no_gradient_but_pass_it_on(random_stage_b):
         frozen_norm = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(frozen_grad))
         assert g_norm > 0.0, f"{name} gives G no gradient"
         assert frozen_norm == 0.0, f"{name} gives a frozen network gradient"
+
+
+@pytest.mark.slow  # Two compiles of the whole step (~30 s); the routing itself is checked above, fast.
+def test_one_pass_of_d_on_the_fakes_updates_as_two_did(random_stage_b, monkeypatch):
+    """The step's shared D pass on the fakes (`gan.judged_once`) gives G and D the gradients of two passes.
+
+    The reference routes the same key through two passes, as the step did before: G's loss judges the fakes
+    with D frozen, D's loss judges the fakes with their gradient stopped. With SGD at rate 1 the updated
+    parameters are the old ones minus the gradients, so they compare the gradients themselves. D has
+    dropout here, so both forms must draw the same mask for the same key.
+    """
+    b = random_stage_b
+    config = b.config.copy_and_resolve_references()
+    config.synthesis.model.disc_dropout = 0.2
+    config.synthesis.pretrain_steps = 0  # The adversarial phase.
+    models = synthesis_nets.make_models(config, (32, 32))
+    assert models.discriminator.dropout_rate > 0
+    sgd = optax.sgd(1.0)
+    state = dataclasses.replace(b.state, g_opt=sgd.init(b.state.g_params), d_opt=sgd.init(b.state.d_params))
+
+    def two_passes(judge):
+        stop = jax.lax.stop_gradient
+        return lambda params, images, rng: (
+            judge(stop(params), images, rng),
+            judge(params, stop(images), rng),
+        )
+
+    def step():
+        return jax.jit(
+            lambda s, f: synthesis.train_step(
+                s, b.batch, b.key, f, models=models, config=config, g_tx=sgd, d_tx=sgd
+            )
+        )(state, b.frozen)
+
+    one, one_metrics = step()
+    monkeypatch.setattr(gan, "judged_once", two_passes)
+    two, two_metrics = step()
+    for name in ("g_loss", "d_loss", "d_fake", "g_adversarial", "g_category", "d_category"):
+        np.testing.assert_allclose(
+            float(one_metrics[name]), float(two_metrics[name]), rtol=1e-5, err_msg=name
+        )
+    for new, reference in ((one.g_params, two.g_params), (one.d_params, two.d_params)):
+        for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    moved = max(
+        float(jnp.abs(a - c).max()) for a, c in zip(*map(jax.tree.leaves, (one.d_params, state.d_params)))
+    )
+    assert moved > 0.0  # D learnt from the fakes' copy: its gradient is not lost on the way.
 
 
 def test_translator_fakes_are_translations_and_g_gets_adversarial_gradient(random_stage_b):
@@ -369,7 +446,7 @@ def test_bf16_generator_loss_is_close_to_float32(random_stage_b):
     for dtype in ("float32", "bfloat16"):
         config = b.config.copy_and_resolve_references()
         config.synthesis.compute_dtype = dtype
-        loss, (terms, fakes, _, _) = jax.jit(
+        loss, (terms, fakes, *_) = jax.jit(
             functools.partial(synthesis.generator_loss, models=b.models, config=config)
         )(b.state.g_params, b.state.d_params, b.frozen, b.batch, b.key, jnp.asarray(10**6))
         assert fakes.dtype == jnp.float32 and np.isfinite(float(loss))

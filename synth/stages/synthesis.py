@@ -86,9 +86,14 @@ def generator_loss(
 ):
     """L_G of §6.1.3 (plus L_pre of §6.1.4 while pre-training) for one batch of real slices.
 
+    D judges the fakes once for both updates (`gan.judged_once`): G's terms take gradients through the
+    images only, and the second copy of D's output, `judged_fakes`, carries D's own loss on the fakes
+    (`discriminator_loss`) to D's parameters. Differentiated alone, this loss gives D no gradient.
+
     Returns:
-      `(loss, (terms, fakes, inputs, for_d))`; fakes are (K, B, H, W, C) for D's update, and `for_d`
-      what else D judges (the old design's real translations and codes; empty for the U-Net design).
+      `(loss, (terms, fakes, inputs, for_d, judged_fakes))`; fakes are (K, B, H, W, C), `for_d` what
+      else D judges (the old design's real translations and codes; empty for the U-Net design), and
+      `judged_fakes` D's (real/fake, category) maps of the fakes for D's loss.
     """
     sy = config.synthesis
     w, kind = sy.loss.weights, sy.loss.category_kind
@@ -110,7 +115,9 @@ def generator_loss(
     k = real.shape[0]
     dtype = sy.compute_dtype
     fakes = in_dtype(dtype, functools.partial(synthesize, models, num_modalities=k))(g_params, inputs.g_input)
-    d_fake, c_fake = in_dtype(dtype, functools.partial(discriminate, models))(d_params, fakes, d_key)
+    judge = gan.judged_once(in_dtype(dtype, functools.partial(discriminate, models)))
+    (d_fake, c_fake), judged_fakes = judge(d_params, fakes, d_key)
+    d_params = jax.lax.stop_gradient(d_params)  # G's other terms (the old design's) judge with D frozen.
     zero = jnp.zeros((), jnp.float32)
     terms = {
         "g_adversarial": gan.per_modality_mse(d_fake, 1.0),
@@ -163,22 +170,26 @@ def generator_loss(
     loss = gan.weighted_sum(w, terms, G_TERMS)
     if models.design == "ecai":
         loss += gan.weighted_sum(sy.ecai.weights, terms, ecai_losses.ECAI_G_TERMS)
-    return loss, (terms, fakes, inputs, for_d)
+    return loss, (terms, fakes, inputs, for_d, judged_fakes)
 
 
-def discriminator_loss(d_params, batch, fakes, rng, for_d=None, *, models: synthesis_nets.Models, config):
+def discriminator_loss(
+    d_params, batch, judged_fakes, rng, for_d=None, *, models: synthesis_nets.Models, config
+):
     """L_D of §6.1.3: real slices against the synthetic ones, plus the category head.
 
-    `for_d`: the old design's real translations and codes, for its extra terms (§6.7).
+    `judged_fakes`: D's (real/fake, category) maps of the fakes, from `generator_loss`'s one pass of D
+    over them (differentiable in `d_params`). `for_d`: the old design's real translations and codes, for
+    its extra terms (§6.7).
     """
     loss_config = config.synthesis.loss
     w, kind = loss_config.weights, loss_config.category_kind
     real = registration.by_modality(batch["image"], lesion_base.channels_per_modality(config))
     k = real.shape[0]
-    real_key, fake_key, ecai_key = jax.random.split(rng, 3)
+    real_key, ecai_key = jax.random.split(rng)
     judge = in_dtype(config.synthesis.compute_dtype, functools.partial(discriminate, models))
     d_real, c_real = judge(d_params, real, real_key)
-    d_fake, c_fake = judge(d_params, fakes, fake_key)
+    d_fake, c_fake = judged_fakes
     category = gan.category_sum(c_real, kind=kind, num_modalities=k)
     if loss_config.category_on_fakes:
         category += gan.category_sum(c_fake, kind=kind, num_modalities=k)
@@ -197,27 +208,32 @@ def init_state(rng, batch, *, models: synthesis_nets.Models, config, g_tx, d_tx)
 
 
 def train_step(gan_state: state.GanState, batch, rng, frozen_params, *, models, config, g_tx, d_tx):
-    """One simultaneous G/D update; only G and D are optimised, the frozen networks are arguments."""
+    """One simultaneous G/D update; only G and D are optimised, the frozen networks are arguments.
+
+    One backward pass of L_G + L_D: G's gradient is L_G's (L_D reaches G through nothing), D's is L_D's
+    (L_G judges the fakes through `gan.judged_once`, which routes its gradient to the images only), so
+    each update is what two separate passes gave, with D run on the fakes once instead of twice.
+    """
     g_key, d_key = jax.random.split(rng)
-    (g_loss, (terms, fakes, inputs, for_d)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        gan_state.g_params,
-        gan_state.d_params,
-        frozen_params,
-        batch,
-        g_key,
-        gan_state.step,
-        models=models,
-        config=config,
-    )
-    (d_loss, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-        gan_state.d_params,
-        batch,
-        jax.lax.stop_gradient(fakes),
-        d_key,
-        jax.lax.stop_gradient(for_d),
-        models=models,
-        config=config,
-    )
+
+    def both_losses(g_params, d_params):
+        g_loss, (terms, _, inputs, for_d, judged_fakes) = generator_loss(
+            g_params, d_params, frozen_params, batch, g_key, gan_state.step, models=models, config=config
+        )
+        d_loss, d_terms = discriminator_loss(
+            d_params,
+            batch,
+            judged_fakes,
+            d_key,
+            jax.lax.stop_gradient(for_d),
+            models=models,
+            config=config,
+        )
+        return g_loss + d_loss, (g_loss, d_loss, terms, d_terms, inputs)
+
+    (_, (g_loss, d_loss, terms, d_terms, inputs)), (g_grads, d_grads) = jax.value_and_grad(
+        both_losses, argnums=(0, 1), has_aux=True
+    )(gan_state.g_params, gan_state.d_params)
     new, norms = state.gan_update(gan_state, g_grads, d_grads, g_tx=g_tx, d_tx=d_tx)
     metrics_out = dict(terms, **d_terms, **norms, g_loss=g_loss, d_loss=d_loss)
     metrics_out["pretraining"] = (gan_state.step < config.synthesis.pretrain_steps).astype(jnp.float32)
