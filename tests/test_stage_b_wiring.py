@@ -329,17 +329,20 @@ def test_translator_fakes_are_translations_and_g_gets_adversarial_gradient(rando
             g, d_params, batch["image"], models=models, loss_config=loss_config
         )[1][0]["g_adversarial"]
         grads = jax.grad(adversarial)(g_params)
-        _, (_, fakes) = translator.generator_loss(
+        _, (_, fakes, judged) = translator.generator_loss(
             g_params, d_params, batch["image"], models=models, loss_config=loss_config
         )
-        d_on = lambda t: translator.discriminator_loss(  # noqa: E731
-            d_params, batch["image"], t, models=models, loss_config=loss_config
+        d_on = lambda j: translator.discriminator_loss(  # noqa: E731
+            d_params, batch["image"], j, models=models, loss_config=loss_config
         )[1]["d_fake"]
-        return optax.global_norm(grads), d_on(fakes), d_on(jnp.zeros_like(fakes))
+        judge = lambda t: translator.discriminate(models, d_params, t)  # noqa: E731
+        return optax.global_norm(grads), d_on(judged), d_on(judge(fakes)), d_on(judge(jnp.zeros_like(fakes)))
 
-    grad_norm, d_fake, d_zero = check(state.g_params, state.d_params)
+    grad_norm, d_fake, d_translations, d_zero = check(state.g_params, state.d_params)
     assert float(grad_norm) > 0.0
-    assert float(d_fake) != float(d_zero)  # D's fake term scores the translations it is given.
+    # D's fake term scores the translations, judged once for both losses.
+    assert float(d_fake) == pytest.approx(float(d_translations), rel=1e-6)
+    assert float(d_fake) != float(d_zero)
 
 
 def test_single_modality_families_use_the_same_trainer(random_stage_b):

@@ -53,7 +53,7 @@ def init_state(rng, batch, *, models: translator_nets.Models, g_tx, d_tx) -> sta
     return state.init_gan(g_params, d_params, g_tx=g_tx, d_tx=d_tx)
 
 
-def _discriminate(models: translator_nets.Models, d_params, images: jax.Array):
+def discriminate(models: translator_nets.Models, d_params, images: jax.Array):
     """D_t's (real/fake, category) maps of images (..., H, W, C), keeping the leading axes."""
     d, c = models.discriminator.apply(d_params, registration.flat(images))
     lead = images.shape[:-3]
@@ -68,8 +68,12 @@ def _by_target(x: jax.Array) -> jax.Array:
 def generator_loss(g_params, d_params, images, *, models: translator_nets.Models, loss_config):
     """G_t's loss on a batch of registered real images (B, H, W, K).
 
+    D_t judges the translations once for both updates (`gan.judged_once`): G_t's terms take gradients
+    through the images only, and the second copy of its output carries D_t's loss on them to D_t.
+
     Returns:
-      `(loss, (terms, translations))`; the translations (K, K−1, B, H, W, 1) feed D_t's update.
+      `(loss, (terms, translations, judged))`: the translations (K, K−1, B, H, W, 1), and D_t's
+      (real/fake, category) maps of them for `discriminator_loss`.
     """
     w, kind = loss_config.weights, loss_config.category_kind
     x = registration.by_modality(images)  # (K, B, H, W, 1)
@@ -78,7 +82,8 @@ def generator_loss(g_params, d_params, images, *, models: translator_nets.Models
     many = functools.partial(translator_nets.translate_many, models, g_params)
     fakes = registration.translate_pairs(many, x)  # grouped by target
     cycled = registration.translate_back(apply, fakes)
-    d_fake, c_fake = _discriminate(models, d_params, fakes)
+    judge = gan.judged_once(lambda params, images, _: discriminate(models, params, images))
+    (d_fake, c_fake), judged = judge(d_params, fakes, None)  # No key: D_t has no dropout.
     terms = {
         "g_adversarial": gan.per_modality_mse(_by_target(d_fake), 1.0),
         "g_category": gan.category_sum(_by_target(c_fake), kind=kind, num_modalities=k),
@@ -86,16 +91,19 @@ def generator_loss(g_params, d_params, images, *, models: translator_nets.Models
         "agreement": registration.agreement_loss(fakes),
         "supervised": registration.registration_loss(x, fakes),
     }
-    return gan.weighted_sum(w, terms, G_TERMS), (terms, fakes)
+    return gan.weighted_sum(w, terms, G_TERMS), (terms, fakes, judged)
 
 
-def discriminator_loss(d_params, images, translations, *, models: translator_nets.Models, loss_config):
-    """D_t's loss: real images against the translations, which are the fakes (§11.16 fixed)."""
+def discriminator_loss(d_params, images, judged, *, models: translator_nets.Models, loss_config):
+    """D_t's loss: real images against the translations, which are the fakes (§11.16 fixed).
+
+    `judged`: D_t's (real/fake, category) maps of the translations, from `generator_loss`.
+    """
     w, kind = loss_config.weights, loss_config.category_kind
     x = registration.by_modality(images)
     k = x.shape[0]
-    d_real, c_real = _discriminate(models, d_params, x)
-    d_fake, c_fake = _discriminate(models, d_params, translations)
+    d_real, c_real = discriminate(models, d_params, x)
+    d_fake, c_fake = judged
     category = gan.category_sum(c_real, kind=kind, num_modalities=k)
     if loss_config.category_on_fakes:
         category += gan.category_sum(_by_target(c_fake), kind=kind, num_modalities=k)
@@ -104,15 +112,24 @@ def discriminator_loss(d_params, images, translations, *, models: translator_net
 
 
 def train_step(gan_state: state.GanState, batch, rng, *, models, g_tx, d_tx, loss_config):
-    """One simultaneous G_t/D_t update: both gradients from the parameters before the step (the authors')."""
+    """One simultaneous G_t/D_t update: both gradients from the parameters before the step (the authors').
+
+    One backward pass of L_G + L_D, as in stage B (`synthesis.train_step`): D_t judges the translations
+    once, and each loss's gradient reaches only its own network.
+    """
     del rng  # Nothing random: no dropout in G_t/D_t (keep_prob 1 in the code).
     images = batch["image"]
-    (g_loss, (terms, fakes)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        gan_state.g_params, gan_state.d_params, images, models=models, loss_config=loss_config
-    )
-    (d_loss, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-        gan_state.d_params, images, jax.lax.stop_gradient(fakes), models=models, loss_config=loss_config
-    )
+
+    def both_losses(g_params, d_params):
+        g_loss, (terms, _, judged) = generator_loss(
+            g_params, d_params, images, models=models, loss_config=loss_config
+        )
+        d_loss, d_terms = discriminator_loss(d_params, images, judged, models=models, loss_config=loss_config)
+        return g_loss + d_loss, (g_loss, d_loss, terms, d_terms)
+
+    (_, (g_loss, d_loss, terms, d_terms)), (g_grads, d_grads) = jax.value_and_grad(
+        both_losses, argnums=(0, 1), has_aux=True
+    )(gan_state.g_params, gan_state.d_params)
     new, norms = state.gan_update(gan_state, g_grads, d_grads, g_tx=g_tx, d_tx=d_tx)
     metrics = dict(terms, **d_terms, **norms, g_loss=g_loss, d_loss=d_loss)
     return new, metrics
