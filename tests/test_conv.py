@@ -73,8 +73,8 @@ def test_per_example_filter_gradient_sharded_over_four_devices_equals_one(monkey
 def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
     monkeypatch.setenv(conv.ENV_VAR, "auto")
 
-    def filter_gradient(shape, strides, dtype=jnp.float32):
-        x, kernel = (a.astype(dtype) for a in _inputs(shape, 2))
+    def filter_gradient(shape, strides, dtype=jnp.float32, out_channels=2):
+        x, kernel = (a.astype(dtype) for a in _inputs(shape, out_channels))
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: _loss(x, k, strides, "SAME")[0]))(kernel))
         # XLA's form is two convolutions (the forward one and its filter gradient) and no matmul;
         # Winograd's is one batched matmul per tile position; the per-example form adds a filter
@@ -91,6 +91,11 @@ def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
     assert filter_gradient((2, 32, 32, 1), (1, 1)) == "xla"  # Small maps: alike in speed, shorter compiles.
     assert filter_gradient((2, 32, 32, 1), (2, 2)) == "xla"
     assert filter_gradient((2, side, side, 1), (1, 1), jnp.bfloat16) == "xla"  # Float32 only.
+    # A deep level of a large U-Net: a small map with as much work as a large one (MIN_WINOGRAD_MACS).
+    assert 9 * 16 * 16 * 256 * 256 >= conv.MIN_WINOGRAD_MACS > 9 * 16 * 16 * 128 * 128
+    assert filter_gradient((1, 16, 16, 256), (1, 1), out_channels=256) == "winograd"
+    assert filter_gradient((1, 16, 16, 128), (1, 1), out_channels=128) == "xla"
+    assert filter_gradient((2, 16, 16, 256), (2, 2), out_channels=256) == "xla"  # Stride 2: by pixels only.
 
 
 def test_an_unknown_algorithm_names_the_variable(monkeypatch):

@@ -7,8 +7,9 @@ differ. The choice is ``SYNTH_CONV`` in the environment, read at trace time:
 
 * ``auto`` (default): on the CPU backend, in float32, on maps of at least ``MIN_PIXELS``, the forward
   pass and the input gradient by XLA, the filter gradient of 3×3 stride-1 convolutions by Winograd
-  F(4×4, 3×3) and that of the others (stride 2, 5×5) summed over examples; elsewhere (GPUs, bf16, small
-  maps) XLA's;
+  F(4×4, 3×3) and that of the others (stride 2, 5×5) summed over examples; also Winograd's filter
+  gradient for 3×3 stride-1 convolutions on smaller maps with as much work (``MIN_WINOGRAD_MACS``: the
+  deeper levels of the same networks); elsewhere (GPUs, bf16, small networks) XLA's;
 * ``xla``: XLA's convolution everywhere (the reference, and what GPUs use: cuDNN picks its own algorithms);
 * ``winograd_filter_grad`` / ``per_example``: those two filter gradients wherever the shapes allow;
 * ``winograd2`` / ``winograd4``: 3×3 stride-1 ``SAME`` convolutions by Winograd F(2×2, 3×3) / F(4×4, 3×3)
@@ -41,6 +42,12 @@ ENV_VAR = "SYNTH_CONV"
 # Under "auto", maps smaller than this (H·W of the convolution's input) keep XLA's filter gradient: at 64²
 # the tiny networks' steps are no faster (their few channels leave little to save) and compile longer.
 MIN_PIXELS = 96 * 96
+# ... unless the 3×3 convolution's multiply-adds per example reach this: a U-Net's deeper levels halve the
+# map and double the channels, so every level of a large network has its first level's work, and XLA's
+# filter gradient is as slow there (BENCHMARKS.md: 92×72×128 and 46×36×256 at batch 8, 985 and 504 ms
+# against Winograd's 185 and 118). The bound is the smallest first level the pixel rule covers at the
+# "small" widths (96², 32 → 32 channels); the demo's 64² networks stay below it.
+MIN_WINOGRAD_MACS = 9 * 96 * 96 * 32 * 32
 _NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
@@ -147,7 +154,10 @@ def conv_general_dilated(
     if plain and _is_winograd_shape(rhs, window_strides, padding):
         if name in ("winograd2", "winograd4"):
             return winograd.conv3x3_same(lhs, rhs, tile=int(name[-1]), precision=precision)
-        if name == "winograd_filter_grad" or (auto_cpu and pixels >= MIN_PIXELS):
+        macs = 9 * pixels * rhs.shape[2] * rhs.shape[3]
+        if name == "winograd_filter_grad" or (
+            auto_cpu and (pixels >= MIN_PIXELS or macs >= MIN_WINOGRAD_MACS)
+        ):
             return conv3x3_winograd_filter_grad(lhs, rhs, precision)
     if plain and lhs.shape[0] > 1:
         if name == "per_example" or (auto_cpu and pixels >= MIN_PIXELS):
