@@ -87,8 +87,52 @@ def compile_once(jitted, *args) -> tuple:
     return compiled, cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
 
 
-def time_synthesis_step(state, batch, frozen, *, models, config, g_tx, d_tx, steps: int) -> tuple:
-    """(s/step, FLOPs, bytes, G+D parameters) of stage B's training step on `batch`, compiled once."""
+# Profiler events of XLA:CPU's executor and thread pool, not ops (a thunk's "end: name" marks its end).
+BOOKKEEPING_EVENTS = ("ThunkExecutor", "ThreadpoolListener", "end: ")
+
+
+def op_time_by_kind(compiled, *args) -> list[tuple[str, float, int]]:
+    """Where one call's time goes: (op kind, ms summed over the threads, calls), largest first.
+
+    One call under `jax.profiler`; each XLA op's events are grouped by its name without the numeric
+    suffix (`ynn_fusion.405` -> `ynn_fusion`), so a kind is e.g. the convolution library's fusions or one
+    shape of elementwise fusion. Executor bookkeeping events are left out.
+    """
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    jax.block_until_ready(compiled(*args))  # Warm: the traced call is a steady-state one.
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        jax.block_until_ready(compiled(*args))
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+    nanoseconds, calls = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if (
+                    line.name == "python"
+                    or event.name.startswith(BOOKKEEPING_EVENTS)
+                    or "Await" in event.name
+                ):
+                    continue
+                kind = re.sub(r"[.\-]?\d+$", "", event.name)
+                nanoseconds[kind] += event.duration_ns
+                calls[kind] += 1
+    return [(kind, ns / 1e6, calls[kind]) for kind, ns in nanoseconds.most_common()]
+
+
+def time_synthesis_step(
+    state, batch, frozen, *, models, config, g_tx, d_tx, steps: int, profile: bool = False
+) -> tuple:
+    """(s/step, FLOPs, bytes, G+D parameters, op times) of stage B's training step, compiled once.
+
+    Op times: with `profile`, where one step's time goes (`op_time_by_kind`); otherwise empty.
+    """
     import functools
 
     from synth.stages import synthesis
@@ -99,5 +143,16 @@ def time_synthesis_step(state, batch, frozen, *, models, config, g_tx, d_tx, ste
     key = jax.random.key(1)
     compiled, flops, nbytes = compile_once(step, state, batch, key, frozen)
     seconds = timed(compiled, state, batch, key, frozen, steps=steps)
+    kinds = op_time_by_kind(compiled, state, batch, key, frozen) if profile else []
     n_params = sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))
-    return seconds, flops, nbytes, n_params
+    return seconds, flops, nbytes, n_params, kinds
+
+
+def print_op_times(title: str, kinds: list[tuple[str, float, int]], top: int = 15) -> None:
+    """`op_time_by_kind`'s result as a Markdown table (the `top` largest kinds, shares of the total)."""
+    total = sum(ms for _, ms, _ in kinds)
+    print(f"\n{title}: {total:.0f} ms of op time over all threads\n")
+    print("| op kind | ms | share | calls |\n| --- | --- | --- | --- |")
+    for kind, ms, n in kinds[:top]:
+        print(f"| `{kind}` | {ms:.1f} | {100 * ms / total:.1f} % | {n} |")
+    print(flush=True)

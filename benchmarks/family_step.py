@@ -111,7 +111,7 @@ def main() -> None:
     )
     for dtype in args.train_dtypes.split(","):
         config.synthesis.compute_dtype = dtype
-        seconds, flops, nbytes, n_params = common.time_synthesis_step(
+        seconds, flops, nbytes, n_params, _ = common.time_synthesis_step(
             state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps
         )
         per = args.batch * 1e9

@@ -9,6 +9,7 @@ real and synthetic images, and both updates. One generated set is the K register
 structure map (inference: G only). Frozen networks are randomly initialised: speed does not depend on
 their weights. `--dtypes float32,bfloat16` times generation with parameters and inputs cast to each, and
 `--train_dtypes float32,bfloat16` the training step with `synthesis.compute_dtype` set to each (GPU checks).
+`--profile` adds a table of one training step's op time by kind (`common.op_time_by_kind`).
 """
 
 import argparse
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("--gen_batches", default="1,32")
     parser.add_argument("--dtypes", default="float32", help="generation dtypes, comma-separated")
     parser.add_argument("--train_dtypes", default="float32", help="training compute dtypes (bf16: mixed)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print where one training step's time goes"
+    )
     args = parser.parse_args()
     config = phantom.get_config()
     config.synthesis.pretrain_steps = 0  # The adversarial phase: every term is computed either way.
@@ -112,14 +116,27 @@ def main() -> None:
                 )
         print("\n| training, image, model | compute dtype | parameters (G+D) | s/step | examples/s ", end="")
         print("| GFLOP/example | GB/example | GFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+        profiles = []
         for dtype in args.train_dtypes.split(","):
             config.synthesis.compute_dtype = dtype
-            seconds, flops, nbytes, n_params = common.time_synthesis_step(
-                state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps
+            seconds, flops, nbytes, n_params, kinds = common.time_synthesis_step(
+                state,
+                batch,
+                frozen,
+                models=models,
+                config=config,
+                g_tx=g_tx,
+                d_tx=d_tx,
+                steps=args.steps,
+                profile=args.profile,
             )
             print(f"| {shape_text}, {size} | {dtype} | {n_params / 1e6:.1f} M | {seconds:.2f} | ", end="")
             print(f"{args.batch / seconds:.3f} | {flops / args.batch / 1e9:.1f} | ", end="")
             print(f"{nbytes / args.batch / 1e9:.2f} | {flops / seconds / 1e9:.1f} |", flush=True)
+            if kinds:
+                profiles.append((f"Training step, {shape_text}, {size}, {dtype}", kinds))
+        for title, kinds in profiles:  # After the table, which they would otherwise split.
+            common.print_op_times(title, kinds)
         print()
         del state
 
