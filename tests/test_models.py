@@ -199,7 +199,9 @@ def test_film_condition_reaches_every_pixel_and_skips_the_encoder(film_unet):
         _init_shapes(UNet(features=2, condition="add"), x, cond)
 
 
-def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradients(film_unet):
+@pytest.mark.parametrize("mode", ["vmap", "unrolled"])
+def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradients(film_unet, mode):
+    """Both forms of the T decoder passes (one tiled call, or T calls) equal the tiled whole U-Net."""
     from synth.models.unet import apply_per_condition
 
     model, params, x = film_unet.model, film_unet.trained, film_unet.x
@@ -212,7 +214,7 @@ def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradien
 
     @jax.jit
     def both(p):
-        once = lambda q: apply_per_condition(model, q, x, conds)  # noqa: E731
+        once = lambda q: apply_per_condition(model, q, x, conds, mode=mode)  # noqa: E731
         grads = [jax.grad(lambda q, f=f: jnp.sum(f(q) * weights))(p) for f in (once, tiled)]
         return once(p), tiled(p), grads
 
@@ -220,6 +222,8 @@ def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradien
     np.testing.assert_allclose(out_once, out_tiled, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(grad_once), jax.tree.leaves(grad_tiled), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # Sums in another order.
+    with pytest.raises(ValueError, match="stacking mode"):
+        apply_per_condition(model, params, x, conds, mode="scan")
 
 
 def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):

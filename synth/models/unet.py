@@ -48,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synth.models import stacked
 from synth.models.layers import ConvBlock, UpConvBlock
 
 OUT_ACTIVATIONS = ("sigmoid", "none")
@@ -304,13 +305,22 @@ def split_unet(unet: UNet) -> tuple[UNetEncoder, UNetDecoder]:
     return UNetEncoder(**attrs), UNetDecoder(**attrs)
 
 
-def apply_per_condition(unet: UNet, params, x: jax.Array, conds: jax.Array) -> jax.Array:
+def apply_per_condition(
+    unet: UNet, params, x: jax.Array, conds: jax.Array, *, mode: str = "auto"
+) -> jax.Array:
     """``unet`` on the same inputs under T conditions: (T, B, H, W, out) from x (B, H, W, C), conds (T, B, K).
 
     With ``condition="film"`` the encoder does not depend on the condition, so it runs once on ``x`` and
     only the decoder runs T times (for G's K modalities the encoder's share of the step falls from K
     passes to one). With ``"concat"`` the inputs are tiled T times, one full pass per condition. Both
     forms compute the same function, gradients included.
+
+    ``mode`` (`synth.models.stacked.resolve_mode`) says how the T decoder passes run: ``"vmap"`` as one
+    call on the encoding tiled T times (batch T·B), the GPU's form; ``"unrolled"`` as T calls of batch B,
+    which ``"auto"`` picks on CPU. XLA:CPU runs convolutions on T·B = 12 full-size maps well below its
+    rate at batch 1-4, and with T calls its CSE computes the first up-sampling conv (which sees the same
+    bottleneck for every condition; FiLM enters after its norm) once: the paper-size stage-B step was
+    18 % faster and generation 13-29 % (BENCHMARKS.md, "Stage B beside TensorFlow").
     """
     t, b = conds.shape[:2]
     flat_conds = conds.reshape((t * b,) + conds.shape[2:])
@@ -320,6 +330,8 @@ def apply_per_condition(unet: UNet, params, x: jax.Array, conds: jax.Array) -> j
         return out.reshape((t, b) + out.shape[1:])
     encoder, decoder = split_unet(unet)
     h, skips = encoder.apply(params, x)
+    if stacked.resolve_mode(mode) == "unrolled":
+        return jnp.stack([decoder.apply(params, h, skips, conds[i]) for i in range(t)])
 
     def tile(a: jax.Array) -> jax.Array:
         return jnp.broadcast_to(a[None], (t,) + a.shape).reshape((t * b,) + a.shape[1:])
