@@ -22,9 +22,10 @@ can be timed on one machine in one session:
   term; one backward pass for G's loss and one for D's, and an Adam update of each.
 
 Every convolution, instance norm (learnt scale and offset), FiLM dense layer and activation of ours is
-here with the same shapes, and the script prints G's and D's parameter counts to check that against
-`benchmarks.synthesis_step`'s. Left out, as too small to matter (under 1 % of the FLOPs): the on-device
-structure-map extraction and label draw (the inputs are random tensors of the right shapes). TF's
+here with the same shapes, and the script prints every network's parameter count to check that against
+ours (G + D is `benchmarks.synthesis_step`'s "parameters" column). Left out, as too small to matter
+(under 1 % of the FLOPs): the on-device structure-map extraction and label draw (the inputs are random
+tensors of the right shapes). TF's
 FLOP count is the profiler's (`tf.compat.v1.profiler`, float operations of the step's graph), printed
 beside the times; XLA's for ours is in `benchmarks.synthesis_step`'s table.
 """

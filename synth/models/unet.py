@@ -322,6 +322,7 @@ def apply_per_condition(
     bottleneck for every condition; FiLM enters after its norm) once: the paper-size stage-B step was
     18 % faster and generation 13-29 % (BENCHMARKS.md, "Stage B beside TensorFlow").
     """
+    mode = stacked.resolve_mode(mode)  # A bad mode fails here, whatever the condition.
     t, b = conds.shape[:2]
     flat_conds = conds.reshape((t * b,) + conds.shape[2:])
     if unet.condition != "film":
@@ -330,7 +331,7 @@ def apply_per_condition(
         return out.reshape((t, b) + out.shape[1:])
     encoder, decoder = split_unet(unet)
     h, skips = encoder.apply(params, x)
-    if stacked.resolve_mode(mode) == "unrolled":
+    if mode == "unrolled":
         return jnp.stack([decoder.apply(params, h, skips, conds[i]) for i in range(t)])
 
     def tile(a: jax.Array) -> jax.Array:
