@@ -28,7 +28,9 @@ def _conv(x, kernel):
 
 def parts(x, kernel, grad):
     """The three jitted computations of one layer: forward, input gradient, filter gradient."""
-    forward = jax.jit(_conv)
+    # A new function object each time: jit's trace cache is keyed by the function, so `jax.jit(_conv)` would
+    # reuse the first algorithm's trace for every algorithm.
+    forward = jax.jit(lambda x, k: _conv(x, k))
     input_grad = jax.jit(lambda x, k, g: jax.vjp(lambda x_: _conv(x_, k), x)[1](g)[0])
     filter_grad = jax.jit(lambda x, k, g: jax.vjp(lambda k_: _conv(x, k_), k)[1](g)[0])
     return {

@@ -50,6 +50,18 @@ def test_algorithms_equal_xla_in_value_and_gradients(algorithm, strides, monkeyp
         np.testing.assert_allclose(a, b, atol=tolerance * float(jnp.abs(b).max()), rtol=0)
 
 
+@pytest.mark.parametrize("batch, examples_per_chunk", [(3, 1), (4, 2)])
+def test_winograd_in_batch_chunks_equals_xla(batch, examples_per_chunk, monkeypatch):
+    """Batches over `CHUNK_BYTES` run in chunks (a `lax.map` forward, a summed filter gradient)."""
+    x, kernel = _inputs((batch, 13, 10, 5), 4, seed=2)
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", examples_per_chunk * x[0].size * x.dtype.itemsize)
+    assert winograd._chunk_size(batch, x[0].size * x.dtype.itemsize) == examples_per_chunk
+    reference = _value_and_grads("xla", monkeypatch, x, kernel)
+    got = _value_and_grads("winograd4", monkeypatch, x, kernel)
+    for a, b in zip(got, reference):
+        np.testing.assert_allclose(a, b, atol=2e-4 * float(jnp.abs(b).max()), rtol=0)
+
+
 def test_winograd_rejects_what_it_cannot_compute():
     x, kernel = _inputs((1, 8, 8, 2), 3)
     with pytest.raises(ValueError, match="tile"):
@@ -58,14 +70,18 @@ def test_winograd_rejects_what_it_cannot_compute():
         winograd.conv3x3_same(x, jnp.zeros((5, 5, 2, 3)))
 
 
-def test_per_example_filter_gradient_sharded_over_four_devices_equals_one(monkeypatch):
+@pytest.mark.parametrize("algorithm", ["per_example", "winograd4"])
+def test_algorithms_sharded_over_four_devices_equal_one(algorithm, monkeypatch):
     x, kernel = _inputs((4, 12, 12, 3), 2, seed=1)
-    one = _value_and_grads("per_example", monkeypatch, x, kernel)
+    # Winograd in chunks of one example, the form a large batch takes.
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", x[0].size * x.dtype.itemsize)
+    one = _value_and_grads(algorithm, monkeypatch, x, kernel)
     mesh = sharding.make_mesh((4,), ("data",))  # The project's mesh (automatic axes), as in training.
     sharded_x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
     with jax.set_mesh(mesh):
-        four = _value_and_grads("per_example", monkeypatch, sharded_x, kernel)
-    assert four[0].sharding.spec[0] == "data"  # The output stays split by example.
+        four = _value_and_grads(algorithm, monkeypatch, sharded_x, kernel)
+    if algorithm == "per_example":  # Winograd's chunks run one after the other (`lax.map`).
+        assert four[0].sharding.spec[0] == "data"  # The output stays split by example.
     for a, b in zip(four, one):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -77,7 +93,7 @@ def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
         x, kernel = (a.astype(dtype) for a in _inputs(shape, out_channels))
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: _loss(x, k, strides, "SAME")[0]))(kernel))
         # XLA's form is two convolutions (the forward one and its filter gradient) and no matmul;
-        # Winograd's is one batched matmul per tile position; the per-example form adds a filter
+        # Winograd's is one matmul per tile position; the per-example form adds a filter
         # gradient (and its linearisation) per example.
         if "dot_general" in jaxpr:
             return "winograd"
@@ -96,6 +112,26 @@ def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
     assert filter_gradient((1, 16, 16, 256), (1, 1), out_channels=256) == "winograd"
     assert filter_gradient((1, 16, 16, 128), (1, 1), out_channels=128) == "xla"
     assert filter_gradient((2, 16, 16, 256), (2, 2), out_channels=256) == "xla"  # Stride 2: by pixels only.
+
+
+def test_auto_runs_inference_by_winograd_and_training_forward_passes_by_xla(monkeypatch):
+    """Undifferentiated, a large 3×3 CPU convolution within one chunk is Winograd's; under `grad`, XLA's."""
+    monkeypatch.setenv(conv.ENV_VAR, "auto")
+    side = int(np.ceil(np.sqrt(conv.MIN_PIXELS)))
+    x, kernel = _inputs((1, side, side, 2), 2)
+    inference = str(jax.make_jaxpr(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x))
+    assert "dot_general" in inference and "conv_general_dilated[" not in inference
+    y = jax.jit(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x)
+    reference = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+    np.testing.assert_allclose(y, reference, atol=2e-4 * float(jnp.abs(reference).max()), rtol=0)
+    # Under differentiation: XLA's forward pass and input gradient (two convolutions), Winograd's filter
+    # gradient (the matmuls), as before this form existed: Winograd's forward made the step slower.
+    training = str(jax.make_jaxpr(jax.grad(lambda x, k: _loss(x, k, (1, 1), "SAME")[0], (0, 1)))(x, kernel))
+    # (The backward rule's `jax.vjp` also traces a forward convolution that XLA drops: three in the jaxpr.)
+    assert training.count("conv_general_dilated[") == 3 and "dot_general" in training
+    # A batch over one chunk keeps XLA's forward pass (Winograd's chunked form was slower on the CPU).
+    big = jnp.zeros((winograd.CHUNK_BYTES // (side * side * 2 * 4) + 1, side, side, 2))
+    assert "conv_general_dilated[" in str(jax.make_jaxpr(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(big))
 
 
 def test_an_unknown_algorithm_names_the_variable(monkeypatch):

@@ -9,7 +9,9 @@ differ. The choice is ``SYNTH_CONV`` in the environment, read at trace time:
   pass and the input gradient by XLA, the filter gradient of 3×3 stride-1 convolutions by Winograd
   F(4×4, 3×3) and that of the others (stride 2, 5×5) summed over examples; also Winograd's filter
   gradient for 3×3 stride-1 convolutions on smaller maps with as much work (``MIN_WINOGRAD_MACS``: the
-  deeper levels of the same networks); elsewhere (GPUs, bf16, small networks) XLA's;
+  deeper levels of the same networks); and where such a 3×3 convolution is not differentiated
+  (generation, stage C) and its input fits one Winograd chunk (``winograd.CHUNK_BYTES``), its forward
+  pass by Winograd F(4×4, 3×3) too; elsewhere (GPUs, bf16, small networks) XLA's;
 * ``xla``: XLA's convolution everywhere (the reference, and what GPUs use: cuDNN picks its own algorithms);
 * ``winograd_filter_grad`` / ``per_example``: those two filter gradients wherever the shapes allow;
 * ``winograd2`` / ``winograd4``: 3×3 stride-1 ``SAME`` convolutions by Winograd F(2×2, 3×3) / F(4×4, 3×3)
@@ -20,8 +22,12 @@ convolution's filter gradient as one convolution whose "kernel" is the whole out
 3×3, 64 → 64 on 184×144 maps it takes 3× the forward pass at batch 1, and its cost grows faster than the
 batch (63 ms at batch 1, 2 180 ms at batch 8). The same gradient by Winograd F(4×4, 3×3) takes 33 and
 292 ms; summed over examples (the unrolled sum; ``lax.scan`` or ``vmap`` over examples are slower than
-XLA's form) 56 and 490 ms. Winograd's forward pass is no faster than XLA's and its input gradient is
-4× slower (the transposed transforms), so those stay XLA's. The project's meshes have automatic axes
+XLA's form) 56 and 490 ms. Winograd's forward pass and input gradient are up to 1.7× faster than XLA's
+at batch 1 on their own ("Winograd on XLA:CPU"), but in the training step its forward passes made the
+step 10-20 % slower (more bytes through memory beside the other thread's work), so training keeps XLA's
+forward and input gradient, and generation, which gained 11-24 %, takes Winograd's forward (a
+``jax.custom_vjp`` whose body is Winograd's and whose differentiated form is XLA's; chunked batches stay
+XLA's, slower there). The project's meshes have automatic axes
 (`synth.sharding`), under which slicing one example of a batch split over devices is allowed. At 64²
 the tiny networks' steps gain nothing, so test and demo networks keep XLA's form and its shorter
 compile.
@@ -102,11 +108,25 @@ def _winograd_forward(x, kernel, precision):
 def _winograd_backward(precision, residuals, grad):
     x, kernel = residuals
     _, input_vjp = jax.vjp(lambda x_: _direct(x_, kernel, (1, 1), "SAME", precision), x)
-    _, kernel_vjp = jax.vjp(lambda k: winograd.conv3x3_same(x, k, tile=4, precision=precision), kernel)
-    return input_vjp(grad)[0], kernel_vjp(grad)[0]
+    return input_vjp(grad)[0], winograd.filter_grad(x, grad, 4, precision)
 
 
 conv3x3_winograd_filter_grad.defvjp(_winograd_forward, _winograd_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_winograd_inference(x, kernel, precision=None):
+    """A 3×3 stride-1 SAME convolution by Winograd F(4×4, 3×3) where it is not differentiated.
+
+    Under differentiation (`jax.custom_vjp` then calls the forward rule, not this body) it is
+    `conv3x3_winograd_filter_grad`: XLA's forward pass and input gradient, Winograd's filter gradient. In
+    the training step Winograd's forward passes made the step slower (module docstring), in generation
+    faster.
+    """
+    return winograd.conv3x3_same(x, kernel, tile=4, precision=precision)
+
+
+conv3x3_winograd_inference.defvjp(_winograd_forward, _winograd_backward)
 
 
 def _is_plain(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_groups, batch_groups) -> bool:
@@ -155,9 +175,10 @@ def conv_general_dilated(
         if name in ("winograd2", "winograd4"):
             return winograd.conv3x3_same(lhs, rhs, tile=int(name[-1]), precision=precision)
         macs = 9 * pixels * rhs.shape[2] * rhs.shape[3]
-        if name == "winograd_filter_grad" or (
-            auto_cpu and (pixels >= MIN_PIXELS or macs >= MIN_WINOGRAD_MACS)
-        ):
+        large = pixels >= MIN_PIXELS or macs >= MIN_WINOGRAD_MACS
+        if auto_cpu and large and lhs.size * lhs.dtype.itemsize <= winograd.CHUNK_BYTES:
+            return conv3x3_winograd_inference(lhs, rhs, precision)
+        if name == "winograd_filter_grad" or (auto_cpu and large):
             return conv3x3_winograd_filter_grad(lhs, rhs, precision)
     if plain and lhs.shape[0] > 1:
         if name == "per_example" or (auto_cpu and pixels >= MIN_PIXELS):
