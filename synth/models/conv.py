@@ -25,7 +25,7 @@ batch (63 ms at batch 1, 2 180 ms at batch 8). The same gradient by Winograd F(4
 XLA's form) 56 and 490 ms. Winograd's forward pass and input gradient are up to 1.7× faster than XLA's
 at batch 1 on their own ("Winograd on XLA:CPU"), but in the training step its forward passes made the
 step 10-20 % slower (more bytes through memory beside the other thread's work), so training keeps XLA's
-forward and input gradient, and generation, which gained 11-24 %, takes Winograd's forward (a
+forward and input gradient, and generation, which gained 12-18 % at batch 1, takes Winograd's forward (a
 ``jax.custom_vjp`` whose body is Winograd's and whose differentiated form is XLA's; chunked batches stay
 XLA's, slower there). The project's meshes have automatic axes
 (`synth.sharding`), under which slicing one example of a batch split over devices is allowed. At 64²
