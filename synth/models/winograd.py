@@ -181,9 +181,9 @@ def _chunk_size(n: int, example_bytes: int) -> int:
 
 
 def _chunks(n: int, example_bytes: int) -> list[tuple[int, int]]:
-    """(start, stop) example ranges of at most ~CHUNK_BYTES of input each (at least one example)."""
-    size = max(1, CHUNK_BYTES // max(example_bytes, 1))
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+    """(start, stop) example ranges of `_chunk_size` examples each: the forward pass's chunks."""
+    size = _chunk_size(n, example_bytes)
+    return [(start, start + size) for start in range(0, n, size)]
 
 
 def _forward(x, kernel, m: int, precision, transposed: bool = False):
