@@ -109,7 +109,7 @@ def main() -> None:
         "| GFLOP/example | GB/example | GFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |",
         flush=True,
     )
-    for dtype in args.train_dtypes.split(","):
+    for dtype in (name for name in args.train_dtypes.split(",") if name):
         config.synthesis.compute_dtype = dtype
         seconds, flops, nbytes, n_params, _ = common.time_synthesis_step(
             state, batch, frozen, models=models, config=config, g_tx=g_tx, d_tx=d_tx, steps=args.steps

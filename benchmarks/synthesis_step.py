@@ -117,7 +117,7 @@ def main() -> None:
         print("\n| training, image, model | compute dtype | parameters (G+D) | s/step | examples/s ", end="")
         print("| GFLOP/example | GB/example | GFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
         profiles = []
-        for dtype in args.train_dtypes.split(","):
+        for dtype in (name for name in args.train_dtypes.split(",") if name):
             config.synthesis.compute_dtype = dtype
             seconds, flops, nbytes, n_params, kinds = common.time_synthesis_step(
                 state,

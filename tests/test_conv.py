@@ -115,7 +115,7 @@ def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
 
 
 def test_auto_runs_inference_by_winograd_and_training_forward_passes_by_xla(monkeypatch):
-    """Undifferentiated, a large 3×3 CPU convolution within one chunk is Winograd's; under `grad`, XLA's."""
+    """Undifferentiated, a large 3×3 CPU convolution is Winograd's where that pays; under `grad`, XLA's."""
     monkeypatch.setenv(conv.ENV_VAR, "auto")
     side = int(np.ceil(np.sqrt(conv.MIN_PIXELS)))
     x, kernel = _inputs((1, side, side, 2), 2)
@@ -129,9 +129,19 @@ def test_auto_runs_inference_by_winograd_and_training_forward_passes_by_xla(monk
     training = str(jax.make_jaxpr(jax.grad(lambda x, k: _loss(x, k, (1, 1), "SAME")[0], (0, 1)))(x, kernel))
     # (The backward rule's `jax.vjp` also traces a forward convolution that XLA drops: three in the jaxpr.)
     assert training.count("conv_general_dilated[") == 3 and "dot_general" in training
-    # A batch over one chunk keeps XLA's forward pass (Winograd's chunked form was slower on the CPU).
-    big = jnp.zeros((winograd.CHUNK_BYTES // (side * side * 2 * 4) + 1, side, side, 2))
-    assert "conv_general_dilated[" in str(jax.make_jaxpr(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(big))
+    # Over one chunk: wide inputs (at least INFERENCE_MIN_CHANNELS, examples within two chunks) run
+    # Winograd's forward in chunks; narrow ones keep XLA's (Winograd's chunked form was slower there).
+    wide = conv.INFERENCE_MIN_CHANNELS
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", side * side * wide * 4)
+    x, kernel = _inputs((3, side, side, wide), 2, seed=4)
+    chunked = str(jax.make_jaxpr(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x))
+    assert "dot_general" in chunked and "conv_general_dilated[" not in chunked
+    y = jax.jit(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x)
+    reference = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+    np.testing.assert_allclose(y, reference, atol=2e-4 * float(jnp.abs(reference).max()), rtol=0)
+    for shape in [(3, side, side, wide // 2), (1, 2 * side, side, wide + 1)]:  # Narrow; over two chunks.
+        jaxpr = jax.make_jaxpr(lambda x, k: _loss(x, k, (1, 1), "SAME")[1])(*_inputs(shape, 2))
+        assert "conv_general_dilated[" in str(jaxpr)
 
 
 def test_an_unknown_algorithm_names_the_variable(monkeypatch):

@@ -10,8 +10,9 @@ differ. The choice is ``SYNTH_CONV`` in the environment, read at trace time:
   F(4×4, 3×3) and that of the others (stride 2, 5×5) summed over examples; also Winograd's filter
   gradient for 3×3 stride-1 convolutions on smaller maps with as much work (``MIN_WINOGRAD_MACS``: the
   deeper levels of the same networks); and where such a 3×3 convolution is not differentiated
-  (generation, stage C) and its input fits one Winograd chunk (``winograd.CHUNK_BYTES``), its forward
-  pass by Winograd F(4×4, 3×3) too; elsewhere (GPUs, bf16, small networks) XLA's;
+  (generation, stage C) and its input fits one Winograd chunk (``winograd.CHUNK_BYTES``) or has at
+  least ``INFERENCE_MIN_CHANNELS`` channels (in chunks), its forward pass by Winograd F(4×4, 3×3) too;
+  elsewhere (GPUs, bf16, small networks) XLA's;
 * ``xla``: XLA's convolution everywhere (the reference, and what GPUs use: cuDNN picks its own algorithms);
 * ``winograd_filter_grad`` / ``per_example``: those two filter gradients wherever the shapes allow;
 * ``winograd2`` / ``winograd4``: 3×3 stride-1 ``SAME`` convolutions by Winograd F(2×2, 3×3) / F(4×4, 3×3)
@@ -26,8 +27,9 @@ XLA's form) 56 and 490 ms. Winograd's forward pass and input gradient are up to 
 at batch 1 on their own ("Winograd on XLA:CPU"), but in the training step its forward passes made the
 step 10-20 % slower (more bytes through memory beside the other thread's work), so training keeps XLA's
 forward and input gradient, and generation, which gained 12-18 % at batch 1, takes Winograd's forward (a
-``jax.custom_vjp`` whose body is Winograd's and whose differentiated form is XLA's; chunked batches stay
-XLA's, slower there). The project's meshes have automatic axes
+``jax.custom_vjp`` whose body is Winograd's and whose differentiated form is XLA's; batches of
+64-channel maps over one chunk stay XLA's, slower there, while wider maps gain in chunks too: generation
+at batch 8 14 % more sets/s). The project's meshes have automatic axes
 (`synth.sharding`), under which slicing one example of a batch split over devices is allowed. At 64²
 the tiny networks' steps gain nothing, so test and demo networks keep XLA's form and its shorter
 compile.
@@ -54,6 +56,12 @@ MIN_PIXELS = 96 * 96
 # against Winograd's 185 and 118). The bound is the smallest first level the pixel rule covers at the
 # "small" widths (96², 32 → 32 channels); the demo's 64² networks stay below it.
 MIN_WINOGRAD_MACS = 9 * 96 * 96 * 32 * 32
+# Under "auto", an undifferentiated 3×3 convolution whose input exceeds one Winograd chunk still takes
+# Winograd's forward pass, chunk by chunk, from this many input channels (one example within two chunks):
+# the tile products' work per transformed byte grows with the channels. At 64 channels (the first U-Net
+# level at batch 4-8, or 512² at batch 1) Winograd's forward was 1.4-1.7× slower than XLA's; at 128-512
+# channels 1.3-1.7× faster (BENCHMARKS.md, "Winograd's forward pass over one chunk").
+INFERENCE_MIN_CHANNELS = 128
 _NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
@@ -148,6 +156,14 @@ def _is_winograd_shape(rhs, window_strides, padding) -> bool:
     return rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and same
 
 
+def _winograd_inference_pays(lhs) -> bool:
+    """Whether Winograd's forward pass beats XLA's on this NHWC input (``INFERENCE_MIN_CHANNELS``)."""
+    if lhs.size * lhs.dtype.itemsize <= winograd.CHUNK_BYTES:
+        return True
+    example_bytes = lhs.size // lhs.shape[0] * lhs.dtype.itemsize
+    return lhs.shape[3] >= INFERENCE_MIN_CHANNELS and example_bytes <= 2 * winograd.CHUNK_BYTES
+
+
 def conv_general_dilated(
     lhs,
     rhs,
@@ -176,7 +192,7 @@ def conv_general_dilated(
             return winograd.conv3x3_same(lhs, rhs, tile=int(name[-1]), precision=precision)
         macs = 9 * pixels * rhs.shape[2] * rhs.shape[3]
         large = pixels >= MIN_PIXELS or macs >= MIN_WINOGRAD_MACS
-        if auto_cpu and large and lhs.size * lhs.dtype.itemsize <= winograd.CHUNK_BYTES:
+        if auto_cpu and large and _winograd_inference_pays(lhs):
             return conv3x3_winograd_inference(lhs, rhs, precision)
         if name == "winograd_filter_grad" or (auto_cpu and large):
             return conv3x3_winograd_filter_grad(lhs, rhs, precision)

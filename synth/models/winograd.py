@@ -15,8 +15,8 @@ first form of this module spent 4 of its 10 ms at 184×144×64 in the input tran
 transform is one fusion of broadcast products. Batches over `CHUNK_BYTES` of input run chunk by chunk
 (`lax.map` in the forward pass, a sum over chunks in the filter gradient), as the transforms are
 memory-bound and one chunk's tiles stay in the CPU's cache; even so the chunked forward pass is slower
-than XLA's at 184×144×64 and batch 4, so `synth.models.conv`'s ``auto`` takes Winograd's forward pass
-only for inputs within one chunk.
+than XLA's on 64-channel maps (184×144×64 at batch 4), so `synth.models.conv`'s ``auto`` takes it in
+chunks only from 128 channels, where it is faster.
 
 The gradients are written out (`jax.custom_vjp`) rather than derived through the transforms: the input
 gradient of a 3×3 stride-1 SAME convolution is the same convolution of the output gradient with the
