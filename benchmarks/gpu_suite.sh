@@ -7,7 +7,7 @@
 # report file under $OUT; rows are printed as soon as they are measured, so a run cut off keeps its rows.
 #
 # Usage (repository root, on a GPU host with jax[cuda] and the project's dependencies importable):
-#   OUT=/tmp/out LIMIT=480 bash benchmarks/gpu_suite.sh
+#   OUT=/tmp/out LIMIT=480 [MEMORY=1] bash benchmarks/gpu_suite.sh
 set -u
 OUT=${OUT:-/tmp/gpu_bench}
 LIMIT=${LIMIT:-480}
@@ -43,3 +43,18 @@ for name in synthesis_128 synthesis_512 retina_512; do
   cat "$OUT/$name.md"
   grep -E "^\[|Error|error:" "$OUT/$name.log" | tail -8
 done
+
+# Opt-in (MEMORY=1): the GPU's compiled memory of the paper's steps with and without rematerialised U-Net
+# blocks (`model.remat`; XLA:CPU merges the recomputation back, so only a GPU shows its effect), and the
+# ~130 GiB question of the 2026-11-26 run. Compiles only, one after the other, after the timings.
+if [ "${MEMORY:-0}" = 1 ]; then
+  for remat in "" --remat; do
+    for hw in "" 512x512; do  # The paper's sizes; BRATS' K = 4 at 512² (the ~130 GiB step).
+      name=memory${remat:+_remat}${hw:+_$hw}
+      timeout "$LIMIT" $py -m benchmarks.memory --configs brats2015${hw:-,lung_ct} --generators gan $remat \
+        ${hw:+--hw $hw} --json "$OUT/$name.json" >"$OUT/$name.md" 2>"$OUT/$name.log"
+      echo "=== $name"
+      cat "$OUT/$name.md"
+    done
+  done
+fi

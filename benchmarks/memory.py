@@ -2,6 +2,7 @@
 
 Usage: python -m benchmarks.memory [--configs brats2015,chest_xray,lung_ct,retina,tianchi_lung_ct]
                                    [--batches 1] [--generators gan,flow] [--json FILE] [--largest_batch]
+                                   [--remat] [--hw HxW]
 
 For every dataset config at its full size (BRATS 184×144 with K = 4, the others 512²), the stage-A
 training step, the stage-B training step of each generator family (with the frozen networks it reads) and
@@ -14,6 +15,12 @@ differ). Convolutions compile as XLA's own (`SYNTH_CONV=xla` unless the environm
 GPU, not with the CPU's filter-gradient forms. `--json FILE` writes one row per measurement: `config`,
 `step`, `batch`, `total_bytes` and the parts. `--largest_batch` also finds, for each step, the largest
 batch whose compiled total fits a 16, 40 and 80 GB card (rows with `card_gb` and `largest_batch`).
+`--remat` measures with every stage-B U-Net's conv blocks rematerialised (`model.remat` of the synthesis,
+translator and segmentor configs; every row then says `remat: true`). Only a GPU's figures show its
+effect: XLA:CPU drops the barriers that keep the recomputation apart and merges it back into the forward
+pass (the same figures with and without; `benchmarks/gpu_suite.sh` runs both with `MEMORY=1`).
+`--hw 512x512` measures every config at that size instead of the paper's (BRATS' K = 4 at 512²: the
+step an H200 reported needing ~130 GiB for).
 """
 
 from __future__ import annotations
@@ -105,10 +112,12 @@ def generation_memory(config, hw: tuple[int, int], batch: int, init) -> dict[str
     return memory(jax.jit(fn), state.g_params, maps, maps, labels, key)
 
 
-def _config(name: str, generator: str, arg: str = ""):
+def _config(name: str, generator: str, arg: str = "", remat: bool = False):
     options = ",".join(filter(None, [arg, f"generator={generator}"]))
     config = importlib.import_module(f"configs.{name}").get_config(options)
     config.structure.extraction.size = None  # Extract at the measured size.
+    for section in (config.synthesis, config.translator, config.segmentor):
+        section.model.remat = remat
     return config
 
 
@@ -131,23 +140,34 @@ def step_memory(config, step_name: str, hw: tuple[int, int], batch: int) -> dict
     raise ValueError(f"Unknown step {step_name!r}; valid: stage_a_train, stage_b_train, generate.")
 
 
-def measure(name: str, generator: str, batch: int, *, arg: str = "", hw=None) -> list[dict]:
+def measure(
+    name: str, generator: str, batch: int, *, arg: str = "", hw=None, remat: bool = False
+) -> list[dict]:
     """Rows for one config, family and batch: stage A's step (GAN only), stage B's step, generation.
 
-    `arg` adds config options (e.g. `runlocal`), `hw` replaces the paper's image size.
+    `arg` adds config options (e.g. `runlocal`), `hw` replaces the paper's image size, `remat`
+    rematerialises the stage-B U-Nets' conv blocks.
     """
-    config = _config(name, generator, arg)
+    config = _config(name, generator, arg, remat)
     hw = tuple(hw or IMAGE_HW.get(name, DEFAULT_HW))
     rows = []
     for step_name in steps_of(generator):
         figures = step_memory(config, step_name, hw, batch)
-        rows.append(dict(config=name, generator=generator, step=step_name, batch=batch, **figures))
+        row = dict(config=name, generator=generator, step=step_name, batch=batch, remat=remat)
+        rows.append(dict(row, **figures))
         common.progress(f"{name} {generator} {step_name} batch {batch}: {figures['total_bytes'] / GB:.2f} GB")
     return rows
 
 
 def largest_batches(
-    name: str, generator: str, step_name: str, cards_gb=CARDS_GB, *, arg: str = "", hw=None
+    name: str,
+    generator: str,
+    step_name: str,
+    cards_gb=CARDS_GB,
+    *,
+    arg: str = "",
+    hw=None,
+    remat: bool = False,
 ) -> dict[int, int]:
     """The largest batch whose compiled total fits each card (GB), for one step, up to `MAX_BATCH`.
 
@@ -157,7 +177,7 @@ def largest_batches(
     (its buffer reuse changes with the shapes) the result is a batch that fits, possibly below the
     largest. 0 means not even batch 1 fits; `MAX_BATCH` means that many or more.
     """
-    config = _config(name, generator, arg)
+    config = _config(name, generator, arg, remat)
     hw = tuple(hw or IMAGE_HW.get(name, DEFAULT_HW))
     measured = {b: step_memory(config, step_name, hw, b)["total_bytes"] for b in (1, 8)}
     # XLA may reuse buffers so that 8 examples cost less than the line suggests; never below 1 byte.
@@ -189,16 +209,21 @@ def main() -> None:
         action="store_true",
         help="also find the largest batch of each step that fits each card (16, 40, 80 GB)",
     )
+    parser.add_argument(
+        "--remat", action="store_true", help="rematerialise the stage-B U-Nets' conv blocks (model.remat)"
+    )
+    parser.add_argument("--hw", default="", help="image size HxW for every config (default: the paper's)")
     args = parser.parse_args()
     # The question is a GPU's memory: compile the convolutions as a GPU runs them (XLA's own), not with the
     # CPU's filter-gradient forms (synth.models.conv), whose temporaries differ. An explicit choice wins.
     os.environ.setdefault(conv.ENV_VAR, "xla")
+    hw = tuple(int(v) for v in args.hw.split("x")) if args.hw else None
     rows = []
     for name in args.configs.split(","):
         for generator in args.generators.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                rows.extend(measure(name, generator, batch))
-    common.header(f"Compiled memory ({jax.default_backend()}), GB")
+                rows.extend(measure(name, generator, batch, remat=args.remat, hw=hw))
+    common.header(f"Compiled memory ({jax.default_backend()}{', remat' * args.remat}), GB")
     print("| config | generator | step | batch | arguments | outputs | temporaries | total | fits |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -212,7 +237,7 @@ def main() -> None:
         )
     if args.largest_batch:
         largest = [
-            (name, generator, step_name, largest_batches(name, generator, step_name))
+            (name, generator, step_name, largest_batches(name, generator, step_name, remat=args.remat, hw=hw))
             for name in args.configs.split(",")
             for generator in args.generators.split(",")
             for step_name in steps_of(generator)
@@ -225,10 +250,8 @@ def main() -> None:
                 f"≥ {MAX_BATCH}" if batches[card] >= MAX_BATCH else str(batches[card]) for card in CARDS_GB
             )
             print(f"| {name} | {generator} | {step_name} | {cells} |", flush=True)
-            rows.extend(
-                dict(config=name, generator=generator, step=step_name, card_gb=card, largest_batch=b)
-                for card, b in batches.items()
-            )
+            common_keys = dict(config=name, generator=generator, step=step_name, remat=args.remat)
+            rows.extend(dict(common_keys, card_gb=card, largest_batch=b) for card, b in batches.items())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

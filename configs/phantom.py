@@ -130,8 +130,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.segmentor.metrics = "dice"  # or "vessel": sensitivity, accuracy, AUC inside the FOV (DRIVE)
     config.segmentor.variant = "n_seg"  # n_seg: N U-Nets; one_seg: 1 U-Net; shared_encoder: 1 enc + N dec
     config.segmentor.stacking = "auto"  # vmap | unrolled; auto: unrolled on CPU (see models/stacked.py)
+    # remat: recompute each conv block in the backward pass (synth/models/unet.py), for batches or sizes
+    # that do not fit the card otherwise; the same in translator.model and synthesis.model.
     config.segmentor.model = ml_collections.ConfigDict(
-        dict(size="small", activation="leaky_relu", kernel_init="normal", dropout_rate=0.0)
+        dict(size="small", activation="leaky_relu", kernel_init="normal", dropout_rate=0.0, remat=False)
     )
     # Softmax cross-entropy + Dice trains far faster and more stably than the authors' weighted MSE on
     # sigmoids (kind=weighted_mse_parity), which stays available for parity.
@@ -157,6 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # "film": the target modality scales and shifts the decoder (synth/models/unet.py); the
             # code's "concat" is erased by the next instance norm, so the modalities came out alike.
             condition="film",
+            remat=False,
         )
     )
     config.translator.loss = ml_collections.ConfigDict(
@@ -192,6 +195,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             norm_output=False,  # True: the code's instance norm before the output sigmoid (§11.18).
             condition="film",  # As G_t's: "concat" (the code) cannot tell the modalities apart.
             disc_dropout=0.0,
+            remat=False,  # G only (D is small); the frozen G_t's and segmentors' are in their sections.
         )
     )
     # real: maps extracted from the real slices, as the authors' code; stage_a: the paper's maps drawn from

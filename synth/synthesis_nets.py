@@ -39,7 +39,7 @@ from synth.models import ecai as ecai_models
 from synth.models import sizes
 from synth.models.discriminator import PatchDiscriminator
 from synth.models.ecai import EcaiDiscriminator, EcaiGenerator
-from synth.models.unet import UNet, apply_per_condition, configured_condition
+from synth.models.unet import UNet, apply_per_condition, configured_condition, configured_remat
 
 # config.synthesis.design: "unet", the final design's conditional U-Net G and two-head D; "ecai", the
 # AAAI/ECAI drafts' encoders, decoder and code discriminator with their extra losses (§6.7).
@@ -118,6 +118,7 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
             out_channels=channels,
             norm_output=sy.model.norm_output,
             condition=configured_condition(sy.model),
+            remat=configured_remat(sy.model),
             **common,
         ),
         discriminator=PatchDiscriminator(

@@ -18,7 +18,7 @@ import numpy as np
 from synth import gan, registration
 from synth.models import sizes, unet
 from synth.models.discriminator import PatchDiscriminator
-from synth.models.unet import UNet, configured_condition
+from synth.models.unet import UNet, configured_condition, configured_remat
 
 
 class Models(NamedTuple):
@@ -39,6 +39,7 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
             out_channels=1,
             norm_output=tr.model.norm_output,
             condition=configured_condition(tr.model),
+            remat=configured_remat(tr.model),
             **common,
         ),
         discriminator=PatchDiscriminator(

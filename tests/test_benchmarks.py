@@ -12,6 +12,9 @@ def test_memory_rows_add_up():
     train, generate = rows
     # The training state is donated (aliased); training holds parameters, optimiser state and gradients.
     assert train["alias_bytes"] > 0 and train["argument_bytes"] > 2 * generate["argument_bytes"]
+    assert not train["remat"]  # `--remat` sets every stage-B U-Net's `model.remat`:
+    config = memory._config("phantom", "gan", "runlocal", remat=True)
+    assert all(s.model.remat for s in (config.synthesis, config.translator, config.segmentor))
 
 
 def test_largest_batch_fits_its_card_and_none_fits_below_batch_one():

@@ -1,12 +1,16 @@
 """Shape, parameter-count, init and behaviour tests: shared layers, U-Net, sizes table."""
 
+import contextlib
 import functools
+import io
+import re
 from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from synth.models import SIZES, UNet, bottleneck_hw, layers, unet_kwargs, variant_sizes
 
@@ -257,6 +261,54 @@ def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
         np.testing.assert_allclose(out_once, out_tiled, rtol=1e-5, atol=1e-6)
         for a, b in zip(jax.tree.leaves(grad_once), jax.tree.leaves(grad_tiled), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _saved_activation_bytes(loss, *args) -> int:
+    """Bytes autodiff keeps for the backward pass, parameters aside (`print_saved_residuals`' lines)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(loss, *args)
+    total = 0
+    for line in printed.getvalue().splitlines():
+        match = re.match(r"\s*f32\[([\d,]*)\]", line)
+        if match and "from the argument" not in line:
+            total += 4 * int(np.prod([int(d) for d in match.group(1).split(",") if d]))
+    return total
+
+
+def test_remat_keeps_parameters_and_results_and_saves_fewer_activations(film_unet):
+    """`remat=True` (a config's `model.remat`): same parameter tree, outputs and gradients, less kept."""
+    from synth.models.unet import apply_per_condition, configured_remat
+
+    model, params, x = film_unet.model, film_unet.trained, film_unet.x
+    remat = model.clone(remat=True)
+    assert jax.tree.map(jnp.shape, _init_shapes(remat, x, film_unet.cond)) == jax.tree.map(jnp.shape, params)
+    conds = jnp.broadcast_to(jnp.eye(4)[:, None, :], (4, 2, 4))
+    weights = jax.random.uniform(jax.random.key(3), (4, 2, 16, 16, 1))
+
+    def loss(m):
+        return lambda p, x: jnp.sum(apply_per_condition(m, p, x, conds, mode="unrolled") * weights)
+
+    both = jax.jit(lambda p, x: [jax.value_and_grad(loss(m), (0, 1))(p, x) for m in (model, remat)])
+    (plain, plain_grads), (rematted, remat_grads) = both(params, x)
+    np.testing.assert_allclose(rematted, plain, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Each block keeps its input only (XLA:CPU then merges the recomputation back: the saving is a GPU's).
+    kept, kept_remat = (_saved_activation_bytes(loss(m), params, x) for m in (model, remat))
+    assert 0 < kept_remat < kept / 2, (kept_remat, kept)
+    assert configured_remat({}) is False  # Workdirs from before the key.
+    # Every stage-B U-Net reads its section's `model.remat`.
+    from configs import phantom
+    from synth import synthesis_nets, translator_nets
+    from synth.lesion import segment
+
+    config = phantom.get_config("runlocal")
+    for section in (config.synthesis, config.translator, config.segmentor):
+        section.model.remat = True
+    assert synthesis_nets.make_models(config, (16, 16)).generator.remat
+    assert translator_nets.make_models(config, (16, 16)).generator.remat
+    assert segment.make_model(config, (16, 16)).remat
 
 
 def test_film_gives_each_condition_its_own_output_layer_from_the_start(film_unet):

@@ -30,7 +30,7 @@ from synth import configlib, evaluation, input_pipeline, losses, metrics, optim,
 from synth import writer as writer_lib
 from synth.lesion import base
 from synth.models import shared_encoder, sizes, stacked
-from synth.models.unet import UNet
+from synth.models.unet import UNet, configured_remat
 
 VARIANTS = ("n_seg", "one_seg", "shared_encoder")
 REGIONS = ("whole", "core", "enhancing")
@@ -53,6 +53,7 @@ def make_model(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> 
         dropout_rate=seg.model.dropout_rate,
         out_activation="none",  # Logits: the losses apply softmax (or sigmoid for parity) themselves.
         norm_output=False,
+        remat=configured_remat(seg.model),
     )
 
 

@@ -60,6 +60,11 @@ def configured_condition(model_config) -> str:
     return model_config.get("condition", "concat")
 
 
+def configured_remat(model_config) -> bool:
+    """A config's ``model.remat`` (rematerialised conv blocks); workdirs from before the key: False."""
+    return bool(model_config.get("remat", False))
+
+
 def bottleneck_hw(image_hw: tuple[int, int], num_levels: int) -> tuple[int, int]:
     """Compute the size after ``num_levels`` stride-2 ``SAME`` convs (ceil-halve each time).
 
@@ -95,6 +100,12 @@ class _UNetLayers(nn.Module):
     out_activation: str = "sigmoid"  # "sigmoid" for images; "none" returns logits (segmentors).
     norm_output: bool = True  # The code instance-normalises the output conv before the sigmoid.
     condition: str = "concat"  # How `cond` enters: "concat" (paper, code) or "film" (module docstring).
+    # Rematerialisation: each conv block (conv, norm, FiLM, activation; the up-sampling blocks too) keeps
+    # only its input for the backward pass and recomputes the rest there, so a differentiated U-Net holds
+    # one activation per block instead of several, for one more forward pass of compute. Parameters and
+    # results are the same either way; a config's `model.remat` sets it. XLA:CPU merges the recomputation
+    # back into the forward pass, so the memory saved is a GPU's (BENCHMARKS.md, "Rematerialised U-Net").
+    remat: bool = False
 
     def _check(self, x: jax.Array) -> None:
         if self.num_levels < 1:
@@ -111,7 +122,8 @@ class _UNetLayers(nn.Module):
 
     def _conv(self) -> functools.partial:
         # Every conv shares the activation and init; the few exceptions override them per call.
-        return functools.partial(ConvBlock, activation=self.activation, kernel_init=self.kernel_init)
+        block = nn.remat(ConvBlock) if self.remat else ConvBlock
+        return functools.partial(block, activation=self.activation, kernel_init=self.kernel_init)
 
     def _encode(
         self, x: jax.Array, cond: jax.Array | None, train: bool
@@ -158,9 +170,11 @@ class _UNetLayers(nn.Module):
             if cond.ndim != 2:
                 raise ValueError(f"condition='film' takes a (B, K) cond, got shape {cond.shape}.")
             film = cond.astype(h.dtype)
+        # `target_hw` (a tuple of ints, argument 2 counting the module) is static under remat.
+        up_block = nn.remat(UpConvBlock, static_argnums=(2,)) if self.remat else UpConvBlock
         for level in reversed(range(self.num_levels)):
             skip = skips[level]
-            h = UpConvBlock(
+            h = up_block(
                 widths[level],
                 activation=self.activation,
                 kernel_init=self.kernel_init,
