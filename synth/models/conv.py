@@ -59,8 +59,8 @@ MIN_WINOGRAD_MACS = 9 * 96 * 96 * 32 * 32
 # Under "auto", an undifferentiated 3×3 convolution whose input exceeds one Winograd chunk still takes
 # Winograd's forward pass, chunk by chunk, from this many input channels (one example within two chunks):
 # the tile products' work per transformed byte grows with the channels. At 64 channels (the first U-Net
-# level at batch 4-8, or 512² at batch 1) Winograd's forward was 1.4-1.7× slower than XLA's; at 128-512
-# channels 1.3-1.7× faster (BENCHMARKS.md, "Winograd's forward pass over one chunk").
+# level at batch 4-8, or 512² at batch 1) Winograd's forward was 1.2-1.7× slower than XLA's; at 128-512
+# channels 1.3-1.6× faster (BENCHMARKS.md, "Winograd's forward pass over one chunk").
 INFERENCE_MIN_CHANNELS = 128
 _NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
