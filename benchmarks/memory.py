@@ -16,9 +16,10 @@ GPU, not with the CPU's filter-gradient forms. `--json FILE` writes one row per 
 `step`, `batch`, `total_bytes` and the parts. `--largest_batch` also finds, for each step, the largest
 batch whose compiled total fits a 16, 40 and 80 GB card (rows with `card_gb` and `largest_batch`).
 `--remat` measures with every stage-B U-Net's conv blocks rematerialised (`model.remat` of the synthesis,
-translator and segmentor configs; every row then says `remat: true`). Only a GPU's figures show its
-effect: XLA:CPU drops the barriers that keep the recomputation apart and merges it back into the forward
-pass (the same figures with and without; `benchmarks/gpu_suite.sh` runs both with `MEMORY=1`).
+translator and segmentor configs, and `synthesis.flow.remat`; every row then says `remat: true`). Only a
+GPU's figures show its effect: XLA:CPU drops the barriers that keep the recomputation apart and merges it
+back into the forward pass (the same figures with and without; `benchmarks/gpu_suite.sh` runs both with
+`MEMORY=1`).
 `--hw 512x512` measures every config at that size instead of the paper's (BRATS' K = 4 at 512²: the
 step an H200 reported needing ~130 GiB for).
 """
@@ -118,6 +119,7 @@ def _config(name: str, generator: str, arg: str = "", remat: bool = False):
     config.structure.extraction.size = None  # Extract at the measured size.
     for section in (config.synthesis, config.translator, config.segmentor):
         section.model.remat = remat
+    config.synthesis.flow.remat = remat
     return config
 
 

@@ -118,6 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             logit_std=1.0,
             prediction="data",  # As stage B's: the net outputs the clean sample.
             ema_decay=0.999,
+            remat=False,  # Recompute each block in the backward pass (synth/models/flow_unet.py).
             sampler=dict(method="heun", num_steps=16, guidance=1.0),
             threshold=0.5,  # A sample's channels (in [0, 1]) above it are edge / organ.
             optim=configlib.adam_config(2e-4, b1=0.9),
@@ -272,6 +273,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # against 0.012) and scored lower (MS-SSIM 0.403 against 0.419, lesion Dice 0.72 against 0.81).
             prediction="data",
             ema_decay=0.999,
+            remat=False,  # Recompute each block in the backward pass (synth/models/flow_unet.py).
             # Optional terms through the frozen real-trained networks on the one-step clean estimate.
             weights=dict(lesion=0.0, registration=0.0),
             # Score the samples with G_t's translation error (the registration check) even when no term

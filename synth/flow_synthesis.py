@@ -91,7 +91,8 @@ def make_velocity(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) 
     """The velocity network, sized from the one table (`sizes.flow_unet_kwargs`)."""
     dtype = jnp.bfloat16 if config.synthesis.compute_dtype == "bfloat16" else None
     kwargs = sizes.flow_unet_kwargs(config.synthesis.flow.size, tuple(image_hw))
-    return FlowUNet(out_channels=image_channels(config), dtype=dtype, **kwargs)
+    remat = bool(config.synthesis.flow.get("remat", False))  # Workdirs from before the key: off.
+    return FlowUNet(out_channels=image_channels(config), dtype=dtype, remat=remat, **kwargs)
 
 
 def make_models(

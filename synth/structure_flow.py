@@ -52,7 +52,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> Models:
     """The velocity network, sized from the one table (`sizes.flow_unet_kwargs`)."""
     kwargs = sizes.flow_unet_kwargs(config.structure.flow.size, tuple(image_hw))
-    return Models(FlowUNet(out_channels=SAMPLE_CHANNELS, **kwargs))
+    remat = bool(config.structure.flow.get("remat", False))  # Workdirs from before the key: off.
+    return Models(FlowUNet(out_channels=SAMPLE_CHANNELS, remat=remat, **kwargs))
 
 
 def prepare(batch, rng, *, config: ml_collections.ConfigDict):

@@ -311,6 +311,38 @@ def test_remat_keeps_parameters_and_results_and_saves_fewer_activations(film_une
     assert segment.make_model(config, (16, 16)).remat
 
 
+def test_flow_unet_remat_keeps_results_and_saves_fewer_activations():
+    """The flow velocity net's `remat` (`<stage>.flow.remat`): as the U-Net's."""
+    from configs import phantom
+    from synth import flow_synthesis, structure_flow
+    from synth.models.flow_unet import FlowUNet
+
+    plain = FlowUNet(out_channels=2, features=4, num_levels=2, groups=2)
+    remat = plain.clone(remat=True)
+    x, t = jax.random.normal(jax.random.key(0), (2, 16, 16, 2)), jnp.array([0.3, 0.7])
+    params = jax.jit(plain.init)(jax.random.key(1), x, t)
+    # As if trained: the zero-initialised FiLM and output layers get values.
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
+    assert jax.tree.map(jnp.shape, jax.eval_shape(remat.init, jax.random.key(1), x, t)) == jax.tree.map(
+        jnp.shape, params
+    )
+
+    def loss(m):
+        return lambda p, x: jnp.sum(m.apply(p, x, t) ** 2)
+
+    both = jax.jit(lambda p, x: [jax.value_and_grad(loss(m), (0, 1))(p, x) for m in (plain, remat)])
+    (value, grads), (remat_value, remat_grads) = both(params, x)
+    np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))  # Other sum orders.
+    kept, kept_remat = (_saved_activation_bytes(loss(m), params, x) for m in (plain, remat))
+    assert 0 < kept_remat < kept / 2, (kept_remat, kept)
+    config = phantom.get_config("runlocal")
+    config.synthesis.flow.remat = config.structure.flow.remat = True
+    assert flow_synthesis.make_velocity(config, (16, 16)).remat
+    assert structure_flow.make_models(config, (16, 16)).velocity.remat
+
+
 def test_film_gives_each_condition_its_own_output_layer_from_the_start(film_unet):
     # Zero FiLM kernels: the decoder's features are the same for every condition, yet each condition's own
     # output conv (normal init, learnt at a conv's pace) makes the modalities differ from step 0.

@@ -146,6 +146,9 @@ class FlowUNet(nn.Module):
     time_frequencies: int = 32  # Sinusoids of t; the embedding MLP then has width 4·features.
     activation: str = "silu"  # See `activation()`.
     dtype: Any = None  # Computation dtype (e.g. bfloat16 for mixed precision); parameters stay float32.
+    # Each block keeps only its input for the backward pass and is recomputed there (as `UNet.remat`;
+    # same parameters and results; on XLA:CPU the recomputation is merged back): `<stage>.flow.remat`.
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x_t: jax.Array, t: jax.Array, cond: jax.Array | None = None) -> jax.Array:
@@ -180,8 +183,10 @@ class FlowUNet(nn.Module):
 
         widths = [self.features * 2**level for level in range(self.num_levels)]
 
+        block_class = nn.remat(FiLMConvBlock) if self.remat else FiLMConvBlock
+
         def block(width: int, name: str, strides: int = 1) -> FiLMConvBlock:
-            return FiLMConvBlock(
+            return block_class(
                 width,
                 strides=strides,
                 groups=self.groups,
