@@ -32,6 +32,7 @@ from synth import flow, flow_train, gan, registration, structure_nets, translato
 from synth.lesion import base as lesion_base
 from synth.models import sizes
 from synth.models.flow_unet import FlowUNet
+from synth.models.unet import configured_remat
 
 FLOW_TERMS = ("lesion", "registration")  # config.synthesis.flow.weights
 
@@ -91,7 +92,7 @@ def make_velocity(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) 
     """The velocity network, sized from the one table (`sizes.flow_unet_kwargs`)."""
     dtype = jnp.bfloat16 if config.synthesis.compute_dtype == "bfloat16" else None
     kwargs = sizes.flow_unet_kwargs(config.synthesis.flow.size, tuple(image_hw))
-    remat = bool(config.synthesis.flow.get("remat", False))  # Workdirs from before the key: off.
+    remat = configured_remat(config.synthesis.flow)
     return FlowUNet(out_channels=image_channels(config), dtype=dtype, remat=remat, **kwargs)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from synth import flow, flow_train, structure_filter, structure_nets
 from synth.models import sizes
 from synth.models.flow_unet import FlowUNet
+from synth.models.unet import configured_remat
 
 SAMPLE_CHANNELS = 2  # Structure map and organ mask.
 
@@ -52,7 +53,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> Models:
     """The velocity network, sized from the one table (`sizes.flow_unet_kwargs`)."""
     kwargs = sizes.flow_unet_kwargs(config.structure.flow.size, tuple(image_hw))
-    remat = bool(config.structure.flow.get("remat", False))  # Workdirs from before the key: off.
+    remat = configured_remat(config.structure.flow)
     return Models(FlowUNet(out_channels=SAMPLE_CHANNELS, remat=remat, **kwargs))
 
 

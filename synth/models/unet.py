@@ -60,9 +60,9 @@ def configured_condition(model_config) -> str:
     return model_config.get("condition", "concat")
 
 
-def configured_remat(model_config) -> bool:
-    """A config's ``model.remat`` (rematerialised conv blocks); workdirs from before the key: False."""
-    return bool(model_config.get("remat", False))
+def configured_remat(network_config) -> bool:
+    """A network section's ``remat`` (``model.remat``, ``<stage>.flow.remat``); older workdirs: off."""
+    return bool(network_config.get("remat", False))
 
 
 def bottleneck_hw(image_hw: tuple[int, int], num_levels: int) -> tuple[int, int]:
