@@ -101,7 +101,11 @@ def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
 
     side = int(np.ceil(np.sqrt(conv.MIN_PIXELS)))
     assert jax.default_backend() == "cpu"
-    assert filter_gradient((1, side, side, 1), (1, 1)) == "winograd"
+    c_in, c_out = conv.FILTER_GRAD_MIN_IN_CHANNELS, conv.FILTER_GRAD_MIN_OUT_CHANNELS
+    assert filter_gradient((1, side, side, c_in), (1, 1), out_channels=c_out) == "winograd"
+    # Narrow 3×3 convolutions (a U-Net's input and output convs) keep XLA's, also over several examples.
+    assert filter_gradient((2, side, side, c_in - 1), (1, 1), out_channels=c_out) == "xla"
+    assert filter_gradient((2, side, side, c_in), (1, 1), out_channels=c_out - 1) == "xla"
     assert filter_gradient((2, side, side, 1), (2, 2)) == "per_example"
     assert filter_gradient((1, side, side, 1), (2, 2)) == "xla"  # One example: XLA's form is the sum.
     assert filter_gradient((2, 32, 32, 1), (1, 1)) == "xla"  # Small maps: alike in speed, shorter compiles.
@@ -118,9 +122,16 @@ def test_auto_runs_inference_by_winograd_and_training_forward_passes_by_xla(monk
     """Undifferentiated, a large 3×3 CPU convolution is Winograd's where that pays; under `grad`, XLA's."""
     monkeypatch.setenv(conv.ENV_VAR, "auto")
     side = int(np.ceil(np.sqrt(conv.MIN_PIXELS)))
-    x, kernel = _inputs((1, side, side, 2), 2)
+    channels = conv.FORWARD_MIN_HARMONIC_CHANNELS
+    x, kernel = _inputs((1, side, side, channels), channels)
     inference = str(jax.make_jaxpr(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x))
     assert "dot_general" in inference and "conv_general_dilated[" not in inference
+    # Fewer channels on either side (harmonic mean below the bound: an input or output conv): XLA's.
+    for c_in, c_out in [(2, 64), (64, 4), (channels // 2, 2 * channels)]:
+        narrow = jax.make_jaxpr(lambda x, k: _loss(x, k, (1, 1), "SAME")[1])(
+            *_inputs((1, side, side, c_in), c_out)
+        )
+        assert "conv_general_dilated[" in str(narrow) and "dot_general" not in str(narrow)
     y = jax.jit(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x)
     reference = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
     np.testing.assert_allclose(y, reference, atol=2e-4 * float(jnp.abs(reference).max()), rtol=0)
@@ -133,14 +144,14 @@ def test_auto_runs_inference_by_winograd_and_training_forward_passes_by_xla(monk
     # Winograd's forward in chunks; narrow ones keep XLA's (Winograd's chunked form was slower there).
     wide = conv.INFERENCE_MIN_CHANNELS
     monkeypatch.setattr(winograd, "CHUNK_BYTES", side * side * wide * 4)
-    x, kernel = _inputs((3, side, side, wide), 2, seed=4)
+    x, kernel = _inputs((3, side, side, wide), channels, seed=4)
     chunked = str(jax.make_jaxpr(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x))
     assert "dot_general" in chunked and "conv_general_dilated[" not in chunked
     y = jax.jit(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x)
     reference = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
     np.testing.assert_allclose(y, reference, atol=2e-4 * float(jnp.abs(reference).max()), rtol=0)
     for shape in [(3, side, side, wide // 2), (1, 2 * side, side, wide + 1)]:  # Narrow; over two chunks.
-        jaxpr = jax.make_jaxpr(lambda x, k: _loss(x, k, (1, 1), "SAME")[1])(*_inputs(shape, 2))
+        jaxpr = jax.make_jaxpr(lambda x, k: _loss(x, k, (1, 1), "SAME")[1])(*_inputs(shape, channels))
         assert "conv_general_dilated[" in str(jaxpr)
 
 

@@ -12,6 +12,8 @@ differ. The choice is ``SYNTH_CONV`` in the environment, read at trace time:
   deeper levels of the same networks); and where such a 3×3 convolution is not differentiated
   (generation, stage C) and its input fits one Winograd chunk (``winograd.CHUNK_BYTES``) or has at
   least ``INFERENCE_MIN_CHANNELS`` channels (in chunks), its forward pass by Winograd F(4×4, 3×3) too;
+  narrow 3×3 convolutions (a U-Net's input and output convs: ``FILTER_GRAD_MIN_*_CHANNELS``,
+  ``FORWARD_MIN_HARMONIC_CHANNELS``) keep XLA's parts where Winograd's lose;
   elsewhere (GPUs, bf16, small networks) XLA's;
 * ``xla``: XLA's convolution everywhere (the reference, and what GPUs use: cuDNN picks its own algorithms);
 * ``winograd_filter_grad`` / ``per_example``: those two filter gradients wherever the shapes allow;
@@ -62,6 +64,19 @@ MIN_WINOGRAD_MACS = 9 * 96 * 96 * 32 * 32
 # level at batch 4-8, or 512² at batch 1) Winograd's forward was 1.2-1.7× slower than XLA's; at 128-512
 # channels 1.3-1.6× faster (BENCHMARKS.md, "Winograd's forward pass over one chunk").
 INFERENCE_MIN_CHANNELS = 128
+# Winograd's tile products are (tiles × C_in) by (C_in × C_out) matmuls, and its transforms move C_in and
+# C_out channels per pixel: with few channels on either side the transforms dominate and the products turn
+# into matrix-vector ones. Under "auto" the forward pass takes Winograd's only where the harmonic mean of
+# the two channel counts is at least this (32 → 32, 64 → 24 and wider); a U-Net's input conv (2 → 64) ran
+# 3.3-3.5× slower by Winograd than by XLA at 184×144 and 512², its output conv (64 → 4) 1.6× slower,
+# 16 → 64 and 64 → 16 1.2-1.3× slower, 32 → 32 1.5× faster (BENCHMARKS.md, "Narrow convolutions").
+FORWARD_MIN_HARMONIC_CHANNELS = 32
+# ... and the filter gradient only with at least this many input and output channels: its products
+# contract over the tiles, C_in × tiles by tiles × C_out, so a side of 1-2 channels leaves a few long dot
+# products (2 → 64 at 512²: 105 ms against XLA's 41; 64 → 1: 1 410 against 199), while 4 → 64 and 64 → 2
+# already gain (1.1× and 1.6-5×).
+FILTER_GRAD_MIN_IN_CHANNELS = 4
+FILTER_GRAD_MIN_OUT_CHANNELS = 2
 _NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
@@ -156,8 +171,20 @@ def _is_winograd_shape(rhs, window_strides, padding) -> bool:
     return rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and same
 
 
-def _winograd_inference_pays(lhs) -> bool:
-    """Whether Winograd's forward pass beats XLA's on this NHWC input (``INFERENCE_MIN_CHANNELS``)."""
+def _winograd_filter_grad_pays(rhs) -> bool:
+    """Whether Winograd's filter gradient beats XLA's for this HWIO kernel's channels."""
+    return rhs.shape[2] >= FILTER_GRAD_MIN_IN_CHANNELS and rhs.shape[3] >= FILTER_GRAD_MIN_OUT_CHANNELS
+
+
+def _winograd_inference_pays(lhs, rhs) -> bool:
+    """Whether Winograd's forward pass beats XLA's on this NHWC input and HWIO kernel.
+
+    ``FORWARD_MIN_HARMONIC_CHANNELS`` for the channels, then ``INFERENCE_MIN_CHANNELS`` for inputs over
+    a chunk.
+    """
+    c_in, c_out = rhs.shape[2], rhs.shape[3]
+    if 2 * c_in * c_out < FORWARD_MIN_HARMONIC_CHANNELS * (c_in + c_out):
+        return False
     if lhs.size * lhs.dtype.itemsize <= winograd.CHUNK_BYTES:
         return True
     example_bytes = lhs.size // lhs.shape[0] * lhs.dtype.itemsize
@@ -192,7 +219,10 @@ def conv_general_dilated(
             return winograd.conv3x3_same(lhs, rhs, tile=int(name[-1]), precision=precision)
         macs = 9 * pixels * rhs.shape[2] * rhs.shape[3]
         large = pixels >= MIN_PIXELS or macs >= MIN_WINOGRAD_MACS
-        if auto_cpu and large and _winograd_inference_pays(lhs):
+        if auto_cpu and large and not _winograd_filter_grad_pays(rhs):
+            # XLA's own: the per-example sum below was 3-7× slower still at 64 → 1 (batches 2-8).
+            return _direct(lhs, rhs, tuple(window_strides), padding, precision)
+        if auto_cpu and large and _winograd_inference_pays(lhs, rhs):
             return conv3x3_winograd_inference(lhs, rhs, precision)
         if name == "winograd_filter_grad" or (auto_cpu and large):
             return conv3x3_winograd_filter_grad(lhs, rhs, precision)
