@@ -12,8 +12,9 @@ How it is written for XLA:CPU (BENCHMARKS.md, "Winograd on XLA:CPU"): every tran
 of strided slices, each of the α² transformed tiles its own array and each product its own matmul, so
 that no fusion holds a concatenation (XLA:CPU evaluates those element by element, unvectorised: the
 first form of this module spent 4 of its 10 ms at 184×144×64 in the input transform); the output
-transform is one fusion of broadcast products. Batches over `CHUNK_BYTES` of input run chunk by chunk
-(`lax.map` in the forward pass, a sum over chunks in the filter gradient), as the transforms are
+transform is row sums then interleaved pixels (inside chunks, one fusion of broadcast products; the two
+functions say why). Batches over `CHUNK_BYTES` of input run chunk by chunk (`lax.map` in the forward
+pass, a sum over chunks in the filter gradient), as the transforms are
 memory-bound and one chunk's tiles stay in the CPU's cache; even so the chunked forward pass is slower
 than XLA's on 64-channel maps (184×144×64 at batch 4), so `synth.models.conv`'s ``auto`` takes it in
 chunks only from 128 channels, where it is faster.
@@ -75,7 +76,6 @@ TILE_SIZES = tuple(sorted(_TRANSFORMS))
 # one chunk should stay in a 32 MiB L3 cache beside the input and products; one 184×144×64 float32
 # example is 6.8 MB.
 CHUNK_BYTES = 8 * 2**20
-BARRIER = False
 
 
 def _combine(parts, weights):
@@ -131,8 +131,32 @@ def _filter_transform_transpose(grads: list, m: int):
     )
 
 
+def _output_transform_separable(products: list, m: int):
+    """Aᵀ M A separably: m·α row sums of α products each, then the m² output pixels, interleaved.
+
+    The form for a batch in one chunk. XLA:CPU fuses an output transform into each of its consumers
+    (instance norm's statistics and its normalisation, the next up-sampling), computing it again in
+    each; in this form what it repeats is the last step, m terms per pixel, not the α² of
+    `_output_transform` (generation at 184×144 8-10 % more sets/s; BENCHMARKS.md, "Winograd's output
+    transform").
+    """
+    at = _TRANSFORMS[m]["AT"]
+    alpha = m + 2
+    n, tiles_h, tiles_w, channels = products[0].shape
+    rows = [
+        [_combine([products[i * alpha + j] for i in range(alpha)], at[r]) for j in range(alpha)]
+        for r in range(m)
+    ]
+    pixels = [jnp.stack([_combine(rows[r], at[q]) for q in range(m)], axis=3) for r in range(m)]
+    return jnp.stack(pixels, axis=2).reshape(n, tiles_h * m, tiles_w * m, channels)
+
+
 def _output_transform(products: list, m: int):
-    """Aᵀ M A for every tile: α² arrays (N, th, tw, C) -> (N, th·m, tw·m, C), one fusion of broadcasts."""
+    """Aᵀ M A for every tile: α² arrays (N, th, tw, C) -> (N, th·m, tw·m, C), one fusion of broadcasts.
+
+    The form inside `lax.map`'s chunks, where it fuses into the write of the chunk's result (the
+    separable form's interleaving there took twice as long: 1 122 against 474 ms per batch of 8).
+    """
     at = _TRANSFORMS[m]["AT"].astype(np.float32)
     alpha = m + 2
     n, tiles_h, tiles_w, channels = products[0].shape
@@ -199,7 +223,7 @@ def _forward(x, kernel, m: int, precision, transposed: bool = False):
     filters = _filter_transform(kernel, m, flipped=transposed)
     contract = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
 
-    def one_chunk(chunk):
+    def one_chunk(chunk, separable: bool):
         tiles = _input_transform(_pad_input(chunk, m, tiles_h, tiles_w), m, tiles_h, tiles_w)
         rows = tiles[0].shape[:3]
         products = [
@@ -208,12 +232,13 @@ def _forward(x, kernel, m: int, precision, transposed: bool = False):
             )
             for v, u in zip(tiles, filters)
         ]
-        return _output_transform(products, m)[:, :height, :width, :]
+        transform = _output_transform_separable if separable else _output_transform
+        return transform(products, m)[:, :height, :width, :]
 
     size = _chunk_size(n, x[0].size * x.dtype.itemsize)
     if size == n:
-        return one_chunk(x)
-    out = lax.map(one_chunk, x.reshape((n // size, size) + x.shape[1:]))
+        return one_chunk(x, separable=True)
+    out = lax.map(functools.partial(one_chunk, separable=False), x.reshape((n // size, size) + x.shape[1:]))
     return out.reshape((n,) + out.shape[2:])
 
 
