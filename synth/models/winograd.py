@@ -12,9 +12,10 @@ How it is written for XLA:CPU (BENCHMARKS.md, "Winograd on XLA:CPU"): every tran
 of strided slices, each of the α² transformed tiles its own array and each product its own matmul, so
 that no fusion holds a concatenation (XLA:CPU evaluates those element by element, unvectorised: the
 first form of this module spent 4 of its 10 ms at 184×144×64 in the input transform); the output
-transform is row sums then interleaved pixels (inside chunks, one fusion of broadcast products; the two
-functions say why). Batches over `CHUNK_BYTES` of input run chunk by chunk (`lax.map` in the forward
-pass, a sum over chunks in the filter gradient), as the transforms are
+transform is row sums then its pixels interleaved by a stack, the one concatenation kept, as XLA:CPU
+otherwise repeats the whole transform in each consumer (inside chunks, one fusion of broadcast
+products; the two functions say why). Batches over `CHUNK_BYTES` of input run chunk by chunk
+(`lax.map` in the forward pass, a sum over chunks in the filter gradient), as the transforms are
 memory-bound and one chunk's tiles stay in the CPU's cache; even so the chunked forward pass is slower
 than XLA's on 64-channel maps (184×144×64 at batch 4), so `synth.models.conv`'s ``auto`` takes it in
 chunks only from 128 channels, where it is faster.
