@@ -87,6 +87,19 @@ def compile_once(jitted, *args) -> tuple:
     return compiled, cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
 
 
+def per_example_cost(jitted, g_params, make_batch, key, group: int, known: dict) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) per example of a generation function that runs `group` examples per call.
+
+    XLA's cost analysis counts a loop's body once, so generation that loops over groups of a batch
+    (`synthesis_nets.generate` on CPU) is counted on a batch of one group: from `known` (group size ->
+    per-example counts of the batches compiled so far) or by one more compile, which `known` then keeps.
+    """
+    if group not in known:
+        _, flops, nbytes = compile_once(jitted, g_params, make_batch(group), key)
+        known[group] = (flops / group, nbytes / group)
+    return known[group]
+
+
 # Profiler events of XLA:CPU's executor and thread pool, not ops (a thunk's "end: name" marks its end).
 BOOKKEEPING_EVENTS = ("ThunkExecutor", "ThreadpoolListener", "end: ")
 

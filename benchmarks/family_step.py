@@ -7,8 +7,9 @@ One training example is one structure map made into the family's image (RGB for 
 Tianchi): extraction of the real map, noise fusion, one G call, D on real and synthetic images, the frozen
 lesion processor where the family has one (the X-ray classifier, Tianchi's SSD detector with its multibox
 loss against the drawn label's boxes), and both updates. One generated image is G alone on a
-noise-fused map. Inputs are random images of the family's shape: speed does not depend on the pixels, and
-frozen networks are randomly initialised.
+noise-fused map (`synthesis_nets.generate`; on CPU a few images per call, counted on one call's batch).
+Inputs are random images of the family's shape: speed does not depend on the pixels, and frozen networks
+are randomly initialised.
 """
 
 import argparse
@@ -67,7 +68,7 @@ def _generate(g_params, batch, key, *, models, config, dtype):
     inputs = conditioning.make_inputs(
         batch, key, {}, models=models, config=config, pretraining=jnp.asarray(False)
     )
-    return synthesis_nets.synthesize(
+    return synthesis_nets.generate(
         models, g_params, inputs.g_input.astype(dtype), len(config.data.modalities)
     )
 
@@ -123,15 +124,19 @@ def main() -> None:
     print("\n| generation, model | dtype | batch | images/s | GFLOP/image | GB/image | GFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     key = jax.random.key(1)
-    gen_batch = _batch(config, args.size, args.gen_batch, seed=1)
+    n = args.gen_batch
+    make_batch = functools.partial(_batch, config, args.size, seed=1)
     for dtype in (jnp.dtype(name) for name in args.dtypes.split(",")):
         g_params = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), state.g_params)
         gen = jax.jit(functools.partial(_generate, models=models, config=config, dtype=dtype))
-        compiled_gen, g_flops, g_bytes = common.compile_once(gen, g_params, gen_batch, key)
-        g_seconds = common.timed(compiled_gen, g_params, gen_batch, key, steps=args.steps)
-        rate, n = args.gen_batch / g_seconds, args.gen_batch
-        print(f"| {args.model} | {dtype.name} | {n} | {rate:.2f} | {g_flops / n / 1e9:.2f} | ", end="")
-        print(f"{g_bytes / n / 1e9:.3f} | {rate * g_flops / n / 1e9:.1f} |", flush=True)
+        compiled_gen, g_flops, g_bytes = common.compile_once(gen, g_params, make_batch(n), key)
+        g_seconds = common.timed(compiled_gen, g_params, make_batch(n), key, steps=args.steps)
+        group = synthesis_nets.generation_group(models, (n,) + shape + (1,), itemsize=dtype.itemsize)
+        known = {n: (g_flops / n, g_bytes / n)} if group == n else {}
+        flops, nbytes = common.per_example_cost(gen, g_params, make_batch, key, group, known)
+        rate = n / g_seconds
+        print(f"| {args.model} | {dtype.name} | {n} | {rate:.2f} | {flops / 1e9:.2f} | ", end="")
+        print(f"{nbytes / 1e9:.3f} | {rate * flops / 1e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ Usage: python -m benchmarks.synthesis_step [--shapes 128x128,184x144,512x512] [-
 One training example is one structure map made into all K = 4 modalities: extraction of the real map, label
 draw, one G call for the K modalities, the 12 translations of the frozen G_t, the K frozen segmentors, D on
 real and synthetic images, and both updates. One generated set is the K registered modalities of one
-structure map (inference: G only). Frozen networks are randomly initialised: speed does not depend on
-their weights. `--dtypes float32,bfloat16` times generation with parameters and inputs cast to each, and
-`--train_dtypes float32,bfloat16` the training step with `synthesis.compute_dtype` set to each (GPU checks).
+structure map (inference: G only, `synthesis_nets.generate` as stage C runs it; on CPU a few examples per
+call, whose FLOPs are counted on a batch of one call). Frozen networks are randomly initialised: speed does
+not depend on their weights. `--dtypes float32,bfloat16` times generation with parameters and inputs cast
+to each, and `--train_dtypes float32,bfloat16` the training step with `synthesis.compute_dtype` set to each
+(GPU checks).
 `--profile` adds a table of one training step's op time by kind (`common.op_time_by_kind`).
 """
 
@@ -67,7 +69,7 @@ def _generate(g_params, batch, key, *, models, config, dtype):
     inputs = conditioning.make_inputs(
         batch, key, {}, models=models, config=config, pretraining=jnp.asarray(False)
     )
-    return synthesis_nets.synthesize(
+    return synthesis_nets.generate(
         models, g_params, inputs.g_input.astype(dtype), len(config.data.modalities)
     )
 
@@ -104,14 +106,21 @@ def main() -> None:
         for dtype in (jnp.dtype(name) for name in args.dtypes.split(",") if name):
             g_params = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), state.g_params)
             gen = jax.jit(functools.partial(_generate, models=models, config=config, dtype=dtype))
+            known = {}  # Group size -> per-set counts (common.per_example_cost).
             for n in (int(v) for v in args.gen_batches.split(",")):
                 gen_batch = _batch(shape, n)
                 compiled_gen, g_flops, g_bytes = common.compile_once(gen, g_params, gen_batch, key)
                 g_seconds = common.timed(compiled_gen, g_params, gen_batch, key, steps=args.steps)
+                group = synthesis_nets.generation_group(models, (n,) + shape + (1,), itemsize=dtype.itemsize)
+                if group == n:
+                    known[n] = (g_flops / n, g_bytes / n)
+                flops, nbytes = common.per_example_cost(
+                    gen, g_params, functools.partial(_batch, shape), key, group, known
+                )
                 rate = n / g_seconds
                 print(
-                    f"| {shape_text}, {size} | {dtype.name} | {n} | {rate:.2f} | {g_flops / n / 1e9:.2f} | "
-                    f"{g_bytes / n / 1e9:.3f} | {rate * g_flops / n / 1e9:.1f} |",
+                    f"| {shape_text}, {size} | {dtype.name} | {n} | {rate:.2f} | {flops / 1e9:.2f} | "
+                    f"{nbytes / 1e9:.3f} | {rate * flops / 1e9:.1f} |",
                     flush=True,
                 )
         print("\n| training, image, model | compute dtype | parameters (G+D) | s/step | examples/s ", end="")

@@ -43,12 +43,15 @@ from synth import (
 from synth.models import vae
 
 
-def synthesize_images(g_params, structure, organ, label, key, *, models, config) -> jax.Array:
-    """G's K registered modalities (B, H, W, K·c) for structure maps, organ masks and labels (B, H, W)."""
+def synthesize_images(g_params, structure, organ, label, key, *, models, config, shards=1) -> jax.Array:
+    """G's K registered modalities (B, H, W, K·c) for structure maps, organ masks and labels (B, H, W).
+
+    `shards`: the batch's data-parallel split (`synthesis_nets.generate`).
+    """
     s = structure[..., None].astype(jnp.float32)
     m = organ[..., None].astype(jnp.float32)
     g_input = conditioning.generator_input(key, s, m, label.astype(jnp.int32), config=config)
-    fakes = synthesis_nets.synthesize(models, g_params, g_input, len(config.data.modalities))
+    fakes = synthesis_nets.generate(models, g_params, g_input, len(config.data.modalities), shards=shards)
     return registration.channels_last(fakes)
 
 
@@ -125,7 +128,12 @@ class Generator:
             velocity = flow_synthesis.make_velocity(config, self.image_hw)
             synthesize_fn = functools.partial(flow_images, velocity=velocity, config=config)
         else:
-            synthesize_fn = functools.partial(synthesize_images, models=self.models, config=config)
+            synthesize_fn = functools.partial(
+                synthesize_images,
+                models=self.models,
+                config=config,
+                shards=sharding.data_parallel_size(self.mesh),
+            )
         self._synthesize = jax.jit(
             synthesize_fn,
             in_shardings=(repl, batch, batch, batch, repl),

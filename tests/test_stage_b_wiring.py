@@ -317,6 +317,39 @@ def test_one_pass_of_d_on_the_fakes_updates_as_two_did(random_stage_b, monkeypat
     assert moved > 0.0  # D learnt from the fakes' copy: its gradient is not lost on the way.
 
 
+def test_generation_a_few_examples_at_a_time_equals_one_batched_call(random_stage_b, monkeypatch):
+    """`generate`'s grouped form (CPU's) gives the batched call's images, on 1 device and over 4 shards."""
+    from synth import sharding
+    from synth.models import winograd
+
+    b = random_stage_b
+    k = len(b.config.data.modalities)
+    shape = conditioning.make_inputs(
+        b.batch, b.key, b.frozen, models=b.models, config=b.config, pretraining=jnp.asarray(False)
+    ).g_input.shape
+    g_input = jax.random.uniform(jax.random.key(7), (8,) + shape[1:])  # Every example its own.
+    generate = functools.partial(synthesis_nets.generate, b.models, num_modalities=k)
+    expected = jax.jit(functools.partial(generate, mode="batched"))(b.state.g_params, g_input)
+    assert synthesis_nets.generation_group(b.models, g_input.shape, mode="grouped") == 8  # Small maps.
+    one_map = 32 * 32 * b.models.generator.features * 4  # An example's first-level map, bytes.
+    mesh = sharding.make_mesh((4,), (sharding.DATA_AXIS,))
+    sharded = jax.device_put(g_input, sharding.batch_sharding(mesh))
+    for chunk_bytes, shards, x, group in (
+        (2 * one_map, 1, g_input, 2),
+        (one_map, 1, g_input, 1),
+        (one_map, 4, sharded, 1),
+    ):
+        monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_bytes)
+        assert synthesis_nets.generation_group(b.models, x.shape, shards=shards) == group
+        grouped = jax.jit(functools.partial(generate, shards=shards, mode="grouped"))
+        assert " while(" in grouped.lower(b.state.g_params, x).compile().as_text()  # In a loop.
+        np.testing.assert_allclose(grouped(b.state.g_params, x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="4 shards"):
+        synthesis_nets.generation_group(b.models, (6,) + g_input.shape[1:], shards=4)
+    with pytest.raises(ValueError, match="generation mode"):
+        generate(b.state.g_params, g_input, mode="scan")
+
+
 def test_translator_fakes_are_translations_and_g_gets_adversarial_gradient(random_stage_b):
     config, batch = random_stage_b.config, random_stage_b.batch
     models = translator_nets.make_models(config, (32, 32))

@@ -285,8 +285,13 @@ def score_images(score_params, images, organ, *, scorer: Scorer, config) -> dict
     return out
 
 
-def sample_and_score(g_params, frozen_params, score_params, batch, key, *, models, vconfig, scorer, config):
-    """One batch of a variant: its inputs (outside pre-training), its K modalities, their scores."""
+def sample_and_score(
+    g_params, frozen_params, score_params, batch, key, *, models, vconfig, scorer, config, shards=1
+):
+    """One batch of a variant: its inputs (outside pre-training), its K modalities, their scores.
+
+    `shards`: the batch's data-parallel split (`synthesis_nets.generate`).
+    """
     inputs = conditioning.make_inputs(
         batch, key, frozen_params, models=models, config=vconfig, pretraining=jnp.asarray(False)
     )
@@ -301,7 +306,8 @@ def sample_and_score(g_params, frozen_params, score_params, batch, key, *, model
             config=vconfig,
         )
     else:
-        fakes = synthesis_nets.synthesize(models, g_params, inputs.g_input, len(vconfig.data.modalities))
+        k = len(vconfig.data.modalities)
+        fakes = synthesis_nets.generate(models, g_params, inputs.g_input, k, shards=shards)
         images = registration.channels_last(fakes)
     out = score_images(score_params, images, inputs.organ, scorer=scorer, config=config)
     return dict(out, image=images, label=inputs.label, structure=inputs.structure[..., 0])
@@ -338,7 +344,14 @@ def sample_variant(vconfig, vworkdir: str, slices: Slices, scorer: Scorer, confi
     hw = slices.image.shape[1:3]
     models = flow_synthesis.make_models(vconfig, hw) if is_flow else synthesis_nets.make_models(vconfig, hw)
     fn = jax.jit(
-        functools.partial(sample_and_score, models=models, vconfig=vconfig, scorer=scorer, config=config),
+        functools.partial(
+            sample_and_score,
+            models=models,
+            vconfig=vconfig,
+            scorer=scorer,
+            config=config,
+            shards=sharding.data_parallel_size(mesh),
+        ),
         out_shardings=sharding.replicated(mesh),
     )
     out = run_batches(lambda b, k: fn(g[field], frozen_params, scorer.params, b, k), slices, config, mesh)
