@@ -40,7 +40,7 @@ from synth import (
     synthesis_nets,
     workdir,
 )
-from synth.models import vae
+from synth.models import grouped, sizes, vae
 
 
 def synthesize_images(g_params, structure, organ, label, key, *, models, config, shards=1) -> jax.Array:
@@ -53,6 +53,17 @@ def synthesize_images(g_params, structure, organ, label, key, *, models, config,
     g_input = conditioning.generator_input(key, s, m, label.astype(jnp.int32), config=config)
     fakes = synthesis_nets.generate(models, g_params, g_input, len(config.data.modalities), shards=shards)
     return registration.channels_last(fakes)
+
+
+def predict_lesions(lesion_params, images, *, predict, features: int, shards: int = 1) -> jax.Array:
+    """The lesion processor's labels (K, B, H, W) for images (B, H, W, K·c), in groups on CPU.
+
+    A few examples at a time (`synth.models.grouped`); `features`: the processor's first-level width,
+    `shards`: the batch's data-parallel split.
+    """
+    example_bytes = images.shape[1] * images.shape[2] * features * images.dtype.itemsize
+    group = grouped.group_size(images.shape[0], example_bytes, shards=shards)
+    return grouped.apply(lambda x: predict(lesion_params, x), images, group, shards=shards, out_axis=1)
 
 
 def flow_images(ema_params, structure, organ, label, key, *, velocity, config) -> jax.Array:
@@ -139,7 +150,13 @@ class Generator:
             in_shardings=(repl, batch, batch, batch, repl),
             out_shardings=repl,
         )
-        self._predict = jax.jit(self._lesion.predict, in_shardings=(repl, batch), out_shardings=repl)
+        predict = functools.partial(
+            predict_lesions,
+            predict=self._lesion.predict,
+            features=sizes.unet_kwargs(config.segmentor.model.size, self.image_hw)["features"],
+            shards=sharding.data_parallel_size(self.mesh),
+        )
+        self._predict = jax.jit(predict, in_shardings=(repl, batch), out_shardings=repl)
         self._dice = {}
 
     @classmethod

@@ -10,8 +10,8 @@ A's generator (`structure_source="stage_a"`). Two designs (`config.synthesis.des
   ecai   the AAAI/ECAI drafts' encoders, decoder and code discriminator (§6.7, `synth.models.ecai`).
 
 `synthesize` and `discriminate` are the calls every consumer shares (stage B's step and evaluator, the
-comparison, generation); `generate` is `synthesize` for inference, a few examples per call of G on CPU;
-`in_dtype` runs a call in bfloat16 with float32 results (mixed precision).
+comparison, generation); `generate` is `synthesize` for inference, a few examples per call of G on CPU
+(`synth.models.grouped`); `in_dtype` runs a call in bfloat16 with float32 results (mixed precision).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from synth import (
 )
 from synth.lesion import base as lesion_base
 from synth.models import ecai as ecai_models
-from synth.models import sizes, winograd
+from synth.models import grouped, sizes
 from synth.models.discriminator import PatchDiscriminator
 from synth.models.ecai import EcaiDiscriminator, EcaiGenerator
 from synth.models.unet import UNet, apply_per_condition, configured_condition, configured_remat
@@ -196,38 +196,13 @@ def synthesize(models: Models, g_params, g_input: jax.Array, num_modalities: int
     return out.reshape((k, b) + out.shape[1:])
 
 
-# How `generate` runs a batch: "batched" as one call of G, the GPU's form; "grouped" a few examples per
-# call (`generation_group`), in a loop; "auto" picks "grouped" on CPU.
-GENERATION_MODES = ("auto", "batched", "grouped")
-
-
 def generation_group(
     models: Models, g_input_shape: tuple[int, ...], *, itemsize: int = 4, shards: int = 1, mode: str = "auto"
 ) -> int:
-    """Examples per shard in each of `generate`'s calls of G for inputs of `g_input_shape` (B, H, W, C).
-
-    The whole shard's batch when batched ("auto" off CPU). Grouped: the most examples, dividing the
-    shard's batch, whose first-level maps fit one Winograd chunk (`winograd.CHUNK_BYTES`), at least one.
-    Within a chunk a 3×3 convolution of inference takes Winograd's unchunked form; a batch over it takes
-    the chunked form or XLA's (`synth.models.conv`), which ran the 184×144 paper-size G at batch 8 a
-    fifth slower per set than one example at a time on 2 cores (BENCHMARKS.md, "Generation a few
-    examples at a time").
-    """
-    if mode not in GENERATION_MODES:
-        raise ValueError(f"Unknown generation mode {mode!r}; choose one of {GENERATION_MODES}")
-    if mode == "auto":
-        mode = "grouped" if jax.default_backend() == "cpu" else "batched"
-    if len(g_input_shape) != 4 or g_input_shape[0] % shards:
-        raise ValueError(
-            f"Generation takes inputs (B, H, W, C) with B split into {shards} shards, got {g_input_shape}"
-        )
-    per_shard = g_input_shape[0] // shards
-    if mode == "batched":
-        return per_shard
+    """Examples per shard in each of `generate`'s calls of G for inputs of `g_input_shape` (B, H, W, C)."""
     features = getattr(models.generator, "features", 64)
     example_bytes = g_input_shape[1] * g_input_shape[2] * features * itemsize
-    cap = max(1, winograd.CHUNK_BYTES // max(example_bytes, 1))
-    return max(d for d in range(1, min(cap, per_shard) + 1) if per_shard % d == 0)
+    return grouped.group_size(g_input_shape[0], example_bytes, shards=shards, mode=mode)
 
 
 def generate(
@@ -235,30 +210,16 @@ def generate(
 ) -> jax.Array:
     """`synthesize` for inference (generation, stage C, evaluation): the same (K, B, H, W, channels).
 
-    With mode "grouped" ("auto" on CPU) the batch goes through G `generation_group` examples per shard at
-    a time (`jax.lax.map`), where G's convolutions run fastest on XLA:CPU. `shards` is the batch's
-    data-parallel split (`sharding.data_parallel_size`): each call takes the same number of examples from
-    every shard, so a sharded batch stays where it is. Instance norm makes every example's output its own,
-    so the results equal one batched call's (summation order aside). Not for a differentiated call: there
-    the batched form's filter gradients are one convolution per layer, not one per group. XLA's cost
-    analysis counts a loop's body once: count FLOPs on a batch of one group.
+    On CPU ("auto", or "grouped") the batch goes through G `generation_group` examples per shard at a
+    time (`synth.models.grouped`), where G's convolutions run fastest on XLA:CPU; the results equal one
+    batched call's. `shards` is the batch's data-parallel split (`sharding.data_parallel_size`).
     """
-    b, rest = g_input.shape[0], g_input.shape[1:]
     if g_input.ndim != 4:  # Separate models' own inputs (K, B, …): `synthesize` as it is.
         return synthesize(models, g_params, g_input, num_modalities)
     group = generation_group(models, g_input.shape, itemsize=g_input.dtype.itemsize, shards=shards, mode=mode)
-    per_shard = b // shards
-    if group == per_shard:
-        return synthesize(models, g_params, g_input, num_modalities)
-    calls = per_shard // group
-    # (shards, calls, group, …) -> (calls, shards · group, …): call i takes examples i·group … of every shard.
-    grouped = jnp.swapaxes(g_input.reshape((shards, calls, group) + rest), 0, 1)
-    out = jax.lax.map(
-        lambda x: synthesize(models, g_params, x.reshape((shards * group,) + rest), num_modalities), grouped
-    )  # (calls, K, shards · group, H, W, c)
-    k, tail = out.shape[1], out.shape[3:]
-    out = jnp.moveaxis(out.reshape((calls, k, shards, group) + tail), 0, 2)  # (K, shards, calls, group, …)
-    return out.reshape((k, b) + tail)
+    return grouped.apply(
+        lambda x: synthesize(models, g_params, x, num_modalities), g_input, group, shards=shards, out_axis=1
+    )
 
 
 def discriminate(models: Models, d_params, images: jax.Array, rng=None):

@@ -346,7 +346,7 @@ def test_generation_a_few_examples_at_a_time_equals_one_batched_call(random_stag
         np.testing.assert_allclose(grouped(b.state.g_params, x), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="4 shards"):
         synthesis_nets.generation_group(b.models, (6,) + g_input.shape[1:], shards=4)
-    with pytest.raises(ValueError, match="generation mode"):
+    with pytest.raises(ValueError, match="grouping mode"):
         generate(b.state.g_params, g_input, mode="scan")
 
 
