@@ -8,7 +8,8 @@ One batch is what `synth.stages.dataset` does per batch: stage-A structure maps 
 reading and the lesion Dice (the filter), and the atomic chunk write. Networks are randomly initialised
 (speed does not depend on the weights), so every filter is set to accept and the acceptance rate here is the
 placement check's alone; the acceptance of trained networks is in the demo's report. The first batch
-(compilation) is not timed. FLOPs are XLA's count for the synthesis and the segmentation calls.
+(compilation) is not timed. FLOPs are XLA's count for the synthesis and the segmentation calls (on CPU
+both run a few examples per call, `synth.models.grouped`, and are counted on one call's batch).
 """
 
 import argparse
@@ -25,6 +26,7 @@ from data_builders.phantom import anatomy
 from data_builders.synthetic import synthetic_dataset_builder as chunks
 from synth import generate, label_pool, optim, structure_nets, synthesis_nets
 from synth.lesion import segment
+from synth.models import grouped, sizes
 from synth.stages import dataset, structure, synthesis
 
 
@@ -110,13 +112,19 @@ def main() -> None:
         gen, labels = _generator(config, size, batch)
         labels = labels[(labels > 0).any(axis=(1, 2))]
         pool = label_pool.make_pool(labels, 64, seed=0, params=label_pool.AugmentParams())
-        # XLA's count for one batch's synthesis and segmentation.
-        zeros = np.zeros((batch, size, size), np.float32)
-        images = gen.synthesize(zeros, zeros, zeros.astype(np.int32), jax.random.key(0))
+        # XLA's count for one batch's synthesis and segmentation. On CPU both run a few examples per call
+        # in a loop (synth.models.grouped), whose body XLA counts once: count a batch of one group.
+        g_group = synthesis_nets.generation_group(gen.models, (batch, size, size, 1))
+        s_group = grouped.group_size(
+            batch, size * size * sizes.unet_kwargs(size_name, (size, size))["features"] * 4
+        )
+        zeros = np.zeros((g_group, size, size), np.float32)
         _, g_flops, _ = common.compile_once(
             gen._synthesize, gen.g_params, zeros, zeros, zeros.astype(np.int32), jax.random.key(0)
         )
+        images = np.zeros((s_group, size, size, len(config.data.modalities)), np.float32)
         _, s_flops, _ = common.compile_once(gen._predict, gen.lesion_params, images)
+        g_flops, s_flops = g_flops * batch / g_group, s_flops * batch / s_group
         out = tempfile.mkdtemp(prefix="bench_chunks_")
         split = np.zeros(3)
         accepted = generated = 0
