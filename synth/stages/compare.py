@@ -288,10 +288,7 @@ def score_images(score_params, images, organ, *, scorer: Scorer, config) -> dict
 def sample_and_score(
     g_params, frozen_params, score_params, batch, key, *, models, vconfig, scorer, config, shards=1
 ):
-    """One batch of a variant: its inputs (outside pre-training), its K modalities, their scores.
-
-    `shards`: the batch's data-parallel split (`synthesis_nets.generate`).
-    """
+    """One batch of a variant: inputs (outside pre-training), K modalities, scores; `shards`: its split."""
     inputs = conditioning.make_inputs(
         batch, key, frozen_params, models=models, config=vconfig, pretraining=jnp.asarray(False)
     )
@@ -343,17 +340,9 @@ def sample_variant(vconfig, vworkdir: str, slices: Slices, scorer: Scorer, confi
     frozen_params, _ = frozen.load_stage_b_frozen(vconfig, vworkdir, mesh=mesh)
     hw = slices.image.shape[1:3]
     models = flow_synthesis.make_models(vconfig, hw) if is_flow else synthesis_nets.make_models(vconfig, hw)
-    fn = jax.jit(
-        functools.partial(
-            sample_and_score,
-            models=models,
-            vconfig=vconfig,
-            scorer=scorer,
-            config=config,
-            shards=sharding.data_parallel_size(mesh),
-        ),
-        out_shardings=sharding.replicated(mesh),
-    )
+    shards = sharding.data_parallel_size(mesh)  # `synthesis_nets.generate` groups the batch by shard.
+    kwargs = dict(models=models, vconfig=vconfig, scorer=scorer, config=config, shards=shards)
+    fn = jax.jit(functools.partial(sample_and_score, **kwargs), out_shardings=sharding.replicated(mesh))
     out = run_batches(lambda b, k: fn(g[field], frozen_params, scorer.params, b, k), slices, config, mesh)
     out["g_params"] = int(sum(x.size for x in jax.tree.leaves(g[field])))
     out["step"] = step
