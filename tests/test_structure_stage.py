@@ -93,6 +93,26 @@ def test_sample_structures_shapes_and_filter(trained):
     assert (out["draws"][~out["accepted"]] == 3).all()
 
 
+def test_structures_drawn_a_few_at_a_time_equal_one_call(trained, monkeypatch):
+    """Stage A's sampler in groups (CPU's form, `synth.models.grouped`) draws what one call draws."""
+    from synth.models import winograd
+
+    config, _, state, _ = trained
+    models = structure_nets.make_models(config, (32, 32))
+    code_shape = vae.code_shape((32, 32), models.encoder.code_channels)
+    key = jax.random.key(3)
+    draw = lambda mode: jax.jit(  # noqa: E731
+        lambda g, d: structure_nets.generate(g, d, key, 4, models=models, code_shape=code_shape, mode=mode)
+    )(state.g_params, state.d_params)
+    maps, masks, scores = draw("batched")
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 32 * 32 * models.decoder.features * 4 * 2)  # Groups of 2.
+    g_maps, g_masks, g_scores = draw("grouped")
+    np.testing.assert_allclose(g_scores, scores, rtol=1e-5, atol=1e-6)
+    # Argmaxes of the same probabilities summed in another order: a near tie may flip a pixel.
+    assert np.mean(g_maps == maps) > 0.999 and np.mean(g_masks == masks) > 0.999
+    assert maps.shape == (4, 32, 32) and len(np.unique(np.asarray(scores))) == 4  # Four different draws.
+
+
 @pytest.mark.slow  # Stage A's whole step compiled twice (four devices and one): ~2 minutes of the 2 cores.
 def test_alternating_sharded_equals_single_device(tiny_config, tmp_path):
     results, init = [], None

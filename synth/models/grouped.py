@@ -17,6 +17,7 @@ group. XLA's cost analysis counts a loop's body once, so count FLOPs on a batch 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,13 +50,12 @@ def group_size(batch: int, example_bytes: int, *, shards: int = 1, mode: str = "
     return max(d for d in range(1, min(cap, per_shard) + 1) if per_shard % d == 0)
 
 
-def apply(
-    fn: Callable[[jax.Array], jax.Array], x: jax.Array, group: int, *, shards: int = 1, out_axis: int = 0
-):
-    """`fn(x)`, computed `group` examples per shard at a time (`fn`: a batch on axis 0 to one on `out_axis`).
+def apply(fn: Callable[[jax.Array], Any], x: jax.Array, group: int, *, shards: int = 1, out_axis: int = 0):
+    """`fn(x)`, computed `group` examples per shard at a time.
 
-    `shards` is the batch's data-parallel split (`sharding.data_parallel_size`): each call takes `group`
-    examples from every shard, so a sharded batch stays where it is.
+    `fn` maps a batch on axis 0 to arrays (or a pytree of them) with the batch on `out_axis`. `shards` is
+    the batch's data-parallel split (`sharding.data_parallel_size`): each call takes `group` examples
+    from every shard, so a sharded batch stays where it is.
     """
     b, rest = x.shape[0], x.shape[1:]
     per_shard = b // shards
@@ -64,9 +64,13 @@ def apply(
     calls = per_shard // group
     # (shards, calls, group, …) -> (calls, shards · group, …): call i takes examples i·group … of every shard.
     grouped = jnp.swapaxes(x.reshape((shards, calls, group) + rest), 0, 1)
-    out = jax.lax.map(lambda g: fn(g.reshape((shards * group,) + rest)), grouped)
-    out = jnp.moveaxis(out, 0, out_axis)  # The calls beside the batch: (…, calls, shards · group, …).
-    lead, tail = out.shape[:out_axis], out.shape[out_axis + 2 :]
-    out = out.reshape(lead + (calls, shards, group) + tail)
-    out = jnp.swapaxes(out, out_axis, out_axis + 1)  # (…, shards, calls, group, …): each shard's in order.
-    return out.reshape(lead + (b,) + tail)
+    outs = jax.lax.map(lambda g: fn(g.reshape((shards * group,) + rest)), grouped)
+
+    def ungroup(out: jax.Array) -> jax.Array:
+        out = jnp.moveaxis(out, 0, out_axis)  # The calls beside the batch: (…, calls, shards · group, …).
+        lead, tail = out.shape[:out_axis], out.shape[out_axis + 2 :]
+        out = out.reshape(lead + (calls, shards, group) + tail)
+        out = jnp.swapaxes(out, out_axis, out_axis + 1)  # (…, shards, calls, group, …): shards in order.
+        return out.reshape(lead + (b,) + tail)
+
+    return jax.tree.map(ungroup, outs)
