@@ -27,11 +27,14 @@ gives the same numbers on any mesh.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from synth.models import grouped
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 # What the network outputs: the velocity x1 − x0 (rectified flow), or the clean sample x1 itself, whose
@@ -358,6 +361,8 @@ def sample(
     num_steps: int = 32,
     guidance: float | jax.Array = 1.0,
     euler_last_step: bool = False,
+    group: int | None = None,
+    shards: int = 1,
 ) -> jax.Array:
     """Draw samples: noise from ``rng``, :func:`solve`, then back to [0, 1] and clipped.
 
@@ -375,19 +380,23 @@ def sample(
         num_steps: integration steps.
         guidance: classifier-free guidance scale.
         euler_last_step: see :func:`solve` (for a clean-sample predictor).
+        group: solve ``group`` examples per shard at a time (`synth.models.grouped`; the noise is drawn
+            for the whole batch first, so the samples do not depend on it); None: the whole batch.
+        shards: the batch's data-parallel split, for ``group``.
 
     Returns:
         Samples (B, H, W, K·C) float32 in [0, 1].
     """
     x0 = jax.random.normal(rng, shape, jnp.float32)
-    x1 = solve(
+    integrate = functools.partial(
+        solve,
         velocity_fn,
-        x0,
-        cond,
-        null_cond,
         method=method,
         num_steps=num_steps,
         guidance=guidance,
         euler_last_step=euler_last_step,
+    )
+    x1 = grouped.apply(
+        lambda args: integrate(*args), (x0, cond, null_cond), group or shape[0] // shards, shards=shards
     )
     return jnp.clip(to_image_space(x1), 0.0, 1.0)

@@ -180,12 +180,21 @@ def abstract_params(config: ml_collections.ConfigDict, image_shape) -> dict:
 
 
 def sample_images(
-    ema_params, structure, organ, label, key, *, velocity: FlowUNet, config: ml_collections.ConfigDict
+    ema_params,
+    structure,
+    organ,
+    label,
+    key,
+    *,
+    velocity: FlowUNet,
+    config: ml_collections.ConfigDict,
+    shards=1,
 ) -> jax.Array:
     """All K registered modalities (B, H, W, K·C) in [0, 1] for maps (B, H, W, 1), masks and labels (B, H, W).
 
     The configured sampler (`config.synthesis.flow.sampler`: method, steps, guidance scale); deterministic
-    for a key.
+    for a key. On CPU a few examples per shard at a time (`flow_train.sample_configured`; `shards`: the
+    batch's data-parallel split).
     """
     num_classes = config.data.num_classes
     cond = flow.conditioning_maps(structure, label.astype(jnp.int32), organ, num_classes=num_classes)
@@ -198,4 +207,6 @@ def sample_images(
         null_cond,
         settings=config.synthesis.flow,
         shape=structure.shape[:3] + (velocity.out_channels,),
+        features=velocity.features,
+        shards=shards,
     )

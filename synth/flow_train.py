@@ -22,7 +22,7 @@ import ml_collections
 import optax
 
 from synth import configlib, flow, optim
-from synth.models import sizes
+from synth.models import grouped, sizes
 
 Batch = Mapping[str, jax.Array]
 # (batch, rng) -> (x1 in model space, conditioning maps or None): how a stage turns its batch into targets.
@@ -295,11 +295,15 @@ def sample_configured(
     *,
     settings: ml_collections.ConfigDict,
     shape: tuple[int, ...],
+    features: int | None = None,
+    shards: int = 1,
 ) -> jax.Array:
     """Samples (``shape``, in [0, 1]) of a trained net with a stage's sampler settings; deterministic per key.
 
     ``network`` is the bound net, ``(x_t, t, cond) -> output``; a clean-sample net (``prediction="data"``)
-    is turned into its velocity, and its last step is Euler's, which lands on the prediction.
+    is turned into its velocity, and its last step is Euler's, which lands on the prediction. With the
+    net's first-level width ``features``, a few examples per shard are integrated at a time on CPU
+    (`synth.models.grouped`; ``shards``: the batch's data-parallel split); the samples are the same.
     """
     sampler = settings.sampler
     predicts_data = settings.get("prediction", "velocity") == "data"
@@ -315,4 +319,8 @@ def sample_configured(
         num_steps=int(sampler.num_steps),
         guidance=float(sampler.guidance),
         euler_last_step=predicts_data,
+        group=grouped.group_size(shape[0], shape[1] * shape[2] * features * 4, shards=shards)
+        if features
+        else None,
+        shards=shards,
     )

@@ -66,10 +66,17 @@ def predict_lesions(lesion_params, images, *, predict, features: int, shards: in
     return grouped.apply(lambda x: predict(lesion_params, x), images, group, shards=shards, out_axis=1)
 
 
-def flow_images(ema_params, structure, organ, label, key, *, velocity, config) -> jax.Array:
+def flow_images(ema_params, structure, organ, label, key, *, velocity, config, shards=1) -> jax.Array:
     """The flow family's `synthesize_images`: the configured sampler from the EMA parameters."""
     return flow_synthesis.sample_images(
-        ema_params, structure[..., None], organ[..., None], label, key, velocity=velocity, config=config
+        ema_params,
+        structure[..., None],
+        organ[..., None],
+        label,
+        key,
+        velocity=velocity,
+        config=config,
+        shards=shards,
     )
 
 
@@ -135,15 +142,13 @@ class Generator:
 
         batch = sharding.batch_sharding(self.mesh)
         repl = sharding.replicated(self.mesh)
+        shards = sharding.data_parallel_size(self.mesh)  # On CPU each call of G takes a few from every shard.
         if self.is_flow:
             velocity = flow_synthesis.make_velocity(config, self.image_hw)
-            synthesize_fn = functools.partial(flow_images, velocity=velocity, config=config)
+            synthesize_fn = functools.partial(flow_images, velocity=velocity, config=config, shards=shards)
         else:
             synthesize_fn = functools.partial(
-                synthesize_images,
-                models=self.models,
-                config=config,
-                shards=sharding.data_parallel_size(self.mesh),
+                synthesize_images, models=self.models, config=config, shards=shards
             )
         self._synthesize = jax.jit(
             synthesize_fn,
@@ -154,7 +159,7 @@ class Generator:
             predict_lesions,
             predict=self._lesion.predict,
             features=sizes.unet_kwargs(config.segmentor.model.size, self.image_hw)["features"],
-            shards=sharding.data_parallel_size(self.mesh),
+            shards=shards,
         )
         self._predict = jax.jit(predict, in_shardings=(repl, batch), out_shardings=repl)
         self._dice = {}

@@ -94,6 +94,7 @@ def generate(ema_params, key, n: int, *, models: Models, config: ml_collections.
         None,
         settings=config.structure.flow,
         shape=(n, *image_hw, SAMPLE_CHANNELS),
+        features=models.velocity.features,  # On CPU a few draws at a time (`synth.models.grouped`).
     )
     return flow.structure_from_sample(samples, threshold=float(config.structure.flow.threshold))
 

@@ -620,3 +620,40 @@ def test_stage_b_flow_step_with_the_frozen_terms_traces():
     step = functools.partial(flow_train.train_step, tx=tx, **flow_synthesis.train_options(config, models))
     _, metrics = jax.eval_shape(step, state, batch, jax.random.key(1), frozen)
     assert {"flow_loss", "lesion", "registration", "loss"} <= set(metrics)
+
+
+def test_samples_drawn_a_few_at_a_time_equal_one_call(toy, monkeypatch):
+    """Flow samples drawn a few at a time (CPU's groups, `synth.models.grouped`) are one call's.
+
+    `sample_configured` given the net's width: the same noise, guided, over 1 and 2 shards.
+    """
+    import ml_collections
+
+    from synth.models import winograd
+
+    params = toy["state"].ema_params
+    cond = _toy_cond(EVAL_LABELS)
+    null = flow.null_conditioning(cond, num_classes=NUM_CLASSES)
+    settings = ml_collections.ConfigDict(
+        {"sampler": {"method": "heun", "num_steps": 4, "guidance": 1.5}, "prediction": "velocity"}
+    )
+
+    def draw(features=None, shards=1):
+        fn = jax.jit(
+            lambda p: flow_train.sample_configured(
+                functools.partial(TOY_MODEL.apply, p),
+                jax.random.key(5),
+                cond,
+                null,
+                settings=settings,
+                shape=(16, HW, HW, CHANNELS),
+                features=features,
+                shards=shards,
+            )
+        )
+        return np.asarray(fn(params))
+
+    expected = draw()
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", HW * HW * 8 * 4 * 4)  # Four examples per call.
+    for shards in (1, 2):
+        np.testing.assert_allclose(draw(features=8, shards=shards), expected, rtol=1e-5, atol=1e-6)

@@ -50,21 +50,29 @@ def group_size(batch: int, example_bytes: int, *, shards: int = 1, mode: str = "
     return max(d for d in range(1, min(cap, per_shard) + 1) if per_shard % d == 0)
 
 
-def apply(fn: Callable[[jax.Array], Any], x: jax.Array, group: int, *, shards: int = 1, out_axis: int = 0):
+def apply(fn: Callable[[Any], Any], x: Any, group: int, *, shards: int = 1, out_axis: int = 0):
     """`fn(x)`, computed `group` examples per shard at a time.
 
-    `fn` maps a batch on axis 0 to arrays (or a pytree of them) with the batch on `out_axis`. `shards` is
-    the batch's data-parallel split (`sharding.data_parallel_size`): each call takes `group` examples
-    from every shard, so a sharded batch stays where it is.
+    `x` is an array or a pytree of arrays with the batch on axis 0; `fn` maps it to arrays (or a pytree
+    of them) with the batch on `out_axis`. `shards` is the batch's data-parallel split
+    (`sharding.data_parallel_size`): each call takes `group` examples from every shard, so a sharded
+    batch stays where it is.
     """
-    b, rest = x.shape[0], x.shape[1:]
+    b = jax.tree.leaves(x)[0].shape[0]
     per_shard = b // shards
     if group == per_shard:
         return fn(x)
     calls = per_shard // group
-    # (shards, calls, group, …) -> (calls, shards · group, …): call i takes examples i·group … of every shard.
-    grouped = jnp.swapaxes(x.reshape((shards, calls, group) + rest), 0, 1)
-    outs = jax.lax.map(lambda g: fn(g.reshape((shards * group,) + rest)), grouped)
+
+    def to_groups(
+        a: jax.Array,
+    ) -> jax.Array:  # (calls, shards, group, …): call i takes i·group … of each shard.
+        return jnp.swapaxes(a.reshape((shards, calls, group) + a.shape[1:]), 0, 1)
+
+    def one_call(g: jax.Array) -> jax.Array:
+        return g.reshape((shards * group,) + g.shape[2:])
+
+    outs = jax.lax.map(lambda g: fn(jax.tree.map(one_call, g)), jax.tree.map(to_groups, x))
 
     def ungroup(out: jax.Array) -> jax.Array:
         out = jnp.moveaxis(out, 0, out_axis)  # The calls beside the batch: (…, calls, shards · group, …).

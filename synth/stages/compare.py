@@ -301,6 +301,7 @@ def sample_and_score(
             jax.random.fold_in(key, 1),
             velocity=models.velocity,
             config=vconfig,
+            shards=shards,
         )
     else:
         k = len(vconfig.data.modalities)
