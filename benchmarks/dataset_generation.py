@@ -116,7 +116,7 @@ def main() -> None:
         # in a loop (synth.models.grouped), whose body XLA counts once: count a batch of one group.
         g_group = synthesis_nets.generation_group(gen.models, (batch, size, size, 1))
         s_group = grouped.group_size(
-            batch, size * size * sizes.unet_kwargs(size_name, (size, size))["features"] * 4
+            batch, (size, size), sizes.unet_kwargs(size_name, (size, size))["features"]
         )
         zeros = np.zeros((g_group, size, size), np.float32)
         _, g_flops, _ = common.compile_once(

@@ -319,8 +319,6 @@ def sample_configured(
         num_steps=int(sampler.num_steps),
         guidance=float(sampler.guidance),
         euler_last_step=predicts_data,
-        group=grouped.group_size(shape[0], shape[1] * shape[2] * features * 4, shards=shards)
-        if features
-        else None,
+        group=grouped.group_size(shape[0], shape[1:3], features, shards=shards) if features else None,
         shards=shards,
     )

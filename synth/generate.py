@@ -61,8 +61,8 @@ def predict_lesions(lesion_params, images, *, predict, features: int, shards: in
     A few examples at a time (`synth.models.grouped`); `features`: the processor's first-level width,
     `shards`: the batch's data-parallel split.
     """
-    example_bytes = images.shape[1] * images.shape[2] * features * images.dtype.itemsize
-    group = grouped.group_size(images.shape[0], example_bytes, shards=shards)
+    b, h, w = images.shape[:3]
+    group = grouped.group_size(b, (h, w), features, itemsize=images.dtype.itemsize, shards=shards)
     return grouped.apply(lambda x: predict(lesion_params, x), images, group, shards=shards, out_axis=1)
 
 

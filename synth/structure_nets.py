@@ -124,8 +124,8 @@ def decode(g_params, prior: jax.Array, *, models: Models):
 def generate(g_params, d_params, key, n: int, *, models: Models, code_shape, mode: str = "auto"):
     """Draws n structure maps and masks from noise, with D_s's score of each (§5.4 step 1).
 
-    On CPU a few draws per call of the networks (`synth.models.grouped`, `mode`): at 184² batch 8 a
-    third faster than one call (BENCHMARKS.md, "Generation a few examples at a time").
+    On CPU a few draws per call of the networks (`synth.models.grouped`, `mode`): at 184², batch 8,
+    8.1 maps/s against one call's 5.8 (BENCHMARKS.md, "Generation a few examples at a time").
 
     Returns:
       `(maps, masks, scores)`: maps and masks (n, H, W) int32 in {0, 1} (masks: 1 = organ), scores (n,).
@@ -136,8 +136,8 @@ def generate(g_params, d_params, key, n: int, *, models: Models, code_shape, mod
         # The authors score the soft map (dropout on); ours is deterministic: D_s in inference mode.
         return maps, masks, jnp.mean(models.map_disc.apply(d_params["map"], probs), axis=(1, 2, 3))
 
-    h, w = models.decoder.image_hw  # The decoder's last level: `features` channels at full size.
-    group = grouped.group_size(n, h * w * models.decoder.features * 4, mode=mode)
+    # The decoder's last level has `features` channels at full size.
+    group = grouped.group_size(n, models.decoder.image_hw, models.decoder.features, mode=mode)
     return grouped.apply(scored, jax.random.normal(key, (n, *code_shape)), group)
 
 

@@ -201,8 +201,8 @@ def generation_group(
 ) -> int:
     """Examples per shard in each of `generate`'s calls of G for inputs of `g_input_shape` (B, H, W, C)."""
     features = getattr(models.generator, "features", 64)
-    example_bytes = g_input_shape[1] * g_input_shape[2] * features * itemsize
-    return grouped.group_size(g_input_shape[0], example_bytes, shards=shards, mode=mode)
+    b, h, w = g_input_shape[:3]
+    return grouped.group_size(b, (h, w), features, itemsize=itemsize, shards=shards, mode=mode)
 
 
 def generate(

@@ -62,15 +62,15 @@ def test_grouped_apply_keeps_every_example_in_place(out_axis):
 
 def test_group_size_rules():
     """One 184×144×64 float32 map per call on CPU; small maps in one call; batched on request; bad input."""
-    assert grouped.group_size(8, 184 * 144 * 64 * 4) == 1  # 6.8 MB: within one chunk, two would not be.
-    assert grouped.group_size(8, 64 * 64 * 64 * 4) == 8  # 1 MB each.
-    assert grouped.group_size(6, winograd.CHUNK_BYTES // 4) == 3  # At most 4, dividing 6.
-    assert grouped.group_size(8, 184 * 144 * 64 * 4, shards=4) == 1
-    assert grouped.group_size(8, 184 * 144 * 64 * 4, shards=4, mode="batched") == 2
+    assert grouped.group_size(8, (184, 144), 64) == 1  # 6.8 MB: within one chunk, two would not be.
+    assert grouped.group_size(8, (64, 64), 64) == 8  # 1 MB each.
+    assert grouped.group_size(6, (1, 1), winograd.CHUNK_BYTES // 16) == 3  # At most 4, dividing 6.
+    assert grouped.group_size(8, (184, 144), 64, shards=4) == 1
+    assert grouped.group_size(8, (184, 144), 64, shards=4, mode="batched") == 2
     with pytest.raises(ValueError, match="4 shards"):
-        grouped.group_size(6, 1, shards=4)
+        grouped.group_size(6, (1, 1), 1, shards=4)
     with pytest.raises(ValueError, match="grouping mode"):
-        grouped.group_size(8, 1, mode="scan")
+        grouped.group_size(8, (1, 1), 1, mode="scan")
 
 
 def test_lesion_predictions_in_groups_equal_the_batched_ones(tiny_stack, monkeypatch):

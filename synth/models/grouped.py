@@ -29,11 +29,19 @@ from synth.models import winograd
 MODES = ("auto", "batched", "grouped")
 
 
-def group_size(batch: int, example_bytes: int, *, shards: int = 1, mode: str = "auto") -> int:
+def group_size(
+    batch: int,
+    hw: tuple[int, int],
+    features: int,
+    *,
+    itemsize: int = 4,
+    shards: int = 1,
+    mode: str = "auto",
+) -> int:
     """Examples per shard in each call: the shard's whole batch unless grouped.
 
-    Grouped: the most examples, dividing the shard's batch, whose first-level maps (`example_bytes`
-    each: H·W·features·itemsize of the network's widest full-size activation) fit one Winograd chunk,
+    Grouped: the most examples, dividing the shard's batch, whose first-level maps (H·W·`features`
+    values of `itemsize` bytes each: the network's widest full-size activation) fit one Winograd chunk,
     at least one.
 
     Raises:
@@ -46,7 +54,7 @@ def group_size(batch: int, example_bytes: int, *, shards: int = 1, mode: str = "
     per_shard = batch // shards
     if mode == "batched" or (mode == "auto" and jax.default_backend() != "cpu"):
         return per_shard
-    cap = max(1, winograd.CHUNK_BYTES // max(example_bytes, 1))
+    cap = max(1, winograd.CHUNK_BYTES // max(hw[0] * hw[1] * features * itemsize, 1))
     return max(d for d in range(1, min(cap, per_shard) + 1) if per_shard % d == 0)
 
 
@@ -64,9 +72,8 @@ def apply(fn: Callable[[Any], Any], x: Any, group: int, *, shards: int = 1, out_
         return fn(x)
     calls = per_shard // group
 
-    def to_groups(
-        a: jax.Array,
-    ) -> jax.Array:  # (calls, shards, group, …): call i takes i·group … of each shard.
+    def to_groups(a: jax.Array) -> jax.Array:
+        # (calls, shards, group, …): call i takes examples i·group … of every shard.
         return jnp.swapaxes(a.reshape((shards, calls, group) + a.shape[1:]), 0, 1)
 
     def one_call(g: jax.Array) -> jax.Array:
