@@ -118,8 +118,8 @@ def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
     assert filter_gradient((2, 16, 16, 256), (2, 2), out_channels=256) == "xla"  # Stride 2: by pixels only.
 
 
-def test_auto_runs_inference_by_winograd_and_training_forward_passes_by_xla(monkeypatch):
-    """Undifferentiated, a large 3×3 CPU convolution is Winograd's where that pays; under `grad`, XLA's."""
+def test_auto_runs_winograd_forward_passes_within_a_chunk_and_inference_only_over_one(monkeypatch):
+    """A large 3×3 CPU convolution is Winograd's where that pays; over one chunk, under `grad`, XLA's."""
     monkeypatch.setenv(conv.ENV_VAR, "auto")
     side = int(np.ceil(np.sqrt(conv.MIN_PIXELS)))
     channels = conv.FORWARD_MIN_HARMONIC_CHANNELS
@@ -135,13 +135,20 @@ def test_auto_runs_inference_by_winograd_and_training_forward_passes_by_xla(monk
     y = jax.jit(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x)
     reference = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
     np.testing.assert_allclose(y, reference, atol=2e-4 * float(jnp.abs(reference).max()), rtol=0)
-    # Under differentiation: XLA's forward pass and input gradient (two convolutions), Winograd's filter
-    # gradient (the matmuls), as before this form existed: Winograd's forward made the step slower.
-    training = str(jax.make_jaxpr(jax.grad(lambda x, k: _loss(x, k, (1, 1), "SAME")[0], (0, 1)))(x, kernel))
-    # (The backward rule's `jax.vjp` also traces a forward convolution that XLA drops: three in the jaxpr.)
-    assert training.count("conv_general_dilated[") == 3 and "dot_general" in training
+    # Under differentiation, within one chunk: Winograd's in all three parts (no convolution left).
+    grad = jax.grad(lambda x, k: _loss(x, k, (1, 1), "SAME")[0], (0, 1))
+    training = str(jax.make_jaxpr(grad)(x, kernel))
+    assert "conv_general_dilated[" not in training and "dot_general" in training
+    winograd_grads = grad(x, kernel)
+    monkeypatch.setenv(conv.ENV_VAR, "xla")  # A new function: jit's cache would keep Winograd's trace.
+    xla_grads = jax.grad(lambda x, k: _loss(x, k, (1, 1), "SAME")[0], (0, 1))(x, kernel)
+    for a, b in zip(winograd_grads, xla_grads):
+        np.testing.assert_allclose(a, b, atol=2e-4 * float(jnp.abs(b).max()), rtol=0)
+    monkeypatch.setenv(conv.ENV_VAR, "auto")
     # Over one chunk: wide inputs (at least INFERENCE_MIN_CHANNELS, examples within two chunks) run
-    # Winograd's forward in chunks; narrow ones keep XLA's (Winograd's chunked form was slower there).
+    # Winograd's forward in chunks where not differentiated; narrow ones keep XLA's (Winograd's chunked
+    # form was slower there), and so does a differentiated call: XLA's forward pass and input gradient
+    # (two convolutions), Winograd's filter gradient (the matmuls).
     wide = conv.INFERENCE_MIN_CHANNELS
     monkeypatch.setattr(winograd, "CHUNK_BYTES", side * side * wide * 4)
     x, kernel = _inputs((3, side, side, wide), channels, seed=4)
@@ -150,6 +157,9 @@ def test_auto_runs_inference_by_winograd_and_training_forward_passes_by_xla(monk
     y = jax.jit(lambda x: _loss(x, kernel, (1, 1), "SAME")[1])(x)
     reference = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
     np.testing.assert_allclose(y, reference, atol=2e-4 * float(jnp.abs(reference).max()), rtol=0)
+    training = str(jax.make_jaxpr(grad)(x, kernel))
+    # (The backward rule's `jax.vjp` also traces a forward convolution that XLA drops: three in the jaxpr.)
+    assert training.count("conv_general_dilated[") == 3 and "dot_general" in training
     for shape in [(3, side, side, wide // 2), (1, 2 * side, side, wide + 1)]:  # Narrow; over two chunks.
         jaxpr = jax.make_jaxpr(lambda x, k: _loss(x, k, (1, 1), "SAME")[1])(*_inputs(shape, channels))
         assert "conv_general_dilated[" in str(jaxpr)

@@ -5,16 +5,16 @@ Every `ConvBlock` (and the flow nets' convs) calls :func:`conv_general_dilated`,
 whichever is picked (tests/test_conv.py compares outputs and gradients); only speed and float32 rounding
 differ. The choice is ``SYNTH_CONV`` in the environment, read at trace time:
 
-* ``auto`` (default): on the CPU backend, in float32, on maps of at least ``MIN_PIXELS``, the forward
-  pass and the input gradient by XLA, the filter gradient of 3×3 stride-1 convolutions by Winograd
-  F(4×4, 3×3) and that of the others (stride 2, 5×5) summed over examples; also Winograd's filter
-  gradient for 3×3 stride-1 convolutions on smaller maps with as much work (``MIN_WINOGRAD_MACS``: the
-  deeper levels of the same networks); and where such a 3×3 convolution is not differentiated
-  (generation, stage C) and its input fits one Winograd chunk (``winograd.CHUNK_BYTES``) or has at
-  least ``INFERENCE_MIN_CHANNELS`` channels (in chunks), its forward pass by Winograd F(4×4, 3×3) too;
-  narrow 3×3 convolutions (a U-Net's input and output convs: ``FILTER_GRAD_MIN_*_CHANNELS``,
-  ``FORWARD_MIN_HARMONIC_CHANNELS``) keep XLA's parts where Winograd's lose;
-  elsewhere (GPUs, bf16, small networks) XLA's;
+* ``auto`` (default): on the CPU backend, in float32, on maps of at least ``MIN_PIXELS``, the filter
+  gradient of 3×3 stride-1 convolutions by Winograd F(4×4, 3×3) and that of the others (stride 2, 5×5)
+  summed over examples; also Winograd's filter gradient for 3×3 stride-1 convolutions on smaller maps
+  with as much work (``MIN_WINOGRAD_MACS``: the deeper levels of the same networks); where such a 3×3
+  convolution's input fits one Winograd chunk (``winograd.CHUNK_BYTES``), its forward pass and input
+  gradient by Winograd too; where its input is over a chunk, XLA's forward pass and input gradient, and
+  Winograd's forward pass (in chunks) only where it is not differentiated (generation, stage C) and has
+  at least ``INFERENCE_MIN_CHANNELS`` channels; narrow 3×3 convolutions (a U-Net's input and output
+  convs: ``FILTER_GRAD_MIN_*_CHANNELS``, ``FORWARD_MIN_HARMONIC_CHANNELS``) keep XLA's parts where
+  Winograd's lose; elsewhere (GPUs, bf16, small networks) XLA's;
 * ``xla``: XLA's convolution everywhere (the reference, and what GPUs use: cuDNN picks its own algorithms);
 * ``winograd_filter_grad`` / ``per_example``: those two filter gradients wherever the shapes allow;
 * ``winograd2`` / ``winograd4``: 3×3 stride-1 ``SAME`` convolutions by Winograd F(2×2, 3×3) / F(4×4, 3×3)
@@ -26,12 +26,14 @@ convolution's filter gradient as one convolution whose "kernel" is the whole out
 batch (63 ms at batch 1, 2 180 ms at batch 8). The same gradient by Winograd F(4×4, 3×3) takes 33 and
 292 ms; summed over examples (the unrolled sum; ``lax.scan`` or ``vmap`` over examples are slower than
 XLA's form) 56 and 490 ms. Winograd's forward pass and input gradient are up to 1.7× faster than XLA's
-at batch 1 on their own ("Winograd on XLA:CPU"), but in the training step its forward passes made the
-step 10-20 % slower (more bytes through memory beside the other thread's work), so training keeps XLA's
-forward and input gradient, and generation, which gained 12-18 % at batch 1, takes Winograd's forward (a
-``jax.custom_vjp`` whose body is Winograd's and whose differentiated form is XLA's; batches of
-64-channel maps over one chunk stay XLA's, slower there, while wider maps gain in chunks too: generation
-at batch 8 14 % more sets/s). The project's meshes have automatic axes
+at batch 1 on their own ("Winograd on XLA:CPU"). In the training step they pay only within one chunk:
+stage B at 184×144, whose G decodes K = 4 modalities and G_t 12 translations at once, ran 6-13 % faster
+with them there (BENCHMARKS.md, "Winograd in the training step"), and 4-10 % slower with them chunked
+too (the chunks' transforms stream through the cache beside the other thread's work). So over one chunk
+training keeps XLA's forward and input gradient, and generation takes Winograd's forward (a
+``jax.custom_vjp`` whose body is Winograd's and whose differentiated form is XLA's) on wide maps, where
+it gains in chunks too (generation at batch 8 14 % more sets/s), and XLA's on 64-channel maps, where
+Winograd's chunked form is slower. The project's meshes have automatic axes
 (`synth.sharding`), under which slicing one example of a batch split over devices is allowed. At 64²
 the tiny networks' steps gain nothing, so test and demo networks keep XLA's form and its shorter
 compile.
@@ -142,9 +144,9 @@ def conv3x3_winograd_inference(x, kernel, precision=None):
     """A 3×3 stride-1 SAME convolution by Winograd F(4×4, 3×3) where it is not differentiated.
 
     Under differentiation (`jax.custom_vjp` then calls the forward rule, not this body) it is
-    `conv3x3_winograd_filter_grad`: XLA's forward pass and input gradient, Winograd's filter gradient. In
-    the training step Winograd's forward passes made the step slower (module docstring), in generation
-    faster.
+    `conv3x3_winograd_filter_grad`: XLA's forward pass and input gradient, Winograd's filter gradient.
+    `auto` takes it for inputs over one Winograd chunk, where Winograd's chunked forward passes made the
+    training step slower (module docstring) and generation faster.
     """
     return winograd.conv3x3_same(x, kernel, tile=4, precision=precision)
 
@@ -223,6 +225,9 @@ def conv_general_dilated(
             # XLA's own: the per-example sum below was 3-7× slower still at 64 → 1 (batches 2-8).
             return _direct(lhs, rhs, tuple(window_strides), padding, precision)
         if auto_cpu and large and _winograd_inference_pays(lhs, rhs):
+            if lhs.size * lhs.dtype.itemsize <= winograd.CHUNK_BYTES:
+                # Within one chunk Winograd's forward pass and input gradient pay under differentiation too.
+                return winograd.conv3x3_same(lhs, rhs, tile=4, precision=precision)
             return conv3x3_winograd_inference(lhs, rhs, precision)
         if name == "winograd_filter_grad" or (auto_cpu and large):
             return conv3x3_winograd_filter_grad(lhs, rhs, precision)
