@@ -180,3 +180,57 @@ def test_other_convolutions_fall_through_to_xla(monkeypatch):
     args = dict(dimension_numbers=NHWC, rhs_dilation=(2, 2), feature_group_count=2)
     got = conv.conv_general_dilated(x, kernel, (1, 1), "SAME", **args)
     np.testing.assert_array_equal(got, lax.conv_general_dilated(x, kernel, (1, 1), "SAME", **args))
+
+
+def _upsampled(algorithm, monkeypatch, x, kernel):
+    """Value and both gradients of the up-sampling convolution under `algorithm` (a fresh trace)."""
+    monkeypatch.setenv(conv.ENV_VAR, algorithm)
+
+    def loss(x, kernel):
+        y = conv.upsampled_conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+        return jnp.sum(jnp.sin(y)), y
+
+    (grad_x, grad_kernel), y = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
+    jaxpr = str(jax.make_jaxpr(loss)(x, kernel))
+    return (y, grad_x, grad_kernel), jaxpr
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_upsampling_convolution_in_subpixel_form_equals_upsampling_then_convolving(batch, monkeypatch):
+    """Under `auto` on large CPU maps the sub-pixel form; its value and gradients are the plain form's."""
+    x, kernel = _inputs((batch, 7, 5, 3), 4, seed=5)  # Odd sizes: the phases' borders.
+    plain, plain_jaxpr = _upsampled("xla", monkeypatch, x, kernel)
+    assert plain[0].shape == (batch, 14, 10, 4)
+    assert "f32[3,3,3,4]" in plain_jaxpr and "f32[2,2,3,16]" not in plain_jaxpr
+    reference = lax.conv_general_dilated(
+        jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), kernel, (1, 1), "SAME", dimension_numbers=NHWC
+    )
+    np.testing.assert_allclose(plain[0], reference, rtol=1e-6, atol=1e-6)
+    # Small maps keep the plain form under `auto` too; lowering the bound brings the sub-pixel one.
+    assert "f32[2,2,3,16]" not in _upsampled("auto", monkeypatch, x, kernel)[1]
+    monkeypatch.setattr(conv, "MIN_PIXELS", 14 * 10)
+    subpixel, subpixel_jaxpr = _upsampled("auto", monkeypatch, x, kernel)
+    assert "f32[2,2,3,16]" in subpixel_jaxpr  # One 2×2 convolution into four phases of 4 channels.
+    for a, b in zip(subpixel, plain):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=0)
+    if batch == 1:
+        return
+    mesh = sharding.make_mesh((2,), ("data",))
+    with jax.set_mesh(mesh):
+        sharded, _ = _upsampled(
+            "auto", monkeypatch, jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))), kernel
+        )
+    assert sharded[0].sharding.spec[0] == "data"
+    for a, b in zip(sharded, subpixel):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_upsampling_convolution_rejects_other_shapes():
+    x, kernel = _inputs((1, 4, 4, 2), 3)
+    with pytest.raises(ValueError, match="3×3, stride-1, SAME"):
+        conv.upsampled_conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=NHWC)
+    with pytest.raises(ValueError, match="3×3, stride-1, SAME"):
+        conv.upsampled_conv_general_dilated(
+            x, jnp.zeros((5, 5, 2, 3)), (1, 1), "SAME", dimension_numbers=NHWC
+        )

@@ -144,6 +144,20 @@ def test_odd_sizes():
     test_shapes((45, 37), 4, variant="tiny")
 
 
+def test_up_sampling_in_subpixel_form_is_the_same_net(monkeypatch):
+    """Where `conv` takes the sub-pixel form of the up-sampling convs, the velocity is unchanged."""
+    from synth.models import conv
+
+    model = FlowUNet(out_channels=2, features=8, num_levels=2, groups=4)
+    x, t = jax.random.normal(jax.random.key(0), (2, 12, 8, 2)), jnp.asarray([0.2, 0.7])
+    params = model.init(jax.random.key(1), x, t)
+    plain = model.apply(params, x, t)
+    monkeypatch.setattr(conv, "MIN_PIXELS", 1)
+    jaxpr = str(jax.make_jaxpr(model.apply)(params, x, t))
+    assert "f32[2,2,16,64]" in jaxpr and "f32[2,2,8,32]" in jaxpr  # up1, up0: 2×2 taps into four phases.
+    np.testing.assert_allclose(model.apply(params, x, t), plain, rtol=0, atol=1e-5)
+
+
 def test_mixed_precision_computes_in_bfloat16():
     model = FlowUNet(out_channels=2, features=8, num_levels=1, groups=4, dtype=jnp.bfloat16)
     x, t = jax.ShapeDtypeStruct((2, 8, 8, 2), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.float32)

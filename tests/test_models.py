@@ -438,3 +438,24 @@ def test_upsample_and_crop():
     np.testing.assert_array_equal(layers.crop_to(up, (3, 5))[0, :, :, 0], up[0, :3, :5, 0])
     with pytest.raises(ValueError):
         layers.crop_to(x, (3, 3))
+
+
+@pytest.mark.parametrize("target_hw", [(8, 6), (7, 5)])
+def test_up_conv_block_is_up_sampling_then_its_conv_block(target_hw, monkeypatch):
+    """Even targets up-sample inside the conv (sub-pixel form where it pays), odd ones crop: same function."""
+    from synth.models import conv
+
+    monkeypatch.setattr(conv, "MIN_PIXELS", 1)  # The sub-pixel form at this small size (CPU, float32).
+    x = jax.random.normal(jax.random.key(0), (2, 4, 3, 5))
+    up = layers.UpConvBlock(6, name="up")
+    variables = up.init(jax.random.key(1), x, target_hw)
+    kernel = variables["params"]["block"]["conv"]["kernel"]
+    assert kernel.shape == (3, 3, 5, 6)  # The parameters of a 3×3 conv block, whichever form runs.
+    plain = layers.ConvBlock(6).apply(
+        {"params": variables["params"]["block"]}, layers.crop_to(layers.upsample_nearest(x), target_hw)
+    )
+    got = up.apply(variables, x, target_hw)
+    assert got.shape == (2,) + target_hw + (6,)
+    subpixel = "f32[2,2,5,24]" in str(jax.make_jaxpr(up.apply, static_argnums=2)(variables, x, target_hw))
+    assert subpixel == (target_hw == (8, 6))  # One 2×2 conv into four phases; odd targets keep the crop.
+    np.testing.assert_allclose(got, plain, rtol=0, atol=1e-5)

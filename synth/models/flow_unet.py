@@ -85,11 +85,13 @@ class FiLMConvBlock(nn.Module):
     groups: int = 32  # GroupNorm groups (reduced to gcd(groups, features)).
     activation: str = "silu"  # See `activation()`.
     dtype: Any = None  # Computation dtype (e.g. bfloat16); parameters stay float32.
+    # Convolve ``x`` up-sampled ×2 by nearest neighbours (`conv.upsampled_conv_general_dilated`).
+    upsample: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
         """Apply the block to NHWC ``x`` with the (B, E) time embedding ``emb``."""
-        h = conv.Conv(
+        h = (conv.UpsampledConv if self.upsample else conv.Conv)(
             self.features,
             (3, 3),
             strides=(self.strides, self.strides),
@@ -185,10 +187,11 @@ class FlowUNet(nn.Module):
 
         block_class = nn.remat(FiLMConvBlock) if self.remat else FiLMConvBlock
 
-        def block(width: int, name: str, strides: int = 1) -> FiLMConvBlock:
+        def block(width: int, name: str, strides: int = 1, upsample: bool = False) -> FiLMConvBlock:
             return block_class(
                 width,
                 strides=strides,
+                upsample=upsample,
                 groups=self.groups,
                 activation=self.activation,
                 dtype=self.dtype,
@@ -213,9 +216,14 @@ class FlowUNet(nn.Module):
 
         for level in reversed(range(self.num_levels)):
             skip = skips[level]
-            # Nearest ×2, cropped to the skip (odd sizes), then a 3×3 conv: the U-Net's up-sampling.
-            h = layers.crop_to(layers.upsample_nearest(h, 2), skip.shape[1:3])
-            h = block(widths[level], f"up{level}")(h, emb)
+            # Nearest ×2, cropped to the skip (odd sizes), then a 3×3 conv: the U-Net's up-sampling (for
+            # even sizes in the conv, in sub-pixel form where that pays: `layers.UpConvBlock`).
+            if skip.shape[1:3] == (2 * h.shape[1], 2 * h.shape[2]):
+                h = block(widths[level], f"up{level}", upsample=True)(h, emb)
+            else:
+                h = block(widths[level], f"up{level}")(
+                    layers.crop_to(layers.upsample_nearest(h, 2), skip.shape[1:3]), emb
+                )
             h = jnp.concatenate([skip, h], axis=-1)
             h = residual_pair(h, widths[max(level - 1, 0)], f"dec{level}")
 

@@ -175,6 +175,9 @@ class ConvBlock(nn.Module):
     activation: str | None = "leaky_relu"  # See `activation()`; None = linear.
     kernel_init: str = "normal"  # "normal" N(0, 0.02) | "mean_filter" (U-Net code parity).
     c_nominal: int | None = None  # Mean-filter nominal input channels; None = the real count.
+    # Convolve the input up-sampled ×2 by nearest neighbours (3×3, stride 1): `UpConvBlock`'s conv,
+    # computed in sub-pixel form where that is faster (`conv.upsampled_conv_general_dilated`).
+    upsample: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, film: jax.Array | None = None) -> jax.Array:
@@ -186,7 +189,7 @@ class ConvBlock(nn.Module):
         an instance-normalised conv is a per-channel constant the norm subtracts again.
         """
         c_nominal = x.shape[-1] if self.c_nominal is None else self.c_nominal
-        x = conv.Conv(
+        x = (conv.UpsampledConv if self.upsample else conv.Conv)(
             self.features,
             (self.kernel_size, self.kernel_size),
             strides=(self.strides, self.strides),
@@ -227,13 +230,16 @@ class UpConvBlock(nn.Module):
         self, x: jax.Array, target_hw: tuple[int, int] | None = None, film: jax.Array | None = None
     ) -> jax.Array:
         """Up-sample ``x`` by 2 (cropped to ``target_hw`` if given) and convolve (``film``: `ConvBlock`)."""
-        x = upsample_nearest(x, 2)
-        if target_hw is not None:
-            x = crop_to(x, target_hw)
+        doubled = (2 * x.shape[1], 2 * x.shape[2])
+        # Even target sizes: the conv up-samples itself (sub-pixel form); odd ones crop the up-sampled map.
+        upsample = target_hw is None or tuple(target_hw) == doubled
+        if not upsample:
+            x = crop_to(upsample_nearest(x, 2), target_hw)
         return ConvBlock(
             self.features,
             activation=self.activation,
             kernel_init=self.kernel_init,
             c_nominal=self.c_nominal,
+            upsample=upsample,
             name="block",
         )(x, film)
