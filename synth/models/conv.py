@@ -28,9 +28,9 @@ batch (63 ms at batch 1, 2 180 ms at batch 8). The same gradient by Winograd F(4
 292 ms; summed over examples (the unrolled sum; ``lax.scan`` or ``vmap`` over examples are slower than
 XLA's form) 56 and 490 ms. Winograd's forward pass and input gradient are up to 1.7× faster than XLA's
 at batch 1 on their own ("Winograd on XLA:CPU"). In the training step they pay only within one chunk:
-stage B at 184×144, whose G decodes K = 4 modalities and G_t 12 translations at once, ran 6-13 % faster
-with them there (BENCHMARKS.md, "Winograd in the training step"), and 4-10 % slower with them chunked
-too (the chunks' transforms stream through the cache beside the other thread's work). So over one chunk
+stage B's step at 184×144 ran 6-13 % faster with them there (BENCHMARKS.md, "Winograd in the training
+step"), and slower again with them on inputs over one chunk too (in chunks, whose transforms stream
+through the cache beside the other thread's work). So over one chunk
 training keeps XLA's forward and input gradient, and generation takes Winograd's forward (a
 ``jax.custom_vjp`` whose body is Winograd's and whose differentiated form is XLA's) on wide maps, where
 it gains in chunks too (generation at batch 8 14 % more sets/s), and XLA's on 64-channel maps, where
