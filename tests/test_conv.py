@@ -215,6 +215,13 @@ def test_upsampling_convolution_in_subpixel_form_equals_upsampling_then_convolvi
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=0)
     if batch == 1:
+        # Wide maps within one Winograd chunk keep the up-sampled map (Winograd's is faster there).
+        wide = conv.SUBPIXEL_MAX_CHUNK_CHANNELS + 1
+        x, kernel = _inputs((1, 4, 3, wide), 2, seed=6)
+        monkeypatch.setattr(conv, "MIN_PIXELS", 1)
+        assert f"f32[2,2,{wide},8]" not in _upsampled("auto", monkeypatch, x, kernel)[1]
+        monkeypatch.setattr(winograd, "CHUNK_BYTES", 4 * x.size * 4 - 1)  # Over one chunk: sub-pixel.
+        assert f"f32[2,2,{wide},8]" in _upsampled("auto", monkeypatch, x, kernel)[1]
         return
     mesh = sharding.make_mesh((2,), ("data",))
     with jax.set_mesh(mesh):

@@ -79,6 +79,12 @@ FORWARD_MIN_HARMONIC_CHANNELS = 32
 # contract over the tiles, C_in × tiles by tiles × C_out, so a side of 1-2 channels leaves a few long dot
 # products (2 → 64 at 512²: 105 ms against XLA's 41; 64 → 1: 1 410 against 199), while 4 → 64 and 64 → 2
 # already gain (1.1× and 1.6-5×).
+# A U-Net's up-sampling convolution (nearest ×2, then 3×3) runs in sub-pixel form under "auto" on the sizes
+# above, except where its up-sampled input fits one Winograd chunk with at least this many channels: there
+# Winograd's three parts on the up-sampled map are faster (46×36×128 up-sampled, batch 1: 22.7 against
+# 26.3 ms, 23×18×256: 26.3 against 38.5), while at 64 channels (92×72×64: 24.8 against 36.0 ms) and over
+# a chunk (at batch 4 every level) the sub-pixel form is (BENCHMARKS.md, "Up-sampling convolutions").
+SUBPIXEL_MAX_CHUNK_CHANNELS = 127
 FILTER_GRAD_MIN_IN_CHANNELS = 4
 FILTER_GRAD_MIN_OUT_CHANNELS = 2
 _NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
@@ -288,10 +294,10 @@ def upsampled_conv_general_dilated(lhs, rhs, window_strides, padding, precision=
 
     The output is (N, 2H, 2W, C_out). Under ``auto`` on the CPU, in float32, on maps of the size or work
     where Winograd's filter gradient applies (``MIN_PIXELS`` of output, ``MIN_WINOGRAD_MACS``), the
-    sub-pixel form (`_subpixel_conv3x3`), whose three parts were 1.2-2× faster at the up-sampling convs of
-    a 184×144 U-Net (BENCHMARKS.md, "Up-sampling convolutions in sub-pixel form"); otherwise the map is
-    up-sampled and convolved by :func:`conv_general_dilated`. The arguments are ``nn.Conv``'s: a plain
-    NHWC/HWIO convolution, no dilation or groups.
+    sub-pixel form (`_subpixel_conv3x3`), unless the up-sampled map fits one Winograd chunk with more than
+    ``SUBPIXEL_MAX_CHUNK_CHANNELS`` channels, where Winograd's convolution of it is faster; otherwise
+    the map is up-sampled and convolved by :func:`conv_general_dilated`. The arguments are ``nn.Conv``'s:
+    a plain NHWC/HWIO convolution, no dilation or groups.
     """
     names = ("lhs_dilation", "rhs_dilation", "dimension_numbers")
     plain = _is_plain(
@@ -310,11 +316,13 @@ def upsampled_conv_general_dilated(lhs, rhs, window_strides, padding, precision=
         )
     height, width = 2 * lhs.shape[1], 2 * lhs.shape[2]
     macs = 9 * height * width * rhs.shape[2] * rhs.shape[3]
+    within_chunk = 4 * lhs.size * lhs.dtype.itemsize <= winograd.CHUNK_BYTES
     if (
         algorithm() == "auto"
         and jax.default_backend() == "cpu"
         and lhs.dtype == jnp.float32
         and (height * width >= MIN_PIXELS or macs >= MIN_WINOGRAD_MACS)
+        and not (within_chunk and rhs.shape[2] > SUBPIXEL_MAX_CHUNK_CHANNELS)
     ):
         return _subpixel_conv3x3(lhs, rhs, precision)
     upsampled = jnp.repeat(jnp.repeat(lhs, 2, axis=1), 2, axis=2)
