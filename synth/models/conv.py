@@ -30,8 +30,8 @@ XLA's form) 56 and 490 ms. Winograd's forward pass and input gradient are up to 
 at batch 1 on their own ("Winograd on XLA:CPU"). In the training step they pay only within one chunk:
 stage B's step at 184×144 ran 6-13 % faster with them there (BENCHMARKS.md, "Winograd in the training
 step"), and slower again with them on inputs over one chunk too (in chunks, whose transforms stream
-through the cache beside the other thread's work). So over one chunk
-training keeps XLA's forward and input gradient, and generation takes Winograd's forward (a
+through the cache beside the other thread's work). So over one chunk training keeps XLA's forward and
+input gradient, and generation takes Winograd's forward (a
 ``jax.custom_vjp`` whose body is Winograd's and whose differentiated form is XLA's) on wide maps, where
 it gains in chunks too (generation at batch 8 14 % more sets/s), and XLA's on 64-channel maps, where
 Winograd's chunked form is slower. The project's meshes have automatic axes
@@ -79,14 +79,15 @@ FORWARD_MIN_HARMONIC_CHANNELS = 32
 # contract over the tiles, C_in × tiles by tiles × C_out, so a side of 1-2 channels leaves a few long dot
 # products (2 → 64 at 512²: 105 ms against XLA's 41; 64 → 1: 1 410 against 199), while 4 → 64 and 64 → 2
 # already gain (1.1× and 1.6-5×).
-# A U-Net's up-sampling convolution (nearest ×2, then 3×3) runs in sub-pixel form under "auto" on the sizes
-# above, except where its up-sampled input fits one Winograd chunk with at least this many channels: there
-# Winograd's three parts on the up-sampled map are faster (46×36×128 up-sampled, batch 1: 22.7 against
-# 26.3 ms, 23×18×256: 26.3 against 38.5), while at 64 channels (92×72×64: 24.8 against 36.0 ms) and over
-# a chunk (at batch 4 every level) the sub-pixel form is (BENCHMARKS.md, "Up-sampling convolutions").
-SUBPIXEL_MAX_CHUNK_CHANNELS = 127
 FILTER_GRAD_MIN_IN_CHANNELS = 4
 FILTER_GRAD_MIN_OUT_CHANNELS = 2
+# A U-Net's up-sampling convolution (nearest ×2, then 3×3) runs in sub-pixel form under "auto" on the sizes
+# above, except where its up-sampled input fits one Winograd chunk with more than this many channels: there
+# Winograd's three parts on the up-sampled map are faster (46×36×128 up-sampled, batch 1: 22.7 against
+# 26.3 ms, 23×18×256: 26.3 against 38.5), while at 64 channels (92×72×64: 24.8 against 36.0 ms) and over
+# a chunk (at batch 4 every level) the sub-pixel form is (BENCHMARKS.md, "Winograd in the training step,
+# and up-sampling convolutions in sub-pixel form").
+SUBPIXEL_MAX_CHUNK_CHANNELS = 127
 _NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
@@ -325,6 +326,7 @@ def upsampled_conv_general_dilated(lhs, rhs, window_strides, padding, precision=
         and not (within_chunk and rhs.shape[2] > SUBPIXEL_MAX_CHUNK_CHANNELS)
     ):
         return _subpixel_conv3x3(lhs, rhs, precision)
+    # `layers.upsample_nearest`, written out: layers imports this module.
     upsampled = jnp.repeat(jnp.repeat(lhs, 2, axis=1), 2, axis=2)
     return conv_general_dilated(upsampled, rhs, (1, 1), "SAME", dimension_numbers=_NHWC, precision=precision)
 
