@@ -228,6 +228,13 @@ def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradien
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # Sums in another order.
     with pytest.raises(ValueError, match="stacking mode"):
         apply_per_condition(model, params, x, conds, mode="scan")
+    if mode == "unrolled":
+        # Each further condition adds only its own convs: per level the up-sampling conv (but the first,
+        # whose input is the one bottleneck), its share of the first decoder conv and the second; then
+        # the output conv. The skips' shares and the first up-sampling conv are computed once.
+        per_condition = jax.make_jaxpr(functools.partial(apply_per_condition, model, mode=mode))
+        counts = [len(_conv_inputs(per_condition(params, x, c))) for c in (conds[:2], conds)]
+        assert counts[1] - counts[0] == 2 * 3 * model.num_levels, counts
 
 
 def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
@@ -459,3 +466,63 @@ def test_up_conv_block_is_up_sampling_then_its_conv_block(target_hw, monkeypatch
     subpixel = "f32[2,2,5,24]" in str(jax.make_jaxpr(up.apply, static_argnums=2)(variables, x, target_hw))
     assert subpixel == (target_hw == (8, 6))  # One 2×2 conv into four phases; odd targets keep the crop.
     np.testing.assert_allclose(got, plain, rtol=0, atol=1e-5)
+
+
+def _conv_inputs(jaxpr) -> list[tuple[int, ...]]:
+    """The input shapes of every convolution in a (closed) jaxpr, nested jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.jaxpr.eqns if hasattr(jaxpr, "jaxpr") else jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            shapes.append(tuple(eqn.invars[0].aval.shape))
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            shapes.extend(_conv_inputs(sub))
+    return shapes
+
+
+def test_conv_block_paths_share_the_skip_and_a_common_input():
+    """Several paths through one block (a decoder per condition) are one call per path, sharing what they can.
+
+    The skip's share of the conv is computed once for all paths, and one map under several conditions is
+    convolved and normalised once; values, gradients and parameters are the per-path form's.
+    """
+    keys = jax.random.split(jax.random.key(0), 6)
+    skip = jax.random.normal(keys[0], (2, 6, 5, 3))
+    xs = [jax.random.normal(k, (2, 6, 5, 4)) for k in keys[1:4]]
+    films = [jnp.eye(3)[jnp.array([i, (i + 1) % 3])] for i in range(3)]
+    block = layers.ConvBlock(7)
+    single = block.init(keys[4], xs[0], films[0], skip=skip)
+    several = block.init(keys[4], xs, films, skip=skip)
+    assert jax.tree.map(jnp.shape, several) == jax.tree.map(jnp.shape, single)
+    assert single["params"]["conv"]["kernel"].shape == (3, 3, 7, 7)  # One conv over [skip, x].
+    for a, b in zip(jax.tree.leaves(several), jax.tree.leaves(single), strict=True):
+        np.testing.assert_array_equal(a, b)  # The same initialisation too.
+    params = {"params": {**single["params"], "film": {"kernel": jax.random.normal(keys[5], (3, 14))}}}
+    params["params"]["film"]["bias"] = single["params"]["film"]["bias"]
+    weights = jax.random.uniform(keys[5], (3, 2, 6, 5, 7))
+
+    def together(p, skip, xs):
+        return jnp.stack(block.apply(p, xs, films, skip=skip))
+
+    def apart(p, skip, xs):
+        return jnp.stack([block.apply(p, x, f, skip=skip) for x, f in zip(xs, films, strict=True)])
+
+    losses = [lambda *a, f=f: jnp.sum(f(*a) * weights) for f in (together, apart)]
+    (loss_a, grads_a), (loss_b, grads_b) = (
+        jax.value_and_grad(f, (0, 1, 2))(params, skip, xs) for f in losses
+    )
+    np.testing.assert_allclose(together(params, skip, xs), apart(params, skip, xs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # The skip once, each path's own channels once; one map under three conditions: one conv.
+    convs = sorted(_conv_inputs(jax.make_jaxpr(together)(params, skip, xs)))
+    assert convs == [skip.shape] + [xs[0].shape] * 3
+    one_map = jax.make_jaxpr(lambda p, x: block.apply(p, x, films, skip=skip))(params, xs[0])
+    assert _conv_inputs(one_map) == [(2, 6, 5, 7)]
+    one_map_outs = block.apply(params, xs[0], films, skip=skip)
+    for f, out in zip(films, one_map_outs, strict=True):
+        np.testing.assert_allclose(out, block.apply(params, xs[0], f, skip=skip), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="2 paths under 3 conditions"):
+        block.apply(params, xs[:2], films, skip=skip)
+    with pytest.raises(ValueError, match="one shape"):
+        block.apply(params, [xs[0], xs[1][:, :5]], films[:2], skip=skip)

@@ -335,3 +335,49 @@ def upsampled_conv_general_dilated(lhs, rhs, window_strides, padding, precision=
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 # The same layer applied to its input up-sampled ×2 (`upsampled_conv_general_dilated`; same parameters).
 UpsampledConv = functools.partial(nn.Conv, conv_general_dilated=upsampled_conv_general_dilated)
+
+
+class SharedInputConv(nn.Module):
+    """`nn.Conv`'s layer on ``[shared, x]`` for each ``x`` of a list, ``shared``'s share computed once.
+
+    A convolution is linear in its input channels: ``conv([s, x], K) = conv(s, K_s) + conv(x, K_x)`` with
+    the kernel split along its input channels. A U-Net decoder run once per condition concatenates the
+    same encoder skip before every condition's up-sampled map (`synth.models.unet.apply_per_condition`);
+    the skip's share of the level's first decoder conv, half of that conv's work, is then computed once
+    for all conditions, and under differentiation its gradients once, on the conditions' summed output
+    gradients. The parameters are ``nn.Conv``'s for the concatenated input (kernel (kh, kw, C_shared +
+    C_x, features), then the bias), created in its order, so a checkpoint or an initialisation is the
+    same either way.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "SAME"
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, shared: jax.Array, xs: list[jax.Array]) -> list[jax.Array]:
+        """``conv([shared, x])`` for each NHWC ``x`` in ``xs`` (all of one shape), as a list."""
+        if not xs or any(x.shape != xs[0].shape for x in xs) or shared.shape[:3] != xs[0].shape[:3]:
+            raise ValueError(
+                f"Expected maps of one shape beside a shared map of their size; got {[x.shape for x in xs]} "
+                f"beside {shared.shape}."
+            )
+        c_shared = shared.shape[-1]
+        kernel_shape = (*self.kernel_size, c_shared + xs[0].shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        dtype = jnp.result_type(shared, *xs, kernel)
+        kernel = kernel.astype(dtype)
+
+        def convolve(x, part):
+            return conv_general_dilated(
+                x.astype(dtype), part, self.strides, self.padding, dimension_numbers=_NHWC
+            )
+
+        shared_term = convolve(shared, kernel[:, :, :c_shared])
+        outs = [shared_term + convolve(x, kernel[:, :, c_shared:]) for x in xs]
+        return outs if bias is None else [out + bias.astype(dtype) for out in outs]

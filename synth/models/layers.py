@@ -180,36 +180,63 @@ class ConvBlock(nn.Module):
     upsample: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, film: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x, film=None, *, skip: jax.Array | None = None):
         """Apply the block to an NHWC tensor.
 
         ``film`` (B, K), e.g. a modality one-hot, scales and shifts each channel after the norm:
         ``x·(1 + γ) + β`` with ``(γ, β) = Dense(film)``, zero-initialised so a new block starts as the
         unconditioned one. A condition must enter after the norm: a constant map concatenated before
         an instance-normalised conv is a per-channel constant the norm subtracts again.
+
+        ``skip``, a map of the input's size, is convolved as if concatenated before the input's
+        channels (``[skip, x]``, a U-Net decoder's skip connection).
+
+        Several paths through the same parameters (a decoder run once per condition): ``x`` a list of
+        maps and ``film`` a list of conditions of the same length (or None), or one map and a list of
+        conditions, whose conv and norm are then computed once and its FiLM once per condition. A list
+        comes back. With several maps, ``skip``'s share of the conv is computed once for all
+        (`conv.SharedInputConv`).
         """
-        c_nominal = x.shape[-1] if self.c_nominal is None else self.c_nominal
-        x = (conv.UpsampledConv if self.upsample else conv.Conv)(
-            self.features,
-            (self.kernel_size, self.kernel_size),
+        several = isinstance(x, (list, tuple)) or isinstance(film, (list, tuple))
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        films = list(film) if isinstance(film, (list, tuple)) else [film] * len(xs)
+        if len(xs) not in (1, len(films)):
+            raise ValueError(f"{len(xs)} paths under {len(films)} conditions: give one or as many.")
+        c_in = xs[0].shape[-1] + (0 if skip is None else skip.shape[-1])
+        c_nominal = c_in if self.c_nominal is None else self.c_nominal
+        options = dict(
+            features=self.features,
+            kernel_size=(self.kernel_size, self.kernel_size),
             strides=(self.strides, self.strides),
             padding="SAME",
             use_bias=not self.norm,
             kernel_init=kernel_init(self.kernel_init, c_nominal=c_nominal),
             bias_init=nn.initializers.zeros,
             name="conv",
-        )(x)
+        )
+        if skip is not None and len(xs) > 1 and not self.upsample:
+            ys = conv.SharedInputConv(**options)(skip, xs)
+        else:
+            layer = (conv.UpsampledConv if self.upsample else conv.Conv)(**options)
+            ys = [layer(v if skip is None else jnp.concatenate([skip, v], axis=-1)) for v in xs]
         if self.norm:
-            x = InstanceNorm(name="norm")(x)
-        if film is not None:
-            if film.ndim != 2:
-                raise ValueError(f"A FiLM condition is a (B, K) vector, got shape {film.shape}.")
-            scale_shift = nn.Dense(2 * self.features, kernel_init=nn.initializers.zeros, name="film")(film)
-            gamma, beta = jnp.split(scale_shift[:, None, None, :].astype(x.dtype), 2, axis=-1)
-            x = x * (1.0 + gamma) + beta
+            norm = InstanceNorm(name="norm")
+            ys = [norm(y) for y in ys]
+        ys = ys * len(films) if len(ys) == 1 else ys
+        if films[0] is not None:
+            dense = nn.Dense(2 * self.features, kernel_init=nn.initializers.zeros, name="film")
+            ys = [self._modulate(y, f, dense) for y, f in zip(ys, films, strict=True)]
         if self.activation is not None:
-            x = activation(self.activation)(x)
-        return x
+            ys = [activation(self.activation)(y) for y in ys]
+        return ys if several else ys[0]
+
+    @staticmethod
+    def _modulate(x: jax.Array, film: jax.Array, dense: nn.Dense) -> jax.Array:
+        """FiLM: ``x·(1 + γ) + β`` per channel, ``(γ, β) = dense(film)``."""
+        if film.ndim != 2:
+            raise ValueError(f"A FiLM condition is a (B, K) vector, got shape {film.shape}.")
+        gamma, beta = jnp.split(dense(film)[:, None, None, :].astype(x.dtype), 2, axis=-1)
+        return x * (1.0 + gamma) + beta
 
 
 class UpConvBlock(nn.Module):
@@ -226,15 +253,18 @@ class UpConvBlock(nn.Module):
     c_nominal: int | None = None  # See `ConvBlock`.
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, target_hw: tuple[int, int] | None = None, film: jax.Array | None = None
-    ) -> jax.Array:
-        """Up-sample ``x`` by 2 (cropped to ``target_hw`` if given) and convolve (``film``: `ConvBlock`)."""
-        doubled = (2 * x.shape[1], 2 * x.shape[2])
+    def __call__(self, x, target_hw: tuple[int, int] | None = None, film=None):
+        """Up-sample ``x`` by 2 (cropped to ``target_hw`` if given) and convolve.
+
+        ``film``, and ``x`` or ``film`` as lists of paths: as `ConvBlock` takes them.
+        """
+        first = x[0] if isinstance(x, (list, tuple)) else x
+        doubled = (2 * first.shape[1], 2 * first.shape[2])
         # Even target sizes: the conv up-samples itself (sub-pixel form); odd ones crop the up-sampled map.
         upsample = target_hw is None or tuple(target_hw) == doubled
         if not upsample:
-            x = crop_to(upsample_nearest(x, 2), target_hw)
+            crop = lambda v: crop_to(upsample_nearest(v, 2), target_hw)  # noqa: E731
+            x = [crop(v) for v in x] if isinstance(x, (list, tuple)) else crop(x)
         return ConvBlock(
             self.features,
             activation=self.activation,

@@ -37,7 +37,8 @@ Paper vs code choices (METHOD §1, §4.1, §11):
   contrasts (docs/DIAGNOSIS-STAGE-B.md). ``condition="film"`` scales and shifts every decoder conv
   after its norm instead (`ConvBlock`), and gives each condition its own output conv (the condition's
   one-hot picks it); the encoder then does not see the condition at all, so one encoding serves
-  every target.
+  every target, and the decoder's condition-free parts (the first up-sampling conv, the skips' share
+  of the first conv at each level) serve every target too (`apply_per_condition`).
 """
 
 import dataclasses
@@ -159,17 +160,28 @@ class _UNetLayers(nn.Module):
         self.sow("intermediates", "bottleneck", h)
         return h, tuple(skips)
 
-    def _decode(self, h: jax.Array, skips: tuple[jax.Array, ...], cond: jax.Array | None) -> jax.Array:
-        """The decoder levels and the output conv (plus the output sigmoid, if any)."""
+    def _decode(self, h: jax.Array, skips: tuple[jax.Array, ...], cond):
+        """The decoder levels and the output conv (plus the output sigmoid, if any).
+
+        With ``condition="film"``, ``cond`` may be a list of (B, K) conditions: the decoder then runs once
+        per condition on the one encoding and returns a list. The paths share what does not depend on
+        the condition: the first up-sampling conv and its norm (FiLM enters after the norm), and at every
+        level the skip's share of the first decoder conv (`layers.ConvBlock`'s paths), computed once for
+        all conditions, forward and backward.
+        """
         widths = self._widths()
         conv = self._conv()
         if len(skips) != self.num_levels:
             raise ValueError(f"Expected {self.num_levels} skips, got {len(skips)}.")
+        several = isinstance(cond, (list, tuple))
+        if several and self.condition != "film":
+            raise ValueError(f"A list of conditions needs condition='film', not {self.condition!r}.")
         film = None
         if cond is not None and self.condition == "film":
-            if cond.ndim != 2:
-                raise ValueError(f"condition='film' takes a (B, K) cond, got shape {cond.shape}.")
-            film = cond.astype(h.dtype)
+            for one in cond if several else [cond]:
+                if one.ndim != 2:
+                    raise ValueError(f"condition='film' takes a (B, K) cond, got shape {one.shape}.")
+            film = [one.astype(h.dtype) for one in cond] if several else cond.astype(h.dtype)
         # `target_hw` (a tuple of ints, argument 2 counting the module) is static under remat.
         up_block = nn.remat(UpConvBlock, static_argnums=(2,)) if self.remat else UpConvBlock
         for level in reversed(range(self.num_levels)):
@@ -180,9 +192,9 @@ class _UNetLayers(nn.Module):
                 kernel_init=self.kernel_init,
                 name=f"up{level}",
             )(h, skip.shape[1:3], film)
-            h = jnp.concatenate([skip, h], axis=-1)  # Code order: [skip, up-sampled].
             dec_width = widths[max(level - 1, 0)]
-            h = conv(dec_width, name=f"dec{level}_conv0")(h, film)
+            # The input is [skip, up-sampled], the code's order.
+            h = conv(dec_width, name=f"dec{level}_conv0")(h, film, skip=skip)
             h = conv(dec_width, name=f"dec{level}_conv1")(h, film)
 
         if film is None:
@@ -190,12 +202,16 @@ class _UNetLayers(nn.Module):
         else:
             # One output map per condition, the condition's one picked: each modality gets its own last
             # layer, learnt at a conv's pace (FiLM's zero-initialised layers start slowly).
-            k = film.shape[-1]
+            k = (film[0] if several else film).shape[-1]
             heads = conv(self.out_channels * k, norm=self.norm_output, activation=None, name="out_conv")(h)
-            heads = heads.reshape(heads.shape[:3] + (k, self.out_channels))
-            out = jnp.einsum("bhwkc,bk->bhwc", heads, film)
+
+            def pick(heads: jax.Array, film: jax.Array) -> jax.Array:
+                heads = heads.reshape(heads.shape[:3] + (k, self.out_channels))
+                return jnp.einsum("bhwkc,bk->bhwc", heads, film)
+
+            out = [pick(*pair) for pair in zip(heads, film, strict=True)] if several else pick(heads, film)
         if self.out_activation == "sigmoid":
-            out = jax.nn.sigmoid(out)
+            out = [jax.nn.sigmoid(one) for one in out] if several else jax.nn.sigmoid(out)
         return out
 
     @staticmethod
@@ -292,11 +308,13 @@ class UNetDecoder(_UNetLayers):
         Args:
             h: the bottleneck activation from :class:`UNetEncoder`.
             skips: the encoder's skip activations, level 0 first.
-            cond: with ``condition="film"``, the (B, K) condition; otherwise unused (it entered the
-                encoder).
+            cond: with ``condition="film"``, the (B, K) condition, or a list of them: one decoder pass
+                per condition, sharing what no condition changes (`apply_per_condition`); otherwise
+                unused (it entered the encoder).
 
         Returns:
-            (B, H, W, out_channels), as :meth:`UNet.__call__` returns.
+            (B, H, W, out_channels), as :meth:`UNet.__call__` returns; a list of them, one per
+            condition, for a list of conditions.
         """
         self._check(h)
         return self._decode(h, tuple(skips), cond)
@@ -330,11 +348,13 @@ def apply_per_condition(
     forms compute the same function, gradients included.
 
     ``mode`` (`synth.models.stacked.resolve_mode`) says how the T decoder passes run: ``"vmap"`` as one
-    call on the encoding tiled T times (batch T·B), the GPU's form; ``"unrolled"`` as T calls of batch B,
-    which ``"auto"`` picks on CPU. XLA:CPU runs convolutions on T·B = 12 full-size maps well below its
-    rate at batch 1-4, and with T calls its CSE computes the first up-sampling conv (which sees the same
-    bottleneck for every condition; FiLM enters after its norm) once: the paper-size stage-B step was
-    18 % faster and generation 13-29 % (BENCHMARKS.md, "Stage B beside TensorFlow").
+    call on the encoding tiled T times (batch T·B), the GPU's form; ``"unrolled"`` as T paths of batch B
+    through one decoder call, which ``"auto"`` picks on CPU. XLA:CPU runs convolutions on T·B = 12
+    full-size maps well below its rate at batch 1-4 (BENCHMARKS.md, "Stage B beside TensorFlow": the
+    paper-size stage-B step 18 % faster, generation 13-29 %). The paths share what no condition changes,
+    computed once forward and backward: the first up-sampling conv and its norm (its input is the one
+    bottleneck; FiLM enters after the norm) and each level's skip's share of the first decoder conv, a
+    quarter of a decoder's work (BENCHMARKS.md, "Decoder paths sharing the skips").
     """
     mode = stacked.resolve_mode(mode)  # A bad mode fails here, whatever the condition.
     t, b = conds.shape[:2]
@@ -346,7 +366,7 @@ def apply_per_condition(
     encoder, decoder = split_unet(unet)
     h, skips = encoder.apply(params, x)
     if mode == "unrolled":
-        return jnp.stack([decoder.apply(params, h, skips, conds[i]) for i in range(t)])
+        return jnp.stack(decoder.apply(params, h, skips, [conds[i] for i in range(t)]))
 
     def tile(a: jax.Array) -> jax.Array:
         return jnp.broadcast_to(a[None], (t,) + a.shape).reshape((t * b,) + a.shape[1:])
