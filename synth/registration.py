@@ -44,8 +44,10 @@ def modality_conditions(targets: np.ndarray | jax.Array, batch: int, num_modalit
     return jax.nn.one_hot(jnp.repeat(jnp.asarray(targets), batch), num_modalities, dtype=jnp.float32)
 
 
-def translate_pairs(translate_many: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """Translates every modality into every other one in one batched call.
+def translate_pairs(
+    translate_many: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, *, per_source: bool = False
+) -> jax.Array:
+    """Translates every modality into every other one, in one batched call or one call per source.
 
     Each source is handed to the translator once with its K−1 target conditions, so a translator whose
     encoder does not see the condition (G_t with FiLM, `synth.models.unet.apply_per_condition`) encodes
@@ -55,6 +57,10 @@ def translate_pairs(translate_many: Callable[[jax.Array, jax.Array], jax.Array],
       translate_many: `(images (N, H, W, C), one-hot targets (T, N, K)) -> (T, N, H, W, C)`: the images
         under each of T conditions, e.g. `translator_nets.translate_many`.
       x: (K, B, H, W, C) images by modality.
+      per_source: K calls of batch B (each source modality's images) instead of one of batch K·B. The
+        same results; on XLA:CPU a frozen translator under differentiation (stage B's registration
+        terms) runs faster so, as a batch-1 call's maps fit one Winograd chunk
+        (`synth.models.conv`; BENCHMARKS.md, "Decoder paths sharing the skips").
 
     Returns:
       (K, K−1, B, H, W, C): `out[j, n]` is the n-th source (in `ordered_pairs` order) translated into j.
@@ -63,7 +69,11 @@ def translate_pairs(translate_many: Callable[[jax.Array, jax.Array], jax.Array],
     # Source i's t-th target is the t-th modality other than i.
     targets = np.array([[j for j in range(k) if j != i] for i in range(k)]).T  # (K−1, K)
     conds = jax.nn.one_hot(jnp.repeat(jnp.asarray(targets), b, axis=1), k, dtype=jnp.float32)
-    out = translate_many(x.reshape((k * b,) + x.shape[2:]), conds)  # (K−1, K·B, …), source-major
+    if per_source:
+        by_source = conds.reshape((k - 1, k, b, k))
+        out = jnp.concatenate([translate_many(x[i], by_source[:, i]) for i in range(k)], axis=1)
+    else:
+        out = translate_many(x.reshape((k * b,) + x.shape[2:]), conds)  # (K−1, K·B, …), source-major
     out = out.reshape((k - 1, k, b) + out.shape[2:])
     # Back to target-major: into j, the sources i ≠ j in order; source i's slot for j is j, or j−1 past i.
     sources = pair_sources(k)

@@ -317,6 +317,29 @@ def test_one_pass_of_d_on_the_fakes_updates_as_two_did(random_stage_b, monkeypat
     assert moved > 0.0  # D learnt from the fakes' copy: its gradient is not lost on the way.
 
 
+def test_frozen_translator_runs_per_source_once_its_batch_exceeds_a_chunk(random_stage_b, monkeypatch):
+    """Stage B's G_t translates each source modality in its own call where K·B maps exceed a chunk."""
+    from synth import registration
+    from synth.models import winograd
+
+    b = random_stage_b
+    forms, batched = [], registration.translate_pairs
+
+    def spy(translate_many, x, *, per_source=False):
+        forms.append(per_source)
+        return batched(translate_many, x, per_source=per_source)
+
+    monkeypatch.setattr(registration, "translate_pairs", spy)
+    loss = functools.partial(synthesis.generator_loss, models=b.models, config=b.config)
+    args = (b.state.g_params, b.state.d_params, b.frozen, b.batch, b.key, jnp.asarray(10**6))
+    images = len(b.config.data.modalities) * b.batch["image"].shape[0]
+    all_maps = images * 32 * 32 * b.models.translator.generator.features * 4  # First-level maps, bytes.
+    for chunk_bytes in (all_maps, all_maps - 1):
+        monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_bytes)
+        jax.eval_shape(lambda *a: loss(*a), *args)  # A new function each time: traced anew.
+    assert forms == [False, True]
+
+
 def test_generation_a_few_examples_at_a_time_equals_one_batched_call(random_stage_b, monkeypatch):
     """`generate`'s grouped form (CPU's) gives the batched call's images, on 1 device and over 4 shards."""
     from synth import sharding

@@ -60,6 +60,7 @@ from synth import (
 )
 from synth import writer as writer_lib
 from synth.lesion import base as lesion_base
+from synth.models import grouped
 from synth.models.unet import CONDITIONS, configured_condition
 from synth.synthesis_nets import discriminate, in_dtype, synthesize
 
@@ -131,7 +132,13 @@ def generator_loss(
             in_dtype(dtype, functools.partial(translator_nets.translate_many, models.translator)),
             frozen_params["translator"],
         )
-        translations = registration.translate_pairs(translate_many, fakes)
+        # One call per source where the batched call's maps exceed one Winograd chunk on CPU
+        # (`grouped.group_size`): G_t is frozen, so no filter gradients multiply with the calls, and a
+        # smaller call's convolutions take Winograd's form (the 184×144 step 14 % faster).
+        images = fakes.shape[0] * fakes.shape[1]
+        width = models.translator.generator.features
+        group = grouped.group_size(images, fakes.shape[2:4], width, itemsize=jnp.dtype(dtype).itemsize)
+        translations = registration.translate_pairs(translate_many, fakes, per_source=group < images)
         terms["registration"] = registration.registration_loss(fakes, translations)
         terms["agreement"] = registration.agreement_loss(translations)
     for_d = {}
