@@ -12,7 +12,9 @@ can be timed on one machine in one session:
 * G: the U-Net of `synth.models.unet` (3 levels, width `--features`: 64 is the size table's `base`) with
   FiLM conditioning, its input the structure map and the one-hot lesion label (1 + 5 channels); the
   encoder runs once and the decoder once per modality (`unet.apply_per_condition`; `--decoders`: as T
-  calls, ours on CPU, or as one call on the tiled encoding);
+  calls, or as one call on the tiled encoding). Each decoder convolves its concatenated skip, as the
+  authors' graph does; ours on CPU also computes the skips' share once for all modalities, and stage B
+  runs G_t one source per call: algorithmic savings of ours, not mirrored here;
 * G_t, frozen: the same U-Net on one modality, each of the K fakes encoded once and decoded into the
   K − 1 other modalities (`registration.translate_pairs`: 4 encoder and 12 decoder passes for K = 4);
 * four frozen segmentors, one U-Net per modality with 5 output classes (`segmentor.variant=n_seg`);
