@@ -79,6 +79,11 @@ def by_source(translations: jax.Array) -> jax.Array:
     return translations[np.stack([w[:, 0] for w in where]), np.stack([w[:, 1] for w in where])]
 
 
+def _by_target(translations: jax.Array) -> jax.Array:
+    """(K, K−1, B, …) -> (K, B·(K−1), …): the translations into modality j as j's images, example-major."""
+    return jnp.swapaxes(translations, 1, 2).reshape((translations.shape[0], -1) + translations.shape[3:])
+
+
 def _sum_of_means(x: jax.Array, lead: int) -> jax.Array:
     """Σ over the first `lead` axes of the mean of x² over the rest."""
     return jnp.sum(jnp.mean(jnp.square(x), axis=tuple(range(lead, x.ndim))))
@@ -117,7 +122,7 @@ def generator_terms(
 
     # Synthetic registration: the fakes' translations by the design's own EC_M/DC_M, each fake encoded once.
     synthetic_codes = encode(registration.flat(fakes))
-    synthetic_codes = synthetic_codes.reshape(fakes.shape[:2] + synthetic_codes.shape[1:])
+    synthetic_codes = registration.unflat(synthetic_codes, fakes.shape[:2])
     synthetic_t = registration.translate_pairs(
         registration.tiled(decode), synthetic_codes
     )  # (K, K−1, B, H, W, C)
@@ -132,21 +137,22 @@ def generator_terms(
     x = unpaired(real)
     real_background = unpaired(jnp.broadcast_to(background[None], (k,) + background.shape))
     codes = encode(registration.flat(x))
-    codes = codes.reshape((k, b) + codes.shape[1:])
-    reconstructions = decode(
-        registration.flat(codes), registration.modality_conditions(np.arange(k), b, k)
-    ).reshape(x.shape)
+    codes = registration.unflat(codes, (k, b))
+    reconstructions = registration.unflat(
+        decode(registration.flat(codes), registration.modality_conditions(np.arange(k), b, k)), (k, b)
+    )
     translations = registration.translate_pairs(
         registration.tiled(decode), codes
     )  # Decoded from the codes just computed.
-    translation_codes = encode(registration.flat(translations)).reshape(
-        translations.shape[:3] + codes.shape[2:]
-    )
+    translation_codes = registration.unflat(encode(registration.flat(translations)), translations.shape[:3])
     sources = registration.pair_sources(k)
-    cycled = decode(
-        registration.flat(translation_codes),
-        registration.modality_conditions(sources.reshape(-1), b, k),
-    ).reshape(translations.shape)
+    cycled = registration.unflat(
+        decode(
+            registration.flat(translation_codes),
+            registration.modality_conditions(sources.reshape(-1), b, k),
+        ),
+        translations.shape[:3],
+    )
     terms["real_reconstruction"] = _sum_of_means(reconstructions - x, 1)
     terms["real_reconstruction_background"] = _sum_of_means(reconstructions * real_background, 1)
     terms["real_translation_background"] = _sum_of_means(translations * real_background[sources], 2)
@@ -154,7 +160,7 @@ def generator_terms(
     terms["cycle_agreement"] = registration.agreement_loss(by_source(cycled))
 
     # The translations face D_M as modality j's images.
-    d_t, c_t = nets.discriminate(d_params, translations.reshape((k, (k - 1) * b) + x.shape[2:]), d_key)
+    d_t, c_t = nets.discriminate(d_params, _by_target(translations), d_key)
     terms["translation_adversarial"] = gan.per_modality_mse(d_t, 1.0)
     terms["translation_category"] = gan.category_sum(c_t, kind=category_kind, num_modalities=k)
 
@@ -162,7 +168,7 @@ def generator_terms(
     fusion_code = nets.encode_fusion(g_params, g_input)  # (B, h, w, c)
     terms["code_adversarial"] = jnp.mean(jnp.square(judge_code(fusion_code) - 1.0))
     terms["code_adversarial_real"] = gan.per_modality_mse(
-        judge_code(registration.flat(codes)).reshape((k, b, -1)), 0.0
+        registration.unflat(judge_code(registration.flat(codes)), (k, b)).reshape((k, b, -1)), 0.0
     )
     terms["semantic_synthetic"] = _sum_of_means(synthetic_codes - fusion_code[None], 1)
     terms["semantic_synthetic_agreement"] = registration.agreement_loss(synthetic_codes[None])
@@ -177,14 +183,16 @@ def discriminator_terms(
 ) -> dict[str, jax.Array]:
     """D's extra terms (`ECAI_D_TERMS`): real translations are fakes to D_M; FD_R tells codes apart."""
     translations = for_d["translations"]
-    k = translations.shape[0]
-    d_t, _ = nets.discriminate(d_params, translations.reshape((k, -1) + translations.shape[3:]), d_key)
+    d_t, _ = nets.discriminate(d_params, _by_target(translations), d_key)
     judge_code = lambda z: nets.judge_code(d_params, z)  # noqa: E731
     codes = for_d["image_codes"]
     return {
         "d_translation": gan.per_modality_mse(d_t, 0.0),
         "d_code_fake": jnp.mean(jnp.square(judge_code(for_d["fusion_code"]))),
         "d_code_real": gan.per_modality_mse(
-            judge_code(registration.flat(codes)).reshape((k, codes.shape[1], -1)), 1.0
+            registration.unflat(judge_code(registration.flat(codes)), codes.shape[:2]).reshape(
+                codes.shape[:2] + (-1,)
+            ),
+            1.0,
         ),
     }

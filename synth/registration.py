@@ -6,6 +6,12 @@ The K·(K−1) ordered pairs (i → j, i ≠ j) are grouped by target j, so the 
 translator makes all of them (K·(K−1)·B images), as METHOD §12 asks; for K = 4 these are the 12
 translations of the paper.
 
+Where such leading axes merge into one batch axis for a network call (`flat`, `modality_conditions`), they
+merge example-major: one example's images side by side. A batch split over devices (its axis B) then stays
+split, each device running the network on its own examples. Merged modality-major, B would be the minor
+part of the merged axis, which XLA cannot keep split: it gathers the batch and every device computes all of
+it (stage B's step on 4 devices did 3.6× one device's work per device so).
+
 Losses are the code's sums of per-pair mean squared errors (§6.1.3, §6.2), so the weights of the config
 mean what the authors' weights mean.
 """
@@ -40,8 +46,8 @@ def channels_last(x: jax.Array) -> jax.Array:
 
 
 def modality_conditions(targets: np.ndarray | jax.Array, batch: int, num_modalities: int) -> jax.Array:
-    """One-hot conditions (len(targets)·batch, K), target-major, for a flattened (targets, batch) input."""
-    return jax.nn.one_hot(jnp.repeat(jnp.asarray(targets), batch), num_modalities, dtype=jnp.float32)
+    """One-hot conditions (batch·len(targets), K) for a `flat`-tened (targets, batch) input: example-major."""
+    return jax.nn.one_hot(jnp.tile(jnp.asarray(targets), batch), num_modalities, dtype=jnp.float32)
 
 
 def translate_pairs(
@@ -68,13 +74,14 @@ def translate_pairs(
     k, b = x.shape[:2]
     # Source i's t-th target is the t-th modality other than i.
     targets = np.array([[j for j in range(k) if j != i] for i in range(k)]).T  # (K−1, K)
-    conds = jax.nn.one_hot(jnp.repeat(jnp.asarray(targets), b, axis=1), k, dtype=jnp.float32)
     if per_source:
+        conds = jax.nn.one_hot(jnp.repeat(jnp.asarray(targets), b, axis=1), k, dtype=jnp.float32)
         by_source = conds.reshape((k - 1, k, b, k))
-        out = jnp.concatenate([translate_many(x[i], by_source[:, i]) for i in range(k)], axis=1)
+        out = jnp.stack([translate_many(x[i], by_source[:, i]) for i in range(k)], axis=1)
     else:
-        out = translate_many(x.reshape((k * b,) + x.shape[2:]), conds)  # (K−1, K·B, …), source-major
-    out = out.reshape((k - 1, k, b) + out.shape[2:])
+        # Example-major (`flat`): a batch split over devices stays split (module docstring).
+        conds = jax.nn.one_hot(jnp.tile(jnp.asarray(targets), (1, b)), k, dtype=jnp.float32)  # (K−1, B·K, K)
+        out = jax.vmap(lambda y: unflat(y, (k, b)))(translate_many(flat(x), conds))  # (K−1, K, B, …)
     # Back to target-major: into j, the sources i ≠ j in order; source i's slot for j is j, or j−1 past i.
     sources = pair_sources(k)
     slots = np.array([[j if j < i else j - 1 for i in row] for j, row in enumerate(sources)])
@@ -92,9 +99,8 @@ def tiled(
 
     def translate_many(x: jax.Array, conds: jax.Array) -> jax.Array:
         t, n = conds.shape[:2]
-        tiled_x = jnp.broadcast_to(x[None], (t,) + x.shape).reshape((t * n,) + x.shape[1:])
-        out = translate(tiled_x, conds.reshape((t * n,) + conds.shape[2:]))
-        return out.reshape((t, n) + out.shape[1:])
+        tiled_x = jnp.broadcast_to(x[None], (t,) + x.shape)
+        return unflat(translate(flat(tiled_x), flat(conds, item_ndim=1)), (t, n))
 
     return translate_many
 
@@ -141,13 +147,23 @@ def cycle_loss(images: jax.Array, cycled: jax.Array) -> jax.Array:
 
 def translate_back(translate: Callable[[jax.Array, jax.Array], jax.Array], translations: jax.Array):
     """Translates each `translate_pairs` output back into its source modality (one batched call)."""
-    k, m, b = translations.shape[:3]
-    sources = pair_sources(k).reshape(-1)
-    flat = translations.reshape((k * m * b,) + translations.shape[3:])
-    out = translate(flat, modality_conditions(sources, b, k))
-    return out.reshape(translations.shape)
+    k, b = translations.shape[0], translations.shape[2]
+    out = translate(flat(translations), modality_conditions(pair_sources(k).reshape(-1), b, k))
+    return unflat(out, translations.shape[:3])
 
 
-def flat(x: jax.Array) -> jax.Array:
-    """Merges every leading axis before (H, W, C) into one batch axis."""
-    return x.reshape((-1,) + x.shape[-3:])
+def flat(x: jax.Array, item_ndim: int = 3) -> jax.Array:
+    """Merges the leading axes before each item's into one batch axis, example-major (module docstring).
+
+    Items are images (H, W, C) or, with `item_ndim=1`, conditions (K,). The batch is the last leading
+    axis (…, B, H, W, C): item n·M + m of the result is example n's m-th, its other leading axes taken in
+    order (M = their product).
+    """
+    lead = x.ndim - item_ndim
+    return jnp.moveaxis(x, lead - 1, 0).reshape((-1,) + x.shape[lead:])
+
+
+def unflat(y: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+    """`flat`'s inverse for a result per image: (N, …) back to `lead` + (…), lead's last axis the batch."""
+    y = y.reshape((lead[-1],) + tuple(lead[:-1]) + y.shape[1:])
+    return jnp.moveaxis(y, 0, len(lead) - 1)

@@ -317,6 +317,6 @@ def structure_agreement(
     """
     x = registration.by_modality(images, channels)  # (K, B, H, W, C)
     k, b = x.shape[:2]
-    flat = registration.flat(x)
-    s = extraction.structure_map_with(flat, jnp.tile(organ, (k, 1, 1, 1)), params)
-    return _pairwise_dice(s.reshape((k, b) + s.shape[1:3]))
+    # Example-major (`registration.flat`): each example's K images side by side, its organ mask K times.
+    s = extraction.structure_map_with(registration.flat(x), jnp.repeat(organ, k, axis=0), params)
+    return _pairwise_dice(registration.unflat(s, (k, b)).reshape((k, b) + s.shape[1:3]))

@@ -189,11 +189,11 @@ def synthesize(models: Models, g_params, g_input: jax.Array, num_modalities: int
     if k == 1:
         return models.generator.apply(g_params, g_input, None)[None]
     if isinstance(models.generator, UNet):  # FiLM: one encoder pass for all K (unet.apply_per_condition).
-        conds = registration.modality_conditions(np.arange(k), b, k).reshape(k, b, k)
+        conds = jnp.broadcast_to(jnp.eye(k)[:, None], (k, b, k))
         return apply_per_condition(models.generator, g_params, g_input, conds)
-    tiled = jnp.broadcast_to(g_input[None], (k,) + g_input.shape).reshape((k * b,) + g_input.shape[1:])
+    tiled = registration.flat(jnp.broadcast_to(g_input[None], (k,) + g_input.shape))
     out = models.generator.apply(g_params, tiled, registration.modality_conditions(np.arange(k), b, k))
-    return out.reshape((k, b) + out.shape[1:])
+    return registration.unflat(out, (k, b))
 
 
 def generation_group(
@@ -236,8 +236,7 @@ def discriminate(models: Models, d_params, images: jax.Array, rng=None):
     )
     d, c = out if isinstance(out, tuple) else (out, None)
     lead = images.shape[:-3]
-    reshape = lambda a: None if a is None else a.reshape(lead + a.shape[1:])  # noqa: E731
-    return reshape(d), reshape(c)
+    return registration.unflat(d, lead), None if c is None else registration.unflat(c, lead)
 
 
 def in_dtype(dtype, fn: Callable) -> Callable:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
+from jax.sharding import PartitionSpec as P
 
 from synth.models import SIZES, UNet, bottleneck_hw, layers, unet_kwargs, variant_sizes
 
@@ -240,7 +241,7 @@ def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradien
 def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
     """G_t's K·(K−1) translations from K encoder passes (one call, or one per source) equal the tiled pairs.
 
-    Outputs and gradients (to the parameters and the images), on 1 and 4 devices.
+    Outputs and gradients (to the parameters and the images), on 1 device (batch 1) and on 4 (batch 4).
     """
     from synth import registration, sharding
     from synth.models.unet import apply_per_condition
@@ -252,29 +253,88 @@ def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
     sources, targets = (np.array([p[i] for p in pairs]) for i in (0, 1))
 
     def tiled(p, x):  # Every pair's source image through the whole U-Net.
-        flat = x[sources].reshape(12 * 4, 16, 16, 1)
-        out = model.apply(p, flat, registration.modality_conditions(targets, 4, 4))
-        return out.reshape(4, 3, 4, 16, 16, 1)
+        b = x.shape[1]
+        out = model.apply(p, registration.flat(x[sources]), registration.modality_conditions(targets, b, 4))
+        return registration.unflat(out, (12, b)).reshape(4, 3, b, 16, 16, 1)
 
     def once(p, x, per_source=False):
         many = functools.partial(apply_per_condition, model, p)
         return registration.translate_pairs(many, x, per_source=per_source)
 
     @jax.jit
-    def all_forms(p, x):  # One call on all K·B images, one call per source, the tiled pairs.
+    def all_forms(p, x, weights):  # One call on all K·B images, one call per source, the tiled pairs.
         forms = (once, functools.partial(once, per_source=True), tiled)
-        grads = [jax.grad(lambda q, x, f=f: jnp.sum(f(q, x) * weights), (0, 1))(p, x) for f in forms]
-        return [f(p, x) for f in forms], grads
+        pulled = [jax.vjp(f, p, x) for f in forms]  # One forward pass each for output and gradients.
+        return [out for out, _ in pulled], [pull(weights) for _, pull in pulled]
 
     mesh = sharding.make_mesh((4,), (sharding.DATA_AXIS,))
     by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
-    for images in (x, jax.device_put(x, by_batch)):
-        outs, grads = all_forms(params, images)
+    # Unsharded at batch 1, sharded at batch 4 (1 per device), the one call on K = 4 images per device:
+    # at the suite's LLVM level 0, XLA:CPU computes its gradients on 16 images up to 0.5 % off a float64
+    # reference on AVX2-only CPUs (Zen 3; within 1e-5 on 4 images, and optimised), beyond float32 rounding.
+    for images, w in ((x[:, :1], weights[:, :, :1]), (jax.device_put(x, by_batch), weights)):
+        outs, grads = all_forms(params, images, w)
         for out, grad in zip(outs[:2], grads[:2], strict=True):
             np.testing.assert_allclose(out, outs[2], rtol=1e-5, atol=1e-6)
             for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grads[2]), strict=True):
                 # Sums in another order: float32 rounding relative to the leaf's largest gradient.
                 np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_per_condition_and_pair_calls_keep_a_split_batch_split(film_unet, monkeypatch):
+    """On 4 devices each device runs the networks on its own examples only: no gathered batch.
+
+    The T·B (or K·B) copies merge example-major (`synth.registration`); merged the other way, XLA gathers
+    the batch and every device computes all of it (stage B's step did 3.6× one device's work per device).
+    """
+    from synth import registration, sharding
+    from synth.models.unet import apply_per_condition
+
+    model, params = film_unet.model, film_unet.trained
+    mesh = sharding.make_mesh((4,), (sharding.DATA_AXIS,))
+    x = jax.device_put(
+        jnp.zeros((4, 8, 16, 16, 1)), jax.sharding.NamedSharding(mesh, P(None, sharding.DATA_AXIS))
+    )
+    conds = jnp.broadcast_to(jnp.eye(4)[:, None], (4, 8, 4))
+
+    def per_condition(mode):
+        return lambda p, x: jnp.sum(apply_per_condition(model, p, x[0], conds, mode=mode))
+
+    def pairs(per_source):
+        many = functools.partial(apply_per_condition, model)
+        return lambda p, x: jnp.sum(
+            registration.translate_pairs(functools.partial(many, p), x, per_source=per_source)
+        )
+
+    calls = {
+        "vmap": per_condition("vmap"),
+        "unrolled": per_condition("unrolled"),
+        "pairs": pairs(False),
+        "pairs per source": pairs(True),
+        "tiled pairs": lambda p, x: jnp.sum(
+            registration.translate_pairs(registration.tiled(functools.partial(model.apply, p)), x)
+        ),
+        "back": lambda p, x: jnp.sum(
+            registration.translate_back(
+                functools.partial(model.apply, p), jnp.broadcast_to(x[:, None], (4, 3) + x.shape[1:])
+            )
+        ),
+    }
+
+    # Per-modality networks (`stacked.map_stacked`), where a GPU's `auto` picks `vmap`: grouped convolutions,
+    # which XLA would run on the whole batch on every device, so several devices unroll them.
+    from synth.models import stacked
+
+    monkeypatch.setattr(stacked, "resolve_mode", lambda mode: "vmap" if mode == "auto" else mode)
+    members = jax.tree.map(lambda a: jnp.stack([a] * 4), params)
+    calls["members"] = lambda p, x: jnp.sum(
+        stacked.map_stacked(lambda q, y: model.apply(q, y, conds[0]), members, x)
+    )
+    for name, loss in calls.items():
+        text = jax.jit(loss).lower(params, x).compile().as_text()  # Forward: the gathers show there.
+        batches = {int(b) for b in re.findall(r"f32\[(\d+),16,16,\d+\]\S* convolution\(", text)}
+        # A device's share is at most 2 examples' 12 pairs; a gathered batch would be 32 images or more.
+        assert "all-gather" not in text and batches and max(batches) <= 24, (name, batches)
 
 
 def _saved_activation_bytes(loss, *args) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from synth.models import stacked
 from synth.models.unet import UNet, split_unet
@@ -72,6 +73,8 @@ def apply(
     encoder, decoder = split_unet(unet)
     n, b = x.shape[:2]
     rngs = {"dropout": rng} if train and rng is not None else None
-    h, skips = encoder.apply(params[ENCODER], x.reshape((n * b,) + x.shape[2:]), train=train, rngs=rngs)
-    features = jax.tree.map(lambda a: a.reshape((n, b) + a.shape[1:]), (h, skips))
+    # Example-major, (B, N) merged: a batch split over devices stays split (`synth.registration`).
+    flat = jnp.swapaxes(x, 0, 1).reshape((b * n,) + x.shape[2:])
+    h, skips = encoder.apply(params[ENCODER], flat, train=train, rngs=rngs)
+    features = jax.tree.map(lambda a: jnp.swapaxes(a.reshape((b, n) + a.shape[1:]), 0, 1), (h, skips))
     return stacked.map_stacked(lambda p, f: decoder.apply(p, *f), params[DECODERS], features, mode=mode)

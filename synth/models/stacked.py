@@ -7,6 +7,9 @@ their parameters as one pytree whose leaves have a leading axis of size N. `map_
 - `unrolled`: N calls on slices of the stacked parameters, unrolled at trace time. XLA:CPU runs grouped
   convolutions very slowly (a U-Net training step was 27× slower with `vmap` than unrolled on a 2-core
   CPU; see BENCHMARKS.md), so this is what `auto` picks on CPU. Both give the same numbers.
+  `auto` picks it on several devices too: XLA's SPMD partitioner does not split a grouped convolution
+  (nor `vmap`'s merged (N·B) batch) along a batch split over devices; it gathers the batch and every device
+  computes all of it (found in the compiled programs on 4 devices; `tests/test_models.py`).
 `jax.lax.map` (a scan) was also measured and is 8× slower than unrolled on CPU.
 """
 
@@ -45,7 +48,7 @@ def map_stacked(
     Returns:
       The stacked outputs, leading axis N.
     """
-    mode = resolve_mode(mode)
+    mode = "unrolled" if mode == "auto" and jax.device_count() > 1 else resolve_mode(mode)
     if mode == "vmap":
         return jax.vmap(fn, in_axes=(None if shared_params else 0,) + (0,) * len(xs))(params, *xs)
     n = jax.tree.leaves(xs)[0].shape[0]

@@ -358,18 +358,20 @@ def apply_per_condition(
     """
     mode = stacked.resolve_mode(mode)  # A bad mode fails here, whatever the condition.
     t, b = conds.shape[:2]
-    flat_conds = conds.reshape((t * b,) + conds.shape[2:])
+
+    # The T·B copies example-major, (B, T) merged: a batch split over devices stays split, where (T, B)
+    # merged would be gathered onto every device (`synth.registration`'s docstring).
+    def tile(a: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(a[:, None], (b, t) + a.shape[1:]).reshape((b * t,) + a.shape[1:])
+
+    def untile(out: jax.Array) -> jax.Array:
+        return jnp.swapaxes(out.reshape((b, t) + out.shape[1:]), 0, 1)
+
+    flat_conds = jnp.swapaxes(conds, 0, 1).reshape((b * t,) + conds.shape[2:])
     if unet.condition != "film":
-        tiled = jnp.broadcast_to(x[None], (t,) + x.shape).reshape((t * b,) + x.shape[1:])
-        out = unet.apply(params, tiled, flat_conds)
-        return out.reshape((t, b) + out.shape[1:])
+        return untile(unet.apply(params, tile(x), flat_conds))
     encoder, decoder = split_unet(unet)
     h, skips = encoder.apply(params, x)
     if mode == "unrolled":
         return jnp.stack(decoder.apply(params, h, skips, [conds[i] for i in range(t)]))
-
-    def tile(a: jax.Array) -> jax.Array:
-        return jnp.broadcast_to(a[None], (t,) + a.shape).reshape((t * b,) + a.shape[1:])
-
-    out = decoder.apply(params, tile(h), tuple(tile(skip) for skip in skips), flat_conds)
-    return out.reshape((t, b) + out.shape[1:])
+    return untile(decoder.apply(params, tile(h), tuple(tile(skip) for skip in skips), flat_conds))

@@ -57,12 +57,12 @@ def discriminate(models: translator_nets.Models, d_params, images: jax.Array):
     """D_t's (real/fake, category) maps of images (..., H, W, C), keeping the leading axes."""
     d, c = models.discriminator.apply(d_params, registration.flat(images))
     lead = images.shape[:-3]
-    return d.reshape(lead + d.shape[1:]), c.reshape(lead + c.shape[1:])
+    return registration.unflat(d, lead), registration.unflat(c, lead)
 
 
 def _by_target(x: jax.Array) -> jax.Array:
-    """(K, K−1, B, …) -> (K, (K−1)·B, …): every translation into modality j in row j."""
-    return x.reshape((x.shape[0], -1) + x.shape[3:])
+    """(K, K−1, B, …) -> (K, B·(K−1), …): every translation into modality j in row j, example-major."""
+    return jnp.swapaxes(x, 1, 2).reshape((x.shape[0], -1) + x.shape[3:])
 
 
 def generator_loss(g_params, d_params, images, *, models: translator_nets.Models, loss_config):
