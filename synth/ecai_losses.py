@@ -79,11 +79,6 @@ def by_source(translations: jax.Array) -> jax.Array:
     return translations[np.stack([w[:, 0] for w in where]), np.stack([w[:, 1] for w in where])]
 
 
-def _by_target(translations: jax.Array) -> jax.Array:
-    """(K, K−1, B, …) -> (K, B·(K−1), …): the translations into modality j as j's images, example-major."""
-    return jnp.swapaxes(translations, 1, 2).reshape((translations.shape[0], -1) + translations.shape[3:])
-
-
 def _sum_of_means(x: jax.Array, lead: int) -> jax.Array:
     """Σ over the first `lead` axes of the mean of x² over the rest."""
     return jnp.sum(jnp.mean(jnp.square(x), axis=tuple(range(lead, x.ndim))))
@@ -160,7 +155,7 @@ def generator_terms(
     terms["cycle_agreement"] = registration.agreement_loss(by_source(cycled))
 
     # The translations face D_M as modality j's images.
-    d_t, c_t = nets.discriminate(d_params, _by_target(translations), d_key)
+    d_t, c_t = nets.discriminate(d_params, registration.by_target(translations), d_key)
     terms["translation_adversarial"] = gan.per_modality_mse(d_t, 1.0)
     terms["translation_category"] = gan.category_sum(c_t, kind=category_kind, num_modalities=k)
 
@@ -183,7 +178,7 @@ def discriminator_terms(
 ) -> dict[str, jax.Array]:
     """D's extra terms (`ECAI_D_TERMS`): real translations are fakes to D_M; FD_R tells codes apart."""
     translations = for_d["translations"]
-    d_t, _ = nets.discriminate(d_params, _by_target(translations), d_key)
+    d_t, _ = nets.discriminate(d_params, registration.by_target(translations), d_key)
     judge_code = lambda z: nets.judge_code(d_params, z)  # noqa: E731
     codes = for_d["image_codes"]
     return {

@@ -145,6 +145,11 @@ def cycle_loss(images: jax.Array, cycled: jax.Array) -> jax.Array:
     return jnp.sum(jnp.mean(jnp.square(cycled - originals), axis=tuple(range(2, cycled.ndim))))
 
 
+def by_target(translations: jax.Array) -> jax.Array:
+    """(K, K−1, B, …) -> (K, B·(K−1), …): every translation into modality j in row j, example-major."""
+    return jnp.swapaxes(translations, 1, 2).reshape((translations.shape[0], -1) + translations.shape[3:])
+
+
 def translate_back(translate: Callable[[jax.Array, jax.Array], jax.Array], translations: jax.Array):
     """Translates each `translate_pairs` output back into its source modality (one batched call)."""
     k, b = translations.shape[0], translations.shape[2]

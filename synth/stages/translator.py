@@ -60,11 +60,6 @@ def discriminate(models: translator_nets.Models, d_params, images: jax.Array):
     return registration.unflat(d, lead), registration.unflat(c, lead)
 
 
-def _by_target(x: jax.Array) -> jax.Array:
-    """(K, K−1, B, …) -> (K, B·(K−1), …): every translation into modality j in row j, example-major."""
-    return jnp.swapaxes(x, 1, 2).reshape((x.shape[0], -1) + x.shape[3:])
-
-
 def generator_loss(g_params, d_params, images, *, models: translator_nets.Models, loss_config):
     """G_t's loss on a batch of registered real images (B, H, W, K).
 
@@ -85,8 +80,8 @@ def generator_loss(g_params, d_params, images, *, models: translator_nets.Models
     judge = gan.judged_once(lambda params, images, _: discriminate(models, params, images))
     (d_fake, c_fake), judged = judge(d_params, fakes, None)  # No key: D_t has no dropout.
     terms = {
-        "g_adversarial": gan.per_modality_mse(_by_target(d_fake), 1.0),
-        "g_category": gan.category_sum(_by_target(c_fake), kind=kind, num_modalities=k),
+        "g_adversarial": gan.per_modality_mse(registration.by_target(d_fake), 1.0),
+        "g_category": gan.category_sum(registration.by_target(c_fake), kind=kind, num_modalities=k),
         "cycle": registration.cycle_loss(x, cycled),
         "agreement": registration.agreement_loss(fakes),
         "supervised": registration.registration_loss(x, fakes),
@@ -106,8 +101,8 @@ def discriminator_loss(d_params, images, judged, *, models: translator_nets.Mode
     d_fake, c_fake = judged
     category = gan.category_sum(c_real, kind=kind, num_modalities=k)
     if loss_config.category_on_fakes:
-        category += gan.category_sum(_by_target(c_fake), kind=kind, num_modalities=k)
-    terms = gan.discriminator_terms(d_real, _by_target(d_fake), category)
+        category += gan.category_sum(registration.by_target(c_fake), kind=kind, num_modalities=k)
+    terms = gan.discriminator_terms(d_real, registration.by_target(d_fake), category)
     return gan.weighted_sum(w, terms, D_TERMS), terms
 
 
