@@ -149,6 +149,7 @@ def test_run_error_prints_one_message(tmp_path):
     _assert_one_message(result, 1, "stage=all", "SYNTH_TRACEBACK=1", alone=False)
 
 
+@pytest.mark.slow  # A stage trained in a subprocess (~50 s of the 2 cores); the errors above stay fast.
 def test_launch_runs_and_resumes(phantom_data_dir, tmp_path):
     workdir = tmp_path / "run"
     # One stage keeps the test short; test_pipeline runs stage=all (in the quickstart notebook).

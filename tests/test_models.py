@@ -241,7 +241,12 @@ def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradien
 def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
     """G_t's K·(K−1) translations from K encoder passes (one call, or one per source) equal the tiled pairs.
 
-    Outputs and gradients (to the parameters and the images), on 1 device (batch 1) and on 4 (batch 4).
+    Outputs and gradients: the one call (the translator's stage trains G_t with it) to the parameters and
+    the images, on 4 devices (batch 4); the call per source (stage B's frozen G_t on CPU) to the images, on
+    1 device (batch 1). Each form is compiled once (20-25 s a form and mesh on 2 cores): the one call's
+    parts run on 1 device in `test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradients`
+    and test_stage_b_wiring.py, and the call per source keeps a split batch split
+    (`test_per_condition_and_pair_calls_keep_a_split_batch_split`).
     """
     from synth import registration, sharding
     from synth.models.unet import apply_per_condition
@@ -261,24 +266,28 @@ def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
         many = functools.partial(apply_per_condition, model, p)
         return registration.translate_pairs(many, x, per_source=per_source)
 
-    @jax.jit
-    def all_forms(p, x, weights):  # One call on all K·B images, one call per source, the tiled pairs.
-        forms = (once, functools.partial(once, per_source=True), tiled)
-        pulled = [jax.vjp(f, p, x) for f in forms]  # One forward pass each for output and gradients.
-        return [out for out, _ in pulled], [pull(weights) for _, pull in pulled]
+    @functools.partial(jax.jit, static_argnames="per_source")
+    def forms(p, x, weights, per_source):
+        """(output, gradients) of the one call (or the call per source) and of the tiled pairs."""
+        if per_source:  # Frozen in stage B: the gradient to the images only.
+            out, pull = jax.vjp(lambda x: once(p, x, per_source=True), x)
+            pulled = [(out, pull(weights))]
+            out, pull = jax.vjp(lambda x: tiled(p, x), x)
+            return pulled + [(out, pull(weights))]
+        return [(out, pull(weights)) for out, pull in (jax.vjp(f, p, x) for f in (once, tiled))]
 
     mesh = sharding.make_mesh((4,), (sharding.DATA_AXIS,))
     by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
     # Unsharded at batch 1, sharded at batch 4 (1 per device), the one call on K = 4 images per device:
     # at the suite's LLVM level 0, XLA:CPU computes its gradients on 16 images up to 0.5 % off a float64
     # reference on AVX2-only CPUs (Zen 3; within 1e-5 on 4 images, and optimised), beyond float32 rounding.
-    for images, w in ((x[:, :1], weights[:, :, :1]), (jax.device_put(x, by_batch), weights)):
-        outs, grads = all_forms(params, images, w)
-        for out, grad in zip(outs[:2], grads[:2], strict=True):
-            np.testing.assert_allclose(out, outs[2], rtol=1e-5, atol=1e-6)
-            for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grads[2]), strict=True):
-                # Sums in another order: float32 rounding relative to the leaf's largest gradient.
-                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    cases = ((x[:, :1], weights[:, :, :1], True), (jax.device_put(x, by_batch), weights, False))
+    for images, w, per_source in cases:
+        (out, grad), (out_tiled, grad_tiled) = forms(params, images, w, per_source)
+        np.testing.assert_allclose(out, out_tiled, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_tiled), strict=True):
+            # Sums in another order: float32 rounding relative to the leaf's largest gradient.
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
 def test_per_condition_and_pair_calls_keep_a_split_batch_split(film_unet, monkeypatch):
@@ -357,8 +366,9 @@ def test_remat_keeps_parameters_and_results_and_saves_fewer_activations(film_une
     model, params, x = film_unet.model, film_unet.trained, film_unet.x
     remat = model.clone(remat=True)
     assert jax.tree.map(jnp.shape, _init_shapes(remat, x, film_unet.cond)) == jax.tree.map(jnp.shape, params)
-    conds = jnp.broadcast_to(jnp.eye(4)[:, None, :], (4, 2, 4))
-    weights = jax.random.uniform(jax.random.key(3), (4, 2, 16, 16, 1))
+    # Two conditions: the decoder's paths sharing the skips (CPU's form), at half the compile of four.
+    conds = jnp.broadcast_to(jnp.eye(4)[:2, None, :], (2, 2, 4))
+    weights = jax.random.uniform(jax.random.key(3), (2, 2, 16, 16, 1))
 
     def loss(m):
         return lambda p, x: jnp.sum(apply_per_condition(m, p, x, conds, mode="unrolled") * weights)

@@ -5,6 +5,9 @@ optimisations on (their run time, not compile time, dominates). It leaves the tr
 weights 0): a few CPU steps cannot train a useful G_t, and a random one only disturbs G.
 test_stage_b_wiring.py checks the registration path's gradients and, in the slow suite, the whole stage on
 four devices against one, with random frozen networks.
+
+In the slow suite (`make test-slow`): the fixture trains two stages for four minutes of the 2 cores, a
+third of the fast suite's budget. Its tests share one worker (`xdist_group`), so the fixture runs once.
 """
 
 import dataclasses
@@ -28,6 +31,8 @@ from synth import (
 )
 from synth import workdir as workdir_lib
 from synth.stages import segmentor, synthesis
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stage_b_trained")]
 
 # Thresholds of the trained checks, and what 80-150 segmentor and 160-300 synthesis steps at 32² gave when
 # they were set (2026-11-25, five runs; the fixture runs 85 and 170 to keep the suite in its budget). With

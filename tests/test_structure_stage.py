@@ -1,7 +1,8 @@
 """Stage A training (`stage=structure`): learning, sampling with the quality filter, sharding equivalence.
 
-The sharded run against one device, and issue 17's acceptance and edge-fraction targets at the demo's
-budget, are in the slow suite (`make test-slow`).
+The trained fixture's checks (150 steps, ~100 s of the 2 cores), the sharded run against one device, and
+issue 17's acceptance and edge-fraction targets at the demo's budget, are in the slow suite (`make
+test-slow`). The trained checks share one worker there (`xdist_group`), so the fixture runs once.
 """
 
 import dataclasses
@@ -40,6 +41,8 @@ def trained(phantom_data_dir, tmp_path_factory):
     return config, spec, state, workdir
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("structure_trained")
 def test_reconstruction_loss_falls(trained):
     _, _, _, workdir = trained
     rows = [json.loads(x) for x in (workdir / "structure" / "metrics.jsonl").read_text().splitlines()]
@@ -52,6 +55,8 @@ def test_reconstruction_loss_falls(trained):
     assert list((workdir / "structure" / "samples").glob("samples_map_mask_*.png"))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("structure_trained")
 def test_sampled_maps_vary_and_fill_like_real_ones(trained):
     """32 maps drawn through the filter after 150 steps: as varied as real maps, about as many edges.
 
@@ -69,6 +74,8 @@ def test_sampled_maps_vary_and_fill_like_real_ones(trained):
     assert 0.0 <= ev["eval/acceptance_first_draw"] <= ev["eval/acceptance"] <= 1.0, ev
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("structure_trained")
 def test_sample_structures_shapes_and_filter(trained):
     config, spec, state, _ = trained
     models = structure_nets.make_models(config, (32, 32))
@@ -93,6 +100,8 @@ def test_sample_structures_shapes_and_filter(trained):
     assert (out["draws"][~out["accepted"]] == 3).all()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("structure_trained")
 def test_structures_drawn_a_few_at_a_time_equal_one_call(trained, monkeypatch):
     """Stage A's sampler in groups (CPU's form, `synth.models.grouped`) draws what one call draws."""
     from synth.models import winograd
@@ -151,6 +160,8 @@ def test_unknown_update_mode_is_named(tiny_config):
         structure.build(tiny_config)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("structure_trained")
 def test_load_state_restores_the_trained_state(trained, tmp_path):
     config, _, state, workdir = trained
     loaded, _ = frozen.load(config, workdir, "structure")
