@@ -173,31 +173,55 @@ def largest_batches(
 ) -> dict[int, int]:
     """The largest batch whose compiled total fits each card (GB), for one step, up to `MAX_BATCH`.
 
-    Memory grows linearly with the batch beyond the parameters' fixed share: batches 1 and 8 give the
-    line, its prediction for each card is compiled, and the batch is lowered (by the measured per-example
-    bytes, at least 1) until the compiled figure fits. Where XLA's memory is not linear in the batch
-    (its buffer reuse changes with the shapes) the result is a batch that fits, possibly below the
-    largest. 0 means not even batch 1 fits; `MAX_BATCH` means that many or more.
+    Memory grows about linearly with the batch beyond the parameters' fixed share: batches 1 and 8 give a
+    line, and the search compiles the batch where the line through the nearest measured batches reaches
+    the card, keeping the largest batch that fits and the smallest that does not, until they are
+    neighbours (a halving step where the line does not halve that bracket). XLA's buffer reuse makes the
+    figures only roughly linear; where they rise with the batch the result is the largest batch that
+    fits. 0 means not even batch 1 fits; `MAX_BATCH` means that many or more.
     """
     config = _config(name, generator, arg, remat)
     hw = tuple(hw or IMAGE_HW.get(name, DEFAULT_HW))
-    measured = {b: step_memory(config, step_name, hw, b)["total_bytes"] for b in (1, 8)}
-    # XLA may reuse buffers so that 8 examples cost less than the line suggests; never below 1 byte.
-    per_example = max((measured[8] - measured[1]) // 7, 1)
+    measured: dict[int, int] = {}
+
+    def total(batch: int) -> int:
+        if batch not in measured:
+            measured[batch] = step_memory(config, step_name, hw, batch)["total_bytes"]
+        return measured[batch]
+
+    total(1), total(8)
     out = {}
-    fitted = 0  # What fits a smaller card fits a larger one, whatever the line predicted.
+    fitted = 0  # What fits a smaller card fits a larger one.
     for card in sorted(cards_gb):
-        limit = int(card * GB)
-        batch = min(max(int((limit - measured[1]) // per_example) + 1, 0), MAX_BATCH)
-        while batch > 0:
-            total = measured.get(batch) or step_memory(config, step_name, hw, batch)["total_bytes"]
-            measured[batch] = total
-            if total <= limit:
-                break
-            batch = max(batch - max(1, -(-(total - limit) // per_example)), 0)
-        out[card] = fitted = max(batch, fitted)
+        out[card] = fitted = max(_largest_fitting(total, measured, int(card * GB)), fitted)
         common.progress(f"{name} {generator} {step_name}: largest batch in {card} GB: {fitted}")
     return out
+
+
+def _largest_fitting(total, measured: dict[int, int], limit: int) -> int:
+    """The largest batch in [0, MAX_BATCH] with `total(batch) <= limit`, for `total` rising with the batch.
+
+    `measured` holds the figures compiled so far (`total` adds to it).
+    """
+    if total(1) > limit:
+        return 0
+    lo = max(b for b, t in measured.items() if t <= limit and b <= MAX_BATCH)  # Fits.
+    hi = min((b for b, t in measured.items() if t > limit), default=MAX_BATCH + 1)  # Does not.
+    while hi - lo > 1:
+        below = sorted(b for b in measured if b < lo)[-1:] or [lo]  # The line's other point.
+        a, b = (lo, hi) if hi in measured else (below[0], lo)
+        slope = (measured[b] - measured[a]) / (b - a) if b != a else 0.0
+        guess = lo + int((limit - measured[lo]) // slope) if slope > 0 else hi - 1
+        width = hi - lo
+        guess = min(max(guess, lo + 1), hi - 1)
+        if total(guess) <= limit:
+            lo = guess
+        else:
+            hi = guess
+        if hi - lo > width // 2 and hi - lo > 1:  # The line did not halve the bracket: halve it.
+            middle = (lo + hi) // 2
+            lo, hi = (middle, hi) if total(middle) <= limit else (lo, middle)
+    return lo
 
 
 def main() -> None:
