@@ -1,6 +1,6 @@
-"""Data-parallel work per device: stage B's and the translator's training steps on N devices against one.
+"""Data-parallel work per device: every stage's training step on N devices against one.
 
-Usage: python -m benchmarks.sharding [--devices 4] [--size 32] [--forms cpu,gpu]
+Usage: python -m benchmarks.sharding [--devices 4] [--size 32] [--forms cpu,gpu] [--steps stage_b,...]
 
 Each step is compiled (never run) for one device at batch 1 and for N devices at batch N, the batch split
 over the devices as `synth.train` splits it, and XLA's FLOP count of the N-device program (per device) is
@@ -9,6 +9,14 @@ held against the one-device program's: a step that splits its batch well does th
 images of K modalities were merged modality-major (`synth.registration`) and where per-modality networks
 ran as grouped convolutions (`synth.models.stacked`). The table also counts the N-device program's
 all-gathers.
+
+The steps (`--steps`, default all): stage A's VAE-GAN and flow (`stage_a`, `stage_a_flow`), the
+segmentor stage's K U-Nets (`segmentor`), the translator (`translator`), stage B's GAN and flow
+(`stage_b`, `stage_b_flow`, with their frozen networks), Tianchi's detector (`detector`) and the chest
+X-ray classifier (`classifier`), all with the `runlocal` networks. States, batches and frozen networks are
+shapes (`jax.eval_shape`): nothing is initialised. The programs compile with `jax_disable_most_optimizations`
+(LLVM level 0): XLA's HLO passes, its SPMD partitioner and so the FLOP counts are those of an optimised
+compile, which takes several times longer.
 
 `--forms gpu` compiles the forms a GPU run takes (batched decoders per condition, one call of G_t, `vmap`
 over per-modality networks where that splits) on this machine's CPU devices, which cannot run a GPU. Only
@@ -19,18 +27,27 @@ the choice of form is overridden, for these compiles; nothing is timed. Simulate
 import argparse
 import contextlib
 import functools
+import importlib
 import re
 
 import jax
-import jax.numpy as jnp
 
-from benchmarks import common
-from configs import phantom
-from data_builders.phantom import anatomy
-from synth import optim, sharding, synthesis_nets, translator_nets
-from synth.lesion import segment
+from benchmarks import common, memory
+from synth import lesion, optim, sharding, translator_nets
 from synth.models import grouped, stacked
-from synth.stages import synthesis, translator
+from synth.stages import structure, synthesis, translator
+
+# Name -> (table label, dataset config, config options besides `runlocal`, stage).
+STEPS = {
+    "stage_a": ("stage A (VAE-GAN)", "phantom", "", "structure"),
+    "stage_a_flow": ("stage A (flow)", "phantom", "structure_generator=flow", "structure"),
+    "segmentor": ("segmentor (K U-Nets)", "phantom", "", "segmentor"),
+    "translator": ("translator", "phantom", "", "translator"),
+    "stage_b": ("stage B (GAN)", "phantom", "", "synthesis"),
+    "stage_b_flow": ("stage B (flow)", "phantom", "generator=flow", "synthesis"),
+    "detector": ("detector (Tianchi)", "tianchi_lung_ct", "", "segmentor"),
+    "classifier": ("classifier (chest X-ray)", "chest_xray", "", "segmentor"),
+}
 
 
 @contextlib.contextmanager
@@ -45,47 +62,44 @@ def _gpu_forms():
         stacked.resolve_mode, grouped.group_size = resolve, group_size
 
 
-def _batch(size: int, n: int) -> dict:
-    subject = anatomy.make_subject(seed=0, image_size=size, num_slices=n)
-    return {"image": jnp.asarray(subject["image"]), "label": jnp.asarray(subject["label"], jnp.int32)}
+def step_config(name: str):
+    """The `runlocal` config of step `name` (stage B in its adversarial phase: every term computed)."""
+    _, dataset, options, _ = STEPS[name]
+    arg = ",".join(filter(None, ["runlocal", options]))
+    config = importlib.import_module(f"configs.{dataset}").get_config(arg)
+    config.synthesis.pretrain_steps = 0
+    return config
 
 
-def _steps(config, size: int):
-    """(name, step(batch) -> jitted step and its arguments) for stage B and the translator stage."""
-    shape = (size, size)
-    models = synthesis_nets.make_models(config, shape)
-    translator_models = translator_nets.make_models(config, shape)
-    tx = optim.make_optimizer(config.synthesis.optim.g)
-    keys = jax.random.split(jax.random.key(0), 3)
-    one = _batch(size, 1)
-    tr_state = jax.jit(functools.partial(translator.init_state, models=translator_models, g_tx=tx, d_tx=tx))(
-        keys[0], one
-    )
-    seg_model = segment.make_model(config, shape)
-    seg = jax.jit(functools.partial(segment.init_params, model=seg_model, variant=config.segmentor.variant))(
-        keys[1], one["image"]
-    )
-    b_state = jax.jit(
-        functools.partial(synthesis.init_state, models=models, config=config, g_tx=tx, d_tx=tx)
-    )(keys[2], one)
-    frozen = {"translator": tr_state.g_params, "lesion": seg}
-    key = jax.random.key(1)
-    stage_b = functools.partial(synthesis.train_step, models=models, config=config, g_tx=tx, d_tx=tx)
-    stage_t = functools.partial(
-        translator.train_step,
-        models=translator_models,
-        g_tx=tx,
-        d_tx=tx,
-        loss_config=config.translator.loss,
-    )
-    return {
-        "stage B (synthesis)": (stage_b, lambda batch: (b_state, batch, key, frozen)),
-        "translator": (stage_t, lambda batch: (tr_state, batch, key)),
-    }
+def step_parts(name: str, config, hw: tuple[int, int]):
+    """`(init_state, train_step, frozen shapes or None)` of step `name`, as its stage builds them."""
+    stage = STEPS[name][3]
+    if stage == "structure":
+        return *structure.step_parts(config, hw)[1:], None
+    if stage == "synthesis":
+        return *synthesis.step_parts(config, hw)[1:], memory.abstract_frozen(config, hw)
+    if stage == "segmentor":
+        channels = config.data.channels * len(config.data.modalities)
+        parts = lesion.kind(config).stage_parts(config, hw, channels)
+        return parts.init_state, parts.train_step, None
+    tr = config.translator
+    models = translator_nets.make_models(config, hw)
+    g_tx, d_tx = optim.make_optimizer(tr.optim.g), optim.make_optimizer(tr.optim.d)
+    init = functools.partial(translator.init_state, models=models, g_tx=g_tx, d_tx=d_tx)
+    step = functools.partial(translator.train_step, models=models, g_tx=g_tx, d_tx=d_tx, loss_config=tr.loss)
+    return init, step, None
 
 
-def _compiled_cost(step, args, mesh=None) -> tuple[float, int]:
-    """(GFLOP per device, all-gathers) of `step(*args)`, the batch (argument 1) split over `mesh`."""
+def compiled_cost(name: str, hw: tuple[int, int], batch: int, mesh=None) -> tuple[float, int]:
+    """(GFLOP per device, all-gathers) of step `name` at `batch`, the batch split over `mesh` if given."""
+    config = step_config(name)
+    init, step, frozen = step_parts(name, config, hw)
+    batch_shapes = memory.abstract_batch(config, hw, batch)
+    args = (
+        jax.eval_shape(init, jax.random.key(0), batch_shapes),
+        batch_shapes,
+        jax.eval_shape(lambda: jax.random.key(1)),
+    ) + ((frozen,) if frozen is not None else ())
     if mesh is None:
         jitted = jax.jit(step)
     else:
@@ -102,28 +116,35 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--size", type=int, default=32, help="square image side (the runlocal networks)")
     parser.add_argument("--forms", default="cpu,gpu", help="cpu: this backend's own forms; gpu: a GPU's")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
     args = parser.parse_args()
+    names = args.steps.split(",")
+    unknown = sorted(set(names) - set(STEPS))
+    if unknown:
+        raise ValueError(f"Unknown --steps {unknown}; choose from {', '.join(STEPS)}")
+    forms_list = args.forms.split(",")
+    if set(forms_list) - {"cpu", "gpu"}:
+        raise ValueError(f"--forms takes cpu and gpu, got {args.forms!r}")
     jax.config.update("jax_platforms", "cpu")  # Simulated devices, also on a machine with a GPU.
     jax.config.update("jax_num_cpu_devices", args.devices)
-    config = phantom.get_config("runlocal")
-    config.synthesis.pretrain_steps = 0  # The adversarial phase: every term is computed.
+    jax.config.update("jax_disable_most_optimizations", True)  # Same HLO passes and FLOPs, faster compiles.
     mesh = sharding.make_mesh((args.devices,), (sharding.DATA_AXIS,))
+    hw = (args.size, args.size)
     common.header(f"Data-parallel work per device, {args.devices} devices, {args.size}² runlocal networks")
     print(
         f"| step | forms | GFLOP, 1 device, batch 1 | GFLOP per device, {args.devices} devices, batch "
         f"{args.devices} | ratio | all-gathers |"
     )
     print("| --- | --- | --- | --- | --- | --- |", flush=True)
-    for forms in args.forms.split(","):
-        if forms not in ("cpu", "gpu"):
-            raise ValueError(f"--forms takes cpu and gpu, got {forms!r}")
+    for forms in forms_list:
         with _gpu_forms() if forms == "gpu" else contextlib.nullcontext():
-            for name, (step, arguments) in _steps(config, args.size).items():
-                common.progress(f"{name}, {forms} forms: compiling")
-                single, _ = _compiled_cost(step, arguments(_batch(args.size, 1)))
-                split, gathers = _compiled_cost(step, arguments(_batch(args.size, args.devices)), mesh)
+            for name in names:
+                label = STEPS[name][0]
+                common.progress(f"{label}, {forms} forms: compiling")
+                single, _ = compiled_cost(name, hw, 1)
+                split, gathers = compiled_cost(name, hw, args.devices, mesh)
                 print(
-                    f"| {name} | {forms} | {single:.3f} | {split:.3f} | {split / single:.2f} | {gathers} |",
+                    f"| {label} | {forms} | {single:.3f} | {split:.3f} | {split / single:.2f} | {gathers} |",
                     flush=True,
                 )
     print()
