@@ -101,11 +101,12 @@ def compiled_cost(name: str, hw: tuple[int, int], batch: int, mesh=None) -> tupl
         jax.eval_shape(lambda: jax.random.key(1)),
     ) + ((frozen,) if frozen is not None else ())
     if mesh is None:
-        jitted = jax.jit(step)
-    else:
+        compiled = jax.jit(step).lower(*args).compile()
+    else:  # As `synth.train` jits a step: under the mesh, the state replicated and the batch split.
         repl, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        jitted = jax.jit(step, in_shardings=(repl, split) + (repl,) * (len(args) - 2))
-    compiled = jitted.lower(*args).compile()
+        with jax.set_mesh(mesh):
+            jitted = jax.jit(step, in_shardings=(repl, split) + (repl,) * (len(args) - 2))
+            compiled = jitted.lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return cost.get("flops", 0.0) / 1e9, len(re.findall(r"all-gather(?:-start)?\(", compiled.as_text()))

@@ -59,6 +59,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def split_like_batch(x: jax.Array) -> jax.Array:
+    """`x`, whose leading axis is the batch, split over the `data` axis of the mesh the step runs under.
+
+    For arrays a step makes itself at batch size from a replicated key (noise drawn from the prior): XLA
+    otherwise computes them whole on every device, and with them every network applied to them (stage A's
+    generated branch did 2.3x one device's work per device). A no-op outside `jax.set_mesh` (the loop jits
+    its steps under it) and on one device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names or mesh.shape[DATA_AXIS] == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape[DATA_AXIS]
 

@@ -72,7 +72,9 @@ LONGEST_FIRST = (
 
 def pytest_configure(config):
     """Refuses `--dist loadgroup` with a pytest that pytest-xdist 3.8 cannot group (see below)."""
-    if config.getvalue("dist") == "loadgroup" and tuple(map(int, pytest.__version__.split(".")[:2])) >= (
+    if getattr(config.option, "dist", "no") == "loadgroup" and tuple(
+        map(int, pytest.__version__.split(".")[:2])
+    ) >= (
         9,
         2,
     ):
@@ -90,7 +92,7 @@ def pytest_collection_modifyitems(config, items):
     # Under `--dist loadgroup` a grouped test's id ends in "@<group>", which is what keeps the group on one
     # worker. Where the pytest and pytest-xdist pair drops it (pytest 9.2 with xdist 3.8), every worker
     # would train a grouped module's fixture again: stop rather than run the slow suite at twice its cost.
-    if config.getvalue("loadgroup"):
+    if getattr(config.option, "loadgroup", False):  # Set on xdist workers only.
         lost = [
             item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
         ]

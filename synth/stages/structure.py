@@ -52,7 +52,7 @@ def _forward(g_params, d_params, s, organ, rng, *, models: structure_nets.Models
         g_params["encoder"], vae.encoder_input(s), train=True, rngs={"dropout": keys[0]}
     )
     code = vae.reparameterize(keys[1], mean, logvar)
-    prior = jax.random.normal(keys[2], mean.shape)
+    prior = sharding.split_like_batch(jax.random.normal(keys[2], mean.shape))  # Per device, its share.
     recon = models.decoder.apply(g_params["decoder"], code)
     generated = models.decoder.apply(g_params["decoder"], prior)
     mask_recon = models.mask.apply(g_params["mask"], s1h, train=True, rngs={"dropout": keys[3]})
