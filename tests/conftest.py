@@ -70,18 +70,25 @@ LONGEST_FIRST = (
 )
 
 
+def _release(version: str) -> tuple[int, int]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def pytest_configure(config):
-    """Refuses `--dist loadgroup` with a pytest that pytest-xdist 3.8 cannot group (see below)."""
-    if getattr(config.option, "dist", "no") == "loadgroup" and tuple(
-        map(int, pytest.__version__.split(".")[:2])
-    ) >= (
-        9,
-        2,
-    ):
+    """Refuses `--dist loadgroup` with a pytest that pytest-xdist 3.8 cannot group (see below).
+
+    Checked here, by version, for a readable message: the workers' check below fails the run too, but
+    xdist reports a worker's collection error as an internal error without its text.
+    """
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    import xdist
+
+    if _release(pytest.__version__) >= (9, 2) and _release(xdist.__version__) <= (3, 8):
         raise pytest.UsageError(
-            f"pytest {pytest.__version__} keeps node ids where pytest-xdist 3.8's loadgroup does not write "
-            "the group, so xdist_group marks would be ignored: install requirements/constraints.txt's "
-            "versions (`make setup`)"
+            f"pytest {pytest.__version__} keeps node ids where pytest-xdist {xdist.__version__}'s loadgroup "
+            "does not write the group, so xdist_group marks would be ignored: install "
+            "requirements/constraints.txt's versions (`make setup`)"
         )
 
 
