@@ -13,7 +13,9 @@ all-gathers.
 The steps (`--steps`, default all): stage A's VAE-GAN and flow (`stage_a`, `stage_a_flow`), the
 segmentor stage's K U-Nets (`segmentor`), the translator (`translator`), stage B's GAN and flow
 (`stage_b`, `stage_b_flow`, with their frozen networks), Tianchi's detector (`detector`) and the chest
-X-ray classifier (`classifier`), all with the `runlocal` networks. States, batches and frozen networks are
+X-ray classifier (`classifier`), all with the `runlocal` networks; and stage C's draws of structure maps
+from stage A (`sample_a`, `sample_a_flow`: n maps at once, as `generate.Generator` draws them under the
+mesh, the flow with its configured sampler steps). States, batches and frozen networks are
 shapes (`jax.eval_shape`): nothing is initialised. The programs compile with `jax_disable_most_optimizations`
 (LLVM level 0): XLA's HLO passes, its SPMD partitioner and so the FLOP counts are those of an optimised
 compile, which takes several times longer.
@@ -33,8 +35,8 @@ import re
 import jax
 
 from benchmarks import common, memory
-from synth import lesion, optim, sharding, translator_nets
-from synth.models import grouped, stacked
+from synth import lesion, optim, sharding, structure_flow, structure_nets, translator_nets
+from synth.models import grouped, stacked, vae
 from synth.stages import structure, synthesis, translator
 
 # Name -> (table label, dataset config, config options besides `runlocal`, stage).
@@ -47,6 +49,8 @@ STEPS = {
     "stage_b_flow": ("stage B (flow)", "phantom", "generator=flow", "synthesis"),
     "detector": ("detector (Tianchi)", "tianchi_lung_ct", "", "segmentor"),
     "classifier": ("classifier (chest X-ray)", "chest_xray", "", "segmentor"),
+    "sample_a": ("stage C: stage A's draws (VAE-GAN)", "phantom", "", "sample"),
+    "sample_a_flow": ("stage C: stage A's draws (flow)", "phantom", "structure_generator=flow", "sample"),
 }
 
 
@@ -90,9 +94,27 @@ def step_parts(name: str, config, hw: tuple[int, int]):
     return init, step, None
 
 
+def sampler_parts(config, hw: tuple[int, int]):
+    """`(jitted draw of n maps, its arguments before n)` of stage A's sampler, from abstract parameters."""
+    key = jax.eval_shape(lambda: jax.random.key(1))
+    image_shape = memory.abstract_batch(config, hw, 1)["image"].shape[1:]
+    if structure_flow.is_flow(config):
+        params = structure_flow.abstract_params(config, image_shape)["ema_params"]
+        models = structure_flow.make_models(config, hw)
+        return structure_flow.make_generate_fn(models, config, hw), (params, key)
+    params = structure_nets.abstract_params(config, image_shape)
+    models = structure_nets.make_models(config, hw)
+    generate = structure_nets.make_generate_fn(models, vae.code_shape(hw, models.encoder.code_channels))
+    return generate, (params["g_params"], params["d_params"], key)
+
+
 def compiled_cost(name: str, hw: tuple[int, int], batch: int, mesh=None) -> tuple[float, int]:
     """(GFLOP per device, all-gathers) of step `name` at `batch`, the batch split over `mesh` if given."""
     config = step_config(name)
+    if STEPS[name][3] == "sample":
+        generate, args = sampler_parts(config, hw)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            return _cost(generate.lower(*args, batch).compile())
     init, step, frozen = step_parts(name, config, hw)
     batch_shapes = memory.abstract_batch(config, hw, batch)
     args = (
@@ -107,6 +129,10 @@ def compiled_cost(name: str, hw: tuple[int, int], batch: int, mesh=None) -> tupl
         with jax.set_mesh(mesh):
             jitted = jax.jit(step, in_shardings=(repl, split) + (repl,) * (len(args) - 2))
             compiled = jitted.lower(*args).compile()
+    return _cost(compiled)
+
+
+def _cost(compiled) -> tuple[float, int]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return cost.get("flops", 0.0) / 1e9, len(re.findall(r"all-gather(?:-start)?\(", compiled.as_text()))

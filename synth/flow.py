@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from synth import sharding
 from synth.models import grouped
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
@@ -388,6 +389,8 @@ def sample(
         Samples (B, H, W, K·C) float32 in [0, 1].
     """
     x0 = jax.random.normal(rng, shape, jnp.float32)
+    if shards > 1:  # Drawn split like the batch under a mesh, or each device draws and solves all of it.
+        x0 = sharding.split_like_batch(x0)
     integrate = functools.partial(
         solve,
         velocity_fn,

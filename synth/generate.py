@@ -215,7 +215,7 @@ class Generator:
         """Pads the leading axis to a multiple of the mesh's data-parallel size."""
         n = arrays[0].shape[0]
         step = sharding.data_parallel_size(self.mesh)
-        size = -(-n // step) * step
+        size = sharding.padded_size(n, step)
         return n, [_pad_to(np.asarray(a), size) for a in arrays]
 
     def sample_structures(self, key: jax.Array, n: int) -> dict[str, np.ndarray]:
@@ -225,6 +225,10 @@ class Generator:
           `maps`, `masks` (n, H, W) uint8 (masks: 1 = organ), `accepted` (n,) whether each passed the
           filter within `config.structure.filter.max_count` draws, `scores` and `draws` (n,).
         """
+        with jax.set_mesh(self.mesh):  # Each device draws its share (`structure_nets.generate`).
+            return self._sample_structures(key, n)
+
+    def _sample_structures(self, key: jax.Array, n: int) -> dict[str, np.ndarray]:
         if structure_flow.is_flow(self.config):
             return structure_flow.sample_structures(
                 self.structure_params["ema_params"],

@@ -67,10 +67,32 @@ def split_like_batch(x: jax.Array) -> jax.Array:
     generated branch did 2.3x one device's work per device). A no-op outside `jax.set_mesh` (the loop jits
     its steps under it) and on one device.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS not in mesh.axis_names or mesh.shape[DATA_AXIS] == 1:
+    if context_data_size() == 1:
         return x
     return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
+
+
+def gathered(tree: Any) -> Any:
+    """`tree`'s arrays whole on every device of the mesh a function is traced under (a no-op outside one).
+
+    For what the host reads of a split computation: in a run of several processes each holds all of it.
+    """
+    if context_data_size() == 1:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, P())
+
+
+def context_data_size() -> int:
+    """The `data` axis's size of the mesh a function is traced under (`jax.set_mesh`); 1 outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[DATA_AXIS])
+
+
+def padded_size(n: int, shards: int) -> int:
+    """The smallest multiple of `shards` not below n: a batch of n padded to split over them."""
+    return -(-n // shards) * shards
 
 
 def data_parallel_size(mesh: Mesh) -> int:

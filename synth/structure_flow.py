@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synth import flow, flow_train, structure_filter, structure_nets
+from synth import flow, flow_train, sharding, structure_filter, structure_nets
 from synth.models import sizes
 from synth.models.flow_unet import FlowUNet
 from synth.models.unet import configured_remat
@@ -87,16 +87,24 @@ def abstract_params(config: ml_collections.ConfigDict, image_shape) -> dict:
 
 
 def generate(ema_params, key, n: int, *, models: Models, config: ml_collections.ConfigDict, image_hw):
-    """Draws n structure maps and organ masks, unfiltered: `(maps, masks)`, each (n, H, W) int32 in {0, 1}."""
+    """Draws n structure maps and organ masks, unfiltered: `(maps, masks)`, each (n, H, W) int32 in {0, 1}.
+
+    Traced under a mesh (`jax.set_mesh`), the draws are split over its `data` axis (n padded to a multiple
+    of its size and cut back), as `structure_nets.generate`'s.
+    """
+    shards = sharding.context_data_size()
+    size = sharding.padded_size(n, shards)
     samples = flow_train.sample_configured(
         functools.partial(models.velocity.apply, ema_params),
         key,
         None,
         settings=config.structure.flow,
-        shape=(n, *image_hw, SAMPLE_CHANNELS),
+        shape=(size, *image_hw, SAMPLE_CHANNELS),
         features=models.velocity.features,  # On CPU a few draws at a time (`synth.models.grouped`).
+        shards=shards,
     )
-    return flow.structure_from_sample(samples, threshold=float(config.structure.flow.threshold))
+    maps, masks = flow.structure_from_sample(samples, threshold=float(config.structure.flow.threshold))
+    return sharding.gathered((maps[:n], masks[:n]))
 
 
 def make_generate_fn(models: Models, config: ml_collections.ConfigDict, image_hw):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synth import extraction, structure_filter
+from synth import extraction, sharding, structure_filter
 from synth import structure_losses as losses_a
 from synth.models import grouped, sizes, vae
 from synth.models.discriminator import CodeDiscriminator, PatchDiscriminator
@@ -114,7 +114,9 @@ def generate_maps(g_params, key, n: int, *, models: Models, code_shape):
 def decode(g_params, prior: jax.Array, *, models: Models):
     """`generate_maps` from given prior draws (n, *code_shape)."""
     probs = models.decoder.apply(g_params["decoder"], prior)
-    maps = jnp.argmax(probs, axis=-1)
+    # Kept split under a mesh: XLA would otherwise gather the maps here for a replicated result and run
+    # G_m on all of them on every device.
+    maps = sharding.split_like_batch(jnp.argmax(probs, axis=-1))
     mask_probs = models.mask.apply(
         g_params["mask"], losses_a.paired_one_hot(maps[..., None].astype(jnp.float32))
     )
@@ -125,7 +127,9 @@ def generate(g_params, d_params, key, n: int, *, models: Models, code_shape, mod
     """Draws n structure maps and masks from noise, with D_s's score of each (§5.4 step 1).
 
     On CPU a few draws per call of the networks (`synth.models.grouped`, `mode`): at 184², batch 8,
-    8.1 maps/s against one call's 5.8 (BENCHMARKS.md, "Generation a few examples at a time").
+    8.1 maps/s against one call's 5.8 (BENCHMARKS.md, "Generation a few examples at a time"). Traced
+    under a mesh (`jax.set_mesh`), the draws are split over its `data` axis, n padded to a multiple of
+    its size and cut back: each device decodes its share instead of all n.
 
     Returns:
       `(maps, masks, scores)`: maps and masks (n, H, W) int32 in {0, 1} (masks: 1 = organ), scores (n,).
@@ -136,9 +140,14 @@ def generate(g_params, d_params, key, n: int, *, models: Models, code_shape, mod
         # The authors score the soft map (dropout on); ours is deterministic: D_s in inference mode.
         return maps, masks, jnp.mean(models.map_disc.apply(d_params["map"], probs), axis=(1, 2, 3))
 
+    shards = sharding.context_data_size()
+    size = sharding.padded_size(n, shards)
+    prior = sharding.split_like_batch(jax.random.normal(key, (size, *code_shape)))
     # The decoder's last level has `features` channels at full size.
-    group = grouped.group_size(n, models.decoder.image_hw, models.decoder.features, mode=mode)
-    return grouped.apply(scored, jax.random.normal(key, (n, *code_shape)), group)
+    decoder = models.decoder
+    group = grouped.group_size(size, decoder.image_hw, decoder.features, mode=mode, shards=shards)
+    drawn = grouped.apply(scored, prior, group, shards=shards)
+    return sharding.gathered(jax.tree.map(lambda x: x[:n], drawn))
 
 
 def make_generate_fn(models: Models, code_shape):
