@@ -156,6 +156,8 @@ def main(argv):
     xla_defaults.apply()  # Before the backend starts.
     import jax
 
+    xla_defaults.use_compilation_cache()  # Before the first compile.
+
     if distributed:
         jax.distributed.initialize()
     # Our progress at INFO; the libraries' (orbax logs every checkpoint at length) at WARNING.

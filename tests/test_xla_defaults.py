@@ -38,3 +38,30 @@ def test_each_platform_gets_its_own_defaults():
     assert xla_defaults.defaults_for("cpu", gpu_plugin=True) == cpu  # A CPU run on a GPU node.
     assert xla_defaults.defaults_for("cuda,cpu", gpu_plugin=True) == gpu
     assert xla_defaults.defaults_for("tpu", gpu_plugin=False) == {}
+
+
+def test_launch_turns_on_a_compilation_cache_per_machine_unless_the_user_set_one(monkeypatch, tmp_path):
+    import jax
+    import jaxlib
+
+    names = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size", "jax_enable_compilation_cache")
+    saved = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_compilation_cache_max_size", -1)
+        folder = xla_defaults.use_compilation_cache()
+        assert folder == str(tmp_path / "synth" / "jax" / xla_defaults.machine_tag())
+        assert jax.config.jax_compilation_cache_dir == folder
+        assert jax.config.jax_compilation_cache_max_size == xla_defaults.CACHE_MAX_BYTES  # Locked entries.
+        assert xla_defaults.machine_tag().startswith(f"jaxlib-{jaxlib.__version__}-")
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "own"))
+        jax.config.update("jax_compilation_cache_max_size", 1 << 20)
+        assert xla_defaults.use_compilation_cache() == str(tmp_path / "own")  # The user's wins.
+        assert jax.config.jax_compilation_cache_max_size == 1 << 20
+        jax.config.update("jax_enable_compilation_cache", False)
+        assert xla_defaults.use_compilation_cache() is None
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
