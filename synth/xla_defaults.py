@@ -19,6 +19,7 @@ compiling them again (stage B's step at the paper's 184×144 compiles for 22 min
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -86,15 +87,12 @@ def machine_tag() -> str:
     import jaxlib
 
     cpu = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:  # Linux: the model and the feature flags of the first CPU.
-            cpu += "".join(
-                line
-                for line in f.read().split("\n\n")[0].splitlines(True)
-                if line.startswith(("model name", "flags", "Features", "CPU part"))
-            )
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # Linux: the model and the feature flags of the first CPU.
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0].splitlines(True)
+        cpu += "".join(
+            line for line in first if line.startswith(("model name", "flags", "Features", "CPU part"))
+        )
     return f"jaxlib-{jaxlib.__version__}-{hashlib.sha256(cpu.encode()).hexdigest()[:12]}"
 
 

@@ -228,15 +228,12 @@ def test_structures_drawn_on_four_devices_split_the_draws():
     config = phantom.get_config("runlocal")
     models = structure_nets.make_models(config, (32, 32))
     code_shape = vae.code_shape((32, 32), models.encoder.code_channels)
-    init = functools.partial(
-        structure_nets.init_params, s=np.zeros((1, 32, 32, 1), np.float32), models=models
-    )
-    g, d = jax.jit(init)(jax.random.key(0))
+    init = functools.partial(structure_nets.init_params, models=models)
+    g, d = _random_params(init, jax.ShapeDtypeStruct((1, 32, 32, 1), np.float32))
     generate = structure_nets.make_generate_fn(models, code_shape)
     work, four, one = _drawn_on_four_devices_and_one(generate, g, d, jax.random.key(5))
-    assert work < 0.3, (
-        work
-    )  # A quarter of the decoding per device (was 1.0, then 0.58 with G_m's input gathered).
+    # A quarter of the decoding per device (was 1.0, then 0.58 with G_m's input gathered).
+    assert work < 0.3, work
     assert [x.shape[0] for x in four] == [6, 6, 6]
     np.testing.assert_allclose(four[2], one[2][:6], rtol=1e-5, atol=1e-6)  # D_s's scores: the same draws.
     assert np.mean(four[0] == one[0][:6]) > 0.999 and np.mean(four[1] == one[1][:6]) > 0.999
