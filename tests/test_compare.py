@@ -165,14 +165,17 @@ SEEDS = [int(s) for s in os.environ.get("SYNTH_COMPARE_SEEDS", "0").split(",")]
 REGISTERED = ("full",)
 
 
+# Alone on a 2-core Zen 3 machine 318 s (2026-12-07); beside another whole-pipeline test on the same two
+# cores it ran past the suite's 600 s limit in CI (still compiling its last step, not hung): its own limit.
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_compare_stage_on_the_tiny_phantom(phantom_data_dir, tmp_path, seed):
     config = phantom.get_config("runlocal,stage=compare")
     config.seed = seed
     config.data.data_dir = phantom_data_dir
-    # Two variants, the two ends, keep the run inside the 10-minute per-test limit on 2 busy cores (three and
-    # five ran over it); each variant has its own fast and slow step tests (test_variants.py). Alone on 2
+    # Two variants, the two ends, keep the run short (three and five ran over the 10-minute limit on 2 busy
+    # cores); each variant has its own fast and slow step tests (test_variants.py). Alone on 2
     # cores: 572 s with 60 steps at 1e-4 and every stage compiled with optimisations (2026-12-03), 268 s
     # now, which also separates the two far better (60 steps at 1e-4: agreement 0.56 against 0.51).
     config.compare.variants = ("basegan", "full")
