@@ -39,6 +39,19 @@ def phantom_data_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def xla_convolutions(monkeypatch):
+    """XLA's own convolution (`SYNTH_CONV=xla`), for tests that trace networks for their shapes only.
+
+    At the paper's sizes `auto` traces Winograd's form, dozens of ops per convolution (stage A's networks
+    at 512²: ~7 s of tracing); every algorithm gives the same shapes and agrees with XLA's
+    (tests/test_conv.py), and the stage-B generator's shape test traces `auto` at the paper's sizes.
+    """
+    from synth.models import conv
+
+    monkeypatch.setenv(conv.ENV_VAR, "xla")
+
+
+@pytest.fixture
 def tiny_config(phantom_data_dir):
     """The phantom's `runlocal` config, unlocked so a test can adjust it, reading the session's phantom."""
     from configs import phantom

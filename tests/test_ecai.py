@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from host_init import random_like
 
 from synth import ecai_losses, registration
 from synth.models import ecai as ecai_models
@@ -23,8 +24,9 @@ def networks():
     )
     x = jnp.ones((2, 24, 20, 5))
     cond = registration.modality_conditions(np.array([1]), 2, K)
-    g_params = jax.jit(g.init)(jax.random.key(0), x, cond)
-    d_params = jax.jit(d.init)(jax.random.key(1), jnp.ones((2, 24, 20, 1)))
+    # Drawn on the host in the initialisers' shapes (compiled, the two inits took ~10 s).
+    g_params = random_like(g.init, jax.random.key(0), x, cond)
+    d_params = random_like(d.init, jax.random.key(1), jnp.ones((2, 24, 20, 1)), seed=1)
     return g, d, g_params, d_params, x, cond
 
 

@@ -126,6 +126,7 @@ def euler_samples(toy):
 
 @pytest.mark.parametrize("hw", [(64, 64), (184, 144), (512, 512)])
 @pytest.mark.parametrize("channels", [4, 3, 2])
+@pytest.mark.usefixtures("xla_convolutions")
 def test_shapes(hw, channels, variant="base"):
     # K·C = 4 (BRATS: 4 modalities) and 3 (one RGB modality) are stage B, conditioned on the structure map,
     # a 5- or 2-class one-hot and the organ mask; 2 is stage A (map and mask), unconditional. Traced only.

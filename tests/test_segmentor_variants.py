@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from host_init import random_like
 
 from synth import evaluation, input_pipeline, metrics
 from synth.lesion import segment
@@ -65,8 +66,8 @@ def _train_batch(spec, n=1):
 
 
 def _step(spec, batch):
-    """Initial state, and state and metrics after one jitted train step."""
-    state = jax.jit(spec.init_state)(jax.random.key(0), batch)
+    """A random initial state, and the state and metrics after one jitted train step."""
+    state = random_like(spec.init_state, jax.random.key(0), batch)  # On the host: no init to compile.
     new_state, out = jax.jit(spec.train_step)(state, batch, jax.random.key(1))
     return state, new_state, out
 
@@ -194,7 +195,7 @@ def test_variant_parameters_and_train_step(phantom_data_dir, variant):
         state, stepped, out = _step(spec, batch)
         _assert_stepped(state, stepped, out)
     else:  # one_seg's step runs in tests/test_loop.py (its equivalence runs); its initial state here.
-        state = jax.jit(spec.init_state)(jax.random.key(0), batch)
+        state = random_like(spec.init_state, jax.random.key(0), batch)
     # one_seg is one U-Net for every modality: its parameters are one U-Net's (no modality axis), and the
     # same image in every modality slot gets the same logits; n_seg has K U-Nets that differ.
     model = segment.make_model(config, batch["image"].shape[1:3])

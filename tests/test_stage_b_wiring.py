@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from equivalence import assert_same_training
+from host_init import random_like
 
 from synth import checkpoint as checkpoint_lib
 from synth import (
@@ -203,8 +204,9 @@ def test_generator_and_discriminator_shapes(tiny_config, image_hw, bottleneck, p
 def random_stage_b(phantom_data_dir):
     """Synthesis with all four modalities' frozen networks at random init: enough for wiring checks.
 
-    Also returns the translator's whole random state (its G is the frozen translator). The three networks
-    are initialised by one jitted function: one compile instead of three.
+    Also returns the translator's whole random state (its G is the frozen translator). The states have
+    the three initialisers' shapes with values drawn on the host (`host_init`): compiled, the initialisers
+    took ~24 s.
     """
     from configs import phantom
 
@@ -215,7 +217,6 @@ def random_stage_b(phantom_data_dir):
     batch = jax.tree.map(lambda *x: np.stack(x), *[synthesis.preprocess(source[i]) for i in range(2)])
     keys = jax.random.split(jax.random.key(1), 4)
 
-    @jax.jit
     def init_all(keys, batch):
         tr_state = translator.init_state(
             keys[0],
@@ -231,7 +232,7 @@ def random_stage_b(phantom_data_dir):
         state = synthesis.init_state(keys[2], batch, models=models, config=config, g_tx=tx, d_tx=tx)
         return tr_state, seg_params, state
 
-    tr_state, seg_params, state = init_all(keys, batch)
+    tr_state, seg_params, state = random_like(init_all, keys, batch)
     frozen = {"translator": tr_state.g_params, "lesion": seg_params}
     return SimpleNamespace(
         config=config, models=models, batch=batch, state=state, frozen=frozen, key=keys[3], tr_state=tr_state
@@ -412,7 +413,6 @@ def test_single_modality_families_use_the_same_trainer(random_stage_b):
     assert models.translator is None and models.discriminator.heads == 1
     tx = optim.make_optimizer(config.synthesis.optim.g)
 
-    @jax.jit  # One compile instead of op-by-op initialisation (kept apart from the step: cheaper to compile).
     def init(key, one):
         state = synthesis.init_state(key, one, models=models, config=config, g_tx=tx, d_tx=tx)
         seg = segment.init_params(
@@ -420,7 +420,7 @@ def test_single_modality_families_use_the_same_trainer(random_stage_b):
         )
         return state, seg
 
-    state, seg = init(key, one)
+    state, seg = random_like(init, key, one)  # Drawn on the host: nothing to compile but the step.
     step = jax.jit(
         lambda s, b, r, f: synthesis.train_step(s, b, r, f, models=models, config=config, g_tx=tx, d_tx=tx)
     )
