@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from compile_mode import optimised
 from equivalence import assert_same_training
+from host_init import random_like
 
 from synth import frozen, sharding, structure_filter, structure_nets, train
 from synth.models import vae
@@ -199,13 +200,6 @@ def test_demo_budget_samples_pass_the_filter_on_the_first_draw(tmp_path_factory)
     assert abs(ev["eval/edge_fraction_sampled"] / ev["eval/edge_fraction_real"] - 1) <= 0.2, ev
 
 
-def _random_params(init, *args):
-    """Parameters of `init`'s shapes, drawn from N(0, 0.05²) on the host: nothing compiled."""
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(init, jax.random.key(0), *args)
-    return jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
-
-
 def _drawn_on_four_devices_and_one(generate, *args):
     """(per-device FLOPs of 6 draws on 4 devices ÷ one device's of 8, the 6 draws, one device's 8)."""
     one = generate.lower(*args, 8).compile()
@@ -229,7 +223,7 @@ def test_structures_drawn_on_four_devices_split_the_draws():
     models = structure_nets.make_models(config, (32, 32))
     code_shape = vae.code_shape((32, 32), models.encoder.code_channels)
     init = functools.partial(structure_nets.init_params, models=models)
-    g, d = _random_params(init, jax.ShapeDtypeStruct((1, 32, 32, 1), np.float32))
+    g, d = random_like(init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 1), np.float32))
     generate = structure_nets.make_generate_fn(models, code_shape)
     work, four, one = _drawn_on_four_devices_and_one(generate, g, d, jax.random.key(5))
     # A quarter of the decoding per device (was 1.0, then 0.58 with G_m's input gathered).
@@ -249,7 +243,7 @@ def test_flow_structures_drawn_on_four_devices_split_the_draws():
     config = phantom.get_config("runlocal")
     config.structure.flow.sampler.num_steps = 2
     models = structure_flow.make_models(config, (32, 32))
-    params = _random_params(models.velocity.init, jnp.zeros((1, 32, 32, 2)), jnp.zeros((1,)))
+    params = random_like(models.velocity.init, jax.random.key(0), jnp.zeros((1, 32, 32, 2)), jnp.zeros((1,)))
     generate = structure_flow.make_generate_fn(models, config, (32, 32))
     work, four, one = _drawn_on_four_devices_and_one(generate, params, jax.random.key(5))
     assert work < 0.3, work
