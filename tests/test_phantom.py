@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import numpy as np
 import pytest
@@ -172,6 +173,17 @@ def test_metadata_round_trips_through_the_directory(data_dir):
     assert info.metadata["label_names"] == list(schema.BRATS_LABEL_NAMES)
     assert info.metadata["seed"] == TINY.seed
     assert info.file_format.value == "array_record"
+
+
+def test_builders_leave_no_temporary_folders(tmp_path, monkeypatch):
+    """TFDS's info for an unprepared data_dir made a /tmp folder per builder and kept it (base.py)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for config in ("tiny", "demo"):
+        builder = data_builders.get_builder(f"phantom/{config}", data_dir=str(tmp_path / "empty"))
+        assert builder.info.description and builder.info.metadata["seed"] == builder.builder_config.seed
+    assert not list(scratch.iterdir())
 
 
 def test_geometry_is_consistent_within_a_subject(splits):
