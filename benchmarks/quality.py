@@ -9,7 +9,8 @@ stage D runs the six mixes below for each seed), then scores what stage C wrote 
 split and writes `DIR/quality.json` and `DIR/quality.md` (tables and the stages' sample grids). The run
 itself is in `DIR/run` (it resumes if interrupted). Keys of quality.json:
 
-  stage_a.first_draw_acceptance, stage_a.edge_fraction_real, stage_a.edge_fraction_sampled
+  stage_a.first_draw_acceptance, stage_a.edge_fraction_real, stage_a.edge_fraction_sampled,
+  stage_a.core_edge_fraction_real, stage_a.core_edge_fraction_sampled (edges in the organs' cores)
   ms_ssim.real_real, ms_ssim.real_synthetic   (means over modalities; per modality under per_modality)
   intermodality.real, intermodality.synthetic (MS-SSIM between the modalities of one sample)
   lesion.dice, lesion.chance                  (the real-trained segmentors on the synthetic images)
@@ -183,6 +184,12 @@ def verify_scores(workdir: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def _pair(scores: dict, name: str) -> str:
+    """`sampled / real` of `name`, or "n/a" where the run's evaluation predates the score."""
+    sampled, real = scores.get(f"{name}_sampled"), scores.get(f"{name}_real")
+    return "n/a" if sampled is None or real is None else f"{sampled:.3f} / {real:.3f}"
+
+
 def write_markdown(out_dir: str, result: dict, run_dir: str) -> None:
     pm, fd = result["per_modality"], result["fd_segmentor"]
     lines = [
@@ -198,6 +205,8 @@ def write_markdown(out_dir: str, result: dict, run_dir: str) -> None:
         f"| stage A first-draw acceptance | {result['stage_a']['first_draw_acceptance']:.3f} | ≥ 0.5 |",
         f"| stage A edge fraction sampled / real | {result['stage_a']['edge_fraction_sampled']:.3f} / "
         f"{result['stage_a']['edge_fraction_real']:.3f} | within 20 % |",
+        f"| stage A core edge fraction sampled / real | {_pair(result['stage_a'], 'core_edge_fraction')} "
+        "| within 20 % |",
         f"| MS-SSIM real↔synthetic / real↔real | {result['ms_ssim']['real_synthetic']:.3f} / "
         f"{result['ms_ssim']['real_real']:.3f} | ≥ 0.8× per modality |",
         f"| inter-modality MS-SSIM synthetic / real | {result['intermodality']['synthetic']:.3f} / "
@@ -299,6 +308,9 @@ def main() -> None:
             "first_draw_acceptance": stage_a["eval/acceptance_first_draw"],
             "edge_fraction_real": stage_a["eval/edge_fraction_real"],
             "edge_fraction_sampled": stage_a["eval/edge_fraction_sampled"],
+            # Absent from the evaluations of runs before it existed (a reused stage A).
+            "core_edge_fraction_real": stage_a.get("eval/core_edge_fraction_real"),
+            "core_edge_fraction_sampled": stage_a.get("eval/core_edge_fraction_sampled"),
         },
         "ms_ssim": {"real_real": within["ms_ssim"], "real_synthetic": across["ms_ssim"]},
         "intermodality": {

@@ -41,8 +41,10 @@ def make_models(config: ml_collections.ConfigDict, image_hw: tuple[int, int]) ->
     vae_sizes = sizes.vae_kwargs(m.size, image_hw)
     # Workdirs from before the key had the code's output instance norm (§11.18).
     norm_output = m.get("norm_output", True)
+    # E_s's σ at most the prior's 1 (`vae.bounded_logvar`); workdirs from before the key: unbounded.
+    max_logvar = 0.0 if m.get("bound_logvar", False) else None
     return Models(
-        encoder=vae.VAEEncoder(**vae_sizes, dropout_rate=m.encoder_dropout, **common),
+        encoder=vae.VAEEncoder(**vae_sizes, dropout_rate=m.encoder_dropout, max_logvar=max_logvar, **common),
         decoder=vae.VAEDecoder(
             image_hw=tuple(image_hw), **vae_sizes, out_channels=2, norm_output=norm_output, **common
         ),

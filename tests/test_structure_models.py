@@ -22,6 +22,7 @@ from synth.models import (
     encoder_input,
     mask_generator_kwargs,
     reparameterize,
+    vae,
     vae_kwargs,
     variant_sizes,
 )
@@ -317,3 +318,26 @@ def test_reparameterize_statistics_and_gradient():
     )
     np.testing.assert_allclose(g_mean, 1.0)
     np.testing.assert_allclose(g_logvar, 0.5 * (f[:4] - 2.0), rtol=1e-5)
+
+
+def test_bounded_logvar_keeps_sigma_under_the_priors():
+    raw = jnp.array([-40.0, -8.0, -1.0, 0.0, 3.0, 40.0])
+    bounded = vae.bounded_logvar(raw, 0.0)
+    assert bool(jnp.all(bounded < 0.0)) and float(bounded[-1]) == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(bounded[:2], raw[:2], atol=1e-3)  # Small σ passes through.
+    assert bool(jnp.all(jnp.diff(bounded) > 0))  # Still ordered: the bound does not flatten the head.
+    grads = jax.grad(lambda x: jnp.sum(vae.bounded_logvar(x, 0.0)))(raw)
+    assert bool(jnp.all(grads > 0)) and float(grads[0]) == pytest.approx(1.0)  # Unlike a clip.
+
+
+def test_encoder_bounds_logvar_only_when_asked(tiny_vae):
+    encoder, _, params, _, x = tiny_vae
+    # A head whose logvar is far above 0: what stage A's collapsed runs reached (σ 10-30).
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: p + 6.0 if "logvar" in jax.tree_util.keystr(path) and "bias" in str(path) else p,
+        params,
+    )
+    _, free = encoder.apply(params, x)
+    mean, bounded = encoder.clone(max_logvar=0.0).apply(params, x)
+    assert float(jnp.min(free)) > 1.0 and float(jnp.max(bounded)) < 0.0
+    np.testing.assert_array_equal(mean, encoder.apply(params, x)[0])  # The mean head is untouched.

@@ -156,6 +156,29 @@ def test_alternating_sharded_equals_single_device(tiny_config, tmp_path):
     assert_same_training(results[0], results[1], init)
 
 
+def _head(size: int = 64, ring: int = 3, inner: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A structure map (a ring `ring` pixels thick, a midline and a ventricle if `inner`) and its organ."""
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot((yy - size / 2) / 0.8, xx - size / 2)
+    organ = radius <= 0.4 * size
+    edges = organ & (radius > 0.4 * size - ring)
+    if inner:
+        edges |= organ & ((np.abs(xx - size / 2) < 1) | (np.abs(radius - 0.1 * size) < 0.7))
+    return edges.astype(np.uint8), organ.astype(np.uint8)
+
+
+def test_core_edge_fraction_sees_the_anatomy_the_edge_fraction_misses():
+    (real, organ), (hollow, _) = _head(ring=3), _head(ring=4, inner=False)
+    assert abs(hollow.mean() / real.mean() - 1) < 0.2  # The whole-map score cannot tell them apart.
+    core = structure.core_edge_fraction(real[None], organ[None])
+    assert core > 0.1 and structure.core_edge_fraction(hollow[None], organ[None]) == 0.0
+    # Thicker or thinner rings leave the core alone; maps without an organ are left out.
+    assert structure.core_edge_fraction(_head(ring=6)[0][None], organ[None]) == pytest.approx(core)
+    empty = np.zeros_like(organ)
+    assert structure.core_edge_fraction(np.stack([real, real]), np.stack([organ, empty])) == core
+    assert structure.core_edge_fraction(real[None], empty[None]) == 0.0
+
+
 def test_unknown_update_mode_is_named(tiny_config):
     tiny_config.structure.update_mode = "sequential"
     with pytest.raises(ValueError, match="update_mode 'sequential'"):

@@ -105,6 +105,17 @@ def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Ar
     return mean + jnp.exp(0.5 * logvar) * eps
 
 
+def bounded_logvar(logvar: jax.Array, max_logvar: float) -> jax.Array:
+    """``max_logvar − softplus(max_logvar − logvar)``: ≈ logvar well below the bound, never above it.
+
+    At 0 the posterior's σ stays under the prior's 1. A larger σ carries no information about the map,
+    only noise over the code; with the code's unbounded head, stage A's code-adversarial term can drive
+    σ to 10-30, after which every code decodes to the same ring (BENCHMARKS.md, "Stage A's anatomy").
+    The gradient stays non-zero everywhere, unlike a clip.
+    """
+    return max_logvar - jax.nn.softplus(max_logvar - logvar)
+
+
 def _check_levels(num_levels: int) -> None:
     if not 1 <= num_levels <= MAX_LEVELS:
         raise ValueError(f"num_levels must be in [1, {MAX_LEVELS}], got {num_levels}.")
@@ -119,6 +130,8 @@ class VAEEncoder(nn.Module):
     activation: str = "leaky_relu"  # Paper; "capped_relu" = code parity (§11.9).
     kernel_init: str = "normal"  # N(0, 0.02), as the code.
     dropout_rate: float = 0.15  # Input dropout, train only: the code's keep_prob 0.85.
+    # None: the code's linear logvar head. A number bounds it smoothly from above (`bounded_logvar`).
+    max_logvar: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -153,6 +166,8 @@ class VAEEncoder(nn.Module):
         )
         mean = dense(name="mean")(flat).reshape(-1, *code)
         logvar = dense(name="logvar")(flat).reshape(-1, *code)
+        if self.max_logvar is not None:
+            logvar = bounded_logvar(logvar, self.max_logvar)
         return mean, logvar
 
 
