@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             encoder_dropout=0.0,
             # True bounds E_s's posterior σ by the prior's 1 (logvar ≤ 0, `vae.bounded_logvar`); the code's
             # head is unbounded. At the demo's budget (3 seeds each, BENCHMARKS.md "Stage A's anatomy") the
-            # bound stops σ's excursions (to 8-41 unbounded) and the sampled maps hold more anatomy (core
+            # bound stops σ's excursions (to 2-42 unbounded) and the sampled maps hold more anatomy (core
             # edge fraction 0.063 against 0.035, real 0.118) and vary more, but pass the §5.4 filter at
             # the first draw less often (0.50 against 0.62; issue 17's target is 0.5), so it is a choice.
             bound_logvar=False,
