@@ -332,7 +332,7 @@ def test_bounded_logvar_keeps_sigma_under_the_priors():
 
 def test_encoder_bounds_logvar_only_when_asked(tiny_vae):
     encoder, _, params, _, x = tiny_vae
-    # A head whose logvar is far above 0: what stage A's collapsed runs reached (σ 10-30).
+    # A head whose logvar is far above 0: what stage A's collapsed runs reached (σ up to 42).
     params = jax.tree_util.tree_map_with_path(
         lambda path, p: p + 6.0 if "logvar" in jax.tree_util.keystr(path) and "bias" in str(path) else p,
         params,
