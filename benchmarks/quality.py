@@ -88,6 +88,9 @@ QUALITY_BUDGET = {
     "synthesis.flow.score_registration": True,
     "synthesis.flow.sampler.num_steps": 16,
     "verify.budget_epochs": 3.0,
+    "structure.train.eval_every": 200,
+    "dataset.audit.max_real": 200,
+    "dataset.audit.max_synthetic": 100,
 }
 FLOW_STAGE_B_BUDGET = {
     "synthesis.train.num_steps": 1500,
