@@ -365,7 +365,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.structure.model.size = "tiny"
         config.structure.optim.g.learning_rate = config.structure.optim.d.learning_rate = 5e-4
         config.structure.filter.max_count = 5
-        # One evaluation, at the end: a mid-run one costs the demo ~10 s (its draws through the filter).
+        # One evaluation, at the end: a mid-run one cost the demo ~7-10 s (its draws through the filter).
         config.structure.train = configlib.loop_config(
             num_steps=400, batch_size=8, log_every=25, checkpoint_every=200, eval_every=400
         )
@@ -417,9 +417,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.dataset.pool.size = 500
         config.dataset.log_every = 5
         config.dataset.export = ("png",)
-        # The demo must run in under 15 minutes with the install on a 2-core CPU (it took 843-929 s alone
-        # on a Zen 3 machine with stage D's four mixes at 100 steps and the audit at 200 × 100): a smaller
-        # audit, and stage D's three mixes that answer "does the synthetic data help?" at 75 steps each.
+        # The demo is meant to run in under 15 minutes with the install on a 2-core CPU; it took 843-929 s
+        # alone on a Zen 3 machine with stage D's four mixes at 100 steps and the audit at 200 × 100, so:
+        # a smaller audit, and stage D's three mixes that answer "does the synthetic data help?" at 75
+        # steps each (~100 s less; BENCHMARKS.md, "`make demo`'s time").
         # Random mixing (M) scored below real alone in every benchmark run at this budget (BENCHMARKS.md,
         # "Image quality"): it stays in benchmarks.quality's matrix and a --config.verify.mixes away.
         config.dataset.audit.max_real = 100
