@@ -7,7 +7,7 @@ stage ever calls `pmean` or names an axis.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -112,6 +112,21 @@ def to_global(local_batch: Any, sharding: NamedSharding) -> Any:
 def is_main_process() -> bool:
     """Whether this is process 0, the one that writes files and logs for all."""
     return jax.process_index() == 0
+
+
+def process_mean(values: Mapping[str, float]) -> dict[str, float]:
+    """Each value averaged over processes (the same keys on all; a collective: every process calls it).
+
+    For statistics of each process's own rows of a batch (equal shares), whose mean is the global one.
+    """
+    if jax.process_count() == 1:
+        return {k: float(v) for k, v in values.items()}
+    from jax.experimental import multihost_utils
+
+    keys = sorted(values)
+    local = np.asarray([values[k] for k in keys], np.float32)
+    gathered_values = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys))
+    return dict(zip(keys, (float(v) for v in gathered_values.mean(axis=0)), strict=True))
 
 
 def agree(flag: bool) -> bool:

@@ -59,6 +59,11 @@ class StageSpec:
         checkpointed with this stage: it is reloaded from the earlier stages on resume.
       provenance: what `frozen` was loaded from (e.g. checkpoint steps); part of the stage's
         fingerprint, so a resume after an earlier stage was retrained is refused.
+      batch_metrics: optional host-side `batch -> (batch, scalars)`, applied to each process's numpy
+        batch before it goes to the devices: it takes out entries the step does not read (stage D's
+        source tags) and returns scalars about the batch, logged (averaged over processes) with the
+        step's metrics. Kept out of the step, so a stage that only adds such statistics runs the very
+        program of the stage it extends and is served from the compilation cache.
     """
 
     name: str
@@ -70,6 +75,7 @@ class StageSpec:
     evaluate: Evaluator | None = None
     frozen: Any = None
     provenance: Mapping[str, Any] | None = None
+    batch_metrics: Callable[[Batch], tuple[Batch, Mapping[str, float]]] | None = None
 
 
 def stage_rngs(seed: int, name: str) -> tuple[jax.Array, jax.Array]:
@@ -133,7 +139,7 @@ def run_stage(
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
-    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+    example = _example(spec)
     data_iter = input_pipeline.train_iterator(
         spec.source,
         preprocess=spec.preprocess,
@@ -179,13 +185,18 @@ def run_stage(
         end = num_steps if stop_at is None else min(num_steps, stop_at)
         try:
             while step < end:
-                batch = sharding.to_global(next(data_iter), batch_sh)
+                batch = next(data_iter)
+                if spec.batch_metrics is not None:
+                    batch, batch_scalars = spec.batch_metrics(batch)
+                batch = sharding.to_global(batch, batch_sh)
                 state, metrics, nonfinite = step_fn(state, batch, loop_rng, nonfinite, spec.frozen)
                 step += 1
                 final = step == end
                 if step % train.log_every == 0 or final:
                     fetched, bad = jax.device_get((metrics, nonfinite))
                     _check_finite(spec.name, bad, fetched, last_good, ckpt)
+                    if spec.batch_metrics is not None:
+                        fetched = {**fetched, **sharding.process_mean(batch_scalars)}
                     scalars = {f"train/{k}": float(v) for k, v in fetched.items()}
                     scalars["train/steps_per_s"] = progress.rate(step)
                     writer.write_scalars(step, scalars)
@@ -217,6 +228,14 @@ def run_stage(
     if step >= num_steps:
         workdir_lib.done(out_dir, {"step": step, "finished": time.time()})
     return state
+
+
+def _example(spec: StageSpec) -> Batch:
+    """A batch of one, as the devices see it: what `init_state` builds the state for."""
+    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+    if spec.batch_metrics is not None:
+        example, _ = spec.batch_metrics(example)
+    return example
 
 
 # Jitted loop steps by (train_step, shardings): a stage that runs the same step several times (stage D's
@@ -321,7 +340,7 @@ def load_trained_state(
       FileNotFoundError: the stage has no checkpoint in `workdir`, naming the stage to run first.
     """
     repl = sharding.replicated(sharding.make_mesh(config.mesh.shape, config.mesh.axes))
-    example = jax.tree.map(lambda x: np.asarray(x)[None], spec.preprocess(spec.source[0]))
+    example = _example(spec)
     abstract = jax.eval_shape(spec.init_state, jax.random.key(0), example)
     directory = os.path.join(workdir_lib.stage_dir(workdir, spec.name), "checkpoints")
     with checkpoint_lib.Checkpointer(directory) as ckpt:

@@ -13,8 +13,8 @@ from distributed_worker import equivalence_config
 from equivalence import assert_same_training
 
 from synth import checkpoint as checkpoint_lib
-from synth import sharding, train
-from synth.stages import segmentor
+from synth import mixes, sharding, train
+from synth.stages import segmentor, verify
 
 NUM_STEPS = 4
 
@@ -69,11 +69,35 @@ def runs(phantom_data_dir, tmp_path_factory):
         resumed=_params(resumed),
         resumed_step=int(resumed.step),
         traces=len(traces),
+        trace_log=traces,
     )
 
 
 def test_step_is_compiled_once(runs):
     assert runs["traces"] == 1
+
+
+def test_host_batch_statistics_are_logged_and_the_step_is_not_recompiled(runs, phantom_data_dir, tmp_path):
+    """Stage D's source tags leave each batch on the host: its step stays the segmentor stage's program."""
+    config = equivalence_config(phantom_data_dir, 2)
+    config.segmentor.train.log_every = 1
+    spec = runs["spec"]
+    tagged = dataclasses.replace(
+        spec,
+        train=config.segmentor.train,
+        preprocess=lambda example: {**spec.preprocess(example), "source": np.int32(mixes.SYNTHETIC)},
+        evaluate=None,
+        batch_metrics=verify.source_fractions,
+    )
+    traces = len(runs["trace_log"])
+    train.run_stage(tagged, config, tmp_path)
+    assert len(runs["trace_log"]) == traces  # A "source" entry on the devices would have traced anew.
+    logged = [
+        (r["step"], r["train/frac_synthetic"], r["train/frac_augmented"])
+        for r in _rows(tmp_path / "segmentor")
+        if "train/loss" in r
+    ]
+    assert logged == [(1, 1.0, 0.0), (2, 1.0, 0.0)]
 
 
 def test_four_devices_match_one_device(runs):
