@@ -154,30 +154,17 @@ def thumbnail_features(images: Any, *, size: int = THUMBNAIL_SIZE) -> jax.Array:
 _thumbnail_features_jit = jax.jit(thumbnail_features, static_argnames="size")
 
 
-def _band_matrix(length: int) -> np.ndarray:
-    """(length − 10, length) matrix whose product with a signal is the VALID 11-tap Gaussian filter."""
-    # The very taps of image_metrics.ssim, evaluated now (at trace time) so they become a constant.
-    with jax.ensure_compile_time_eval():
-        taps = np.asarray(image_metrics.gaussian_window(SSIM_WINDOW, SSIM_SIGMA), np.float32)
-    rows = length - SSIM_WINDOW + 1
-    return sum(tap * np.eye(rows, length, k=shift, dtype=np.float32) for shift, tap in enumerate(taps))
-
-
 def _ssim_pairs(query: jax.Array, base: jax.Array) -> jax.Array:
     """(Q, H, W, K) × (B, H, W, K) -> (Q, B) SSIM, equal to ``image_metrics.ssim`` with its defaults.
 
     The same statistics as :func:`synth.metrics.image.ssim`, arranged for all pairs: the local means
     and second moments of each image are filtered once per tile, and only the cross moment G * (x·y) per
-    pair; the separable window is applied as two banded matrix products, because XLA:CPU runs the
-    depthwise convolution of ``image_metrics.ssim`` much slower (all-pairs search at 128²×4 on 2 CPU
-    cores: about 700 pairs/s against 25 for ``ssim`` on batches of pairs). The tests check equality
-    with ``image_metrics.ssim``.
+    pair, with the same banded-matrix filter (`image_metrics.gaussian_filter_valid`). The tests check
+    equality with ``image_metrics.ssim``.
     """
-    rows, columns = _band_matrix(query.shape[1]), _band_matrix(query.shape[2])
 
     def local_mean(z: jax.Array) -> jax.Array:
-        # HIGHEST precision: GPUs may otherwise use TF32, and SSIM subtracts nearly equal moments.
-        return jnp.einsum("ih,bhwk,jw->bijk", rows, z, columns, precision=jax.lax.Precision.HIGHEST)
+        return image_metrics.gaussian_filter_valid(z, SSIM_WINDOW, SSIM_SIGMA)
 
     c1, c2 = (SSIM_K1 * SSIM_MAX_VAL) ** 2, (SSIM_K2 * SSIM_MAX_VAL) ** 2
     mean_q, square_q = local_mean(query), local_mean(jnp.square(query))

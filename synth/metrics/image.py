@@ -95,25 +95,27 @@ def gaussian_window(size: int, sigma: float) -> jax.Array:
     return taps / jnp.sum(taps)
 
 
-def _filter_valid(x: jax.Array, taps: jax.Array) -> jax.Array:
-    """Apply the separable window to every channel of (B, H, W, C) with VALID padding."""
-    channels = x.shape[-1]
-    size = taps.shape[0]
+def gaussian_band_matrix(length: int, filter_size: int = 11, filter_sigma: float = 1.5) -> np.ndarray:
+    """(length − filter_size + 1, length) matrix whose product with a signal is its VALID Gaussian filter."""
+    # The taps evaluated now (also at trace time), so the matrix is a constant of the program.
+    with jax.ensure_compile_time_eval():
+        taps = np.asarray(gaussian_window(filter_size, filter_sigma), np.float32)
+    rows = length - filter_size + 1
+    return sum(tap * np.eye(rows, length, k=shift, dtype=np.float32) for shift, tap in enumerate(taps))
 
-    def depthwise(y: jax.Array, kernel_shape: tuple[int, int]) -> jax.Array:
-        # HIGHEST precision because GPUs may otherwise run float32 convolutions in TF32 (10-bit
-        # mantissa), and SSIM subtracts nearly equal local moments.
-        return jax.lax.conv_general_dilated(
-            y,
-            jnp.tile(taps.reshape(*kernel_shape, 1, 1), (1, 1, 1, channels)),
-            window_strides=(1, 1),
-            padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=channels,
-            precision=jax.lax.Precision.HIGHEST,
-        )
 
-    return depthwise(depthwise(x, (size, 1)), (1, size))
+def gaussian_filter_valid(x: jax.Array, filter_size: int = 11, filter_sigma: float = 1.5) -> jax.Array:
+    """The separable Gaussian window applied to every channel of (B, H, W, C), VALID padding.
+
+    As two banded matrix products: XLA:CPU runs the equivalent depthwise convolution 12x slower (50 pairs
+    of 161² images, four statistics each: 1.14 s against 0.095 s on 2 Zen 3 cores), which made MS-SSIM
+    the slow part of stage D's generator-quality scores (MS-SSIM of 50 pairs: 1.37 s, now 0.20 s).
+    """
+    rows = gaussian_band_matrix(x.shape[1], filter_size, filter_sigma)
+    columns = gaussian_band_matrix(x.shape[2], filter_size, filter_sigma)
+    # HIGHEST precision: GPUs may otherwise use TF32 (10-bit mantissa), and SSIM subtracts nearly equal
+    # local moments.
+    return jnp.einsum("ih,bhwk,jw->bijk", rows, x, columns, precision=jax.lax.Precision.HIGHEST)
 
 
 def _ssim_per_channel(
@@ -127,9 +129,8 @@ def _ssim_per_channel(
     c1 = (k1 * max_val) ** 2
     c2 = (k2 * max_val) ** 2
     # One filter pass over the four statistics' inputs stacked along the channel axis.
-    stats = _filter_valid(
-        jnp.concatenate([x, y, x * y, jnp.square(x) + jnp.square(y)], axis=-1),
-        gaussian_window(filter_size, filter_sigma),
+    stats = gaussian_filter_valid(
+        jnp.concatenate([x, y, x * y, jnp.square(x) + jnp.square(y)], axis=-1), filter_size, filter_sigma
     )
     mean_x, mean_y, mean_xy, mean_sq = jnp.split(stats, 4, axis=-1)
     num0 = 2.0 * mean_x * mean_y
