@@ -1,6 +1,8 @@
 """The benchmark scripts' own logic on tiny configs (their numbers go to BENCHMARKS.md, never to tests)."""
 
-from benchmarks import memory
+import numpy as np
+
+from benchmarks import memory, metrics_throughput
 
 
 def test_memory_rows_add_up():
@@ -44,3 +46,11 @@ def test_largest_batch_fits_its_card_and_none_fits_below_batch_one(monkeypatch):
     monkeypatch.setattr(memory, "step_memory", fake_step_memory(3 * 10**6, 5 * 10**6))
     compiled.clear()
     assert search((1.9,)) == {1.9: 183} and len(compiled) <= 6, compiled
+
+
+def test_the_gaussian_window_forms_compared_agree():
+    x = np.random.default_rng(0).random((2, 20, 23, 4), np.float32)
+    band = np.asarray(metrics_throughput.FILTERS["band"](x))
+    assert band.shape == (2, 10, 13, 4)
+    for name in ("depthwise", "slices"):
+        np.testing.assert_allclose(metrics_throughput.FILTERS[name](x), band, atol=1e-6, err_msg=name)

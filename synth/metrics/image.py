@@ -107,9 +107,11 @@ def gaussian_band_matrix(length: int, filter_size: int = 11, filter_sigma: float
 def gaussian_filter_valid(x: jax.Array, filter_size: int = 11, filter_sigma: float = 1.5) -> jax.Array:
     """The separable Gaussian window applied to every channel of (B, H, W, C), VALID padding.
 
-    As two banded matrix products: XLA:CPU runs the equivalent depthwise convolution 12x slower (50 pairs
-    of 161² images, four statistics each: 1.14 s against 0.095 s on 2 Zen 3 cores), which made MS-SSIM
-    the slow part of stage D's generator-quality scores (MS-SSIM of 50 pairs: 1.37 s, now 0.20 s).
+    As two banded matrix products. XLA:CPU runs the equivalent depthwise convolution ~10x slower, which
+    made MS-SSIM the slow part of stage D's generator-quality scores; sums of shifted slices filter faster
+    on their own but make MS-SSIM and the memorisation audit slower (`benchmarks.metrics_throughput`, 2
+    Zen 3 cores: MS-SSIM at 161² 242 pairs/s, against 36 by convolution and 185 by slices; at 512² 14.2
+    against 3.8 and 15.2; the audit's all-pairs SSIM at 128²×4 ~500 pairs/s, against ~70 and ~100).
     """
     rows = gaussian_band_matrix(x.shape[1], filter_size, filter_sigma)
     columns = gaussian_band_matrix(x.shape[2], filter_size, filter_sigma)
