@@ -420,7 +420,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # The demo is meant to run in under 15 minutes with the install on a 2-core CPU; it took 843-929 s
         # alone on a Zen 3 machine with stage D's four mixes at 100 steps and the audit at 200 × 100, so:
         # a smaller audit, and stage D's three mixes that answer "does the synthetic data help?" at 75
-        # steps each (~100 s less; BENCHMARKS.md, "`make demo`'s time").
+        # steps each (~100 s less; with uv's install, 855 s with the install there: BENCHMARKS.md,
+        # "`make demo`'s time").
         # Random mixing (M) scored below real alone in every benchmark run at this budget (BENCHMARKS.md,
         # "Image quality"): it stays in benchmarks.quality's matrix and a --config.verify.mixes away.
         config.dataset.audit.max_real = 100
