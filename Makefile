@@ -13,8 +13,8 @@ DATA_DIR ?= $(CURDIR)/data
 
 .PHONY: setup demo test test-slow lint bench clean-demo
 
-# The install goes through uv (pinned in the constraints, brought into the venv by pip): ~30 s where pip took
-# ~85 s on 2 cores, most of it compiling the bytecode on one core (these machines set
+# The install goes through uv (pinned in the constraints, brought into the venv by pip): 40-50 s where pip
+# took ~85 s on 2 cores, most of it compiling the bytecode on one core (these machines set
 # PYTHONDONTWRITEBYTECODE, so what is not compiled at install time is compiled again by every process).
 # The same packages at the same versions either way; `make INSTALLER=pip setup` installs with pip.
 INSTALLER ?= uv
