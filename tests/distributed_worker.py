@@ -2,7 +2,8 @@
 
 Run by tests/test_loop.py as `python tests/distributed_worker.py PROCESS_ID PORT DATA_DIR WORKDIR OUT STEPS`.
 Each process has two CPU devices; together they form one 4-device mesh and train the real segmentor step
-on the tiny phantom. Process 0 saves the final parameters to OUT (.npz) for comparison with one process.
+on the tiny phantom. Process 0 saves the final parameters to OUT (.npz) for comparison with one process;
+each checks `sharding.process_mean` across the two.
 Importing this module has no side effects: test_loop.py imports `equivalence_config` from it.
 """
 
@@ -39,12 +40,15 @@ def main(process_id: int, port: int, data_dir: str, workdir: str, out: str, num_
 
     import numpy as np
 
-    from synth import train
+    from synth import sharding, train
     from synth.stages import segmentor
 
     config = equivalence_config(data_dir, num_steps)
     state = train.run_stage(segmentor.build(config), config, workdir)
     leaves = jax.tree.leaves(jax.device_get(state.params))
+    # Host-side batch statistics (stage D's source fractions) are averaged over the processes.
+    mean = sharding.process_mean({"process": float(process_id), "constant": 1.0})
+    assert mean == {"process": 0.5, "constant": 1.0}, mean
     if process_id == 0:
         np.savez(out, *[np.asarray(x) for x in leaves])
     jax.distributed.shutdown()
