@@ -118,6 +118,7 @@ def test_auto_replaces_the_filter_gradient_only_on_large_cpu_maps(monkeypatch):
     assert filter_gradient((2, 16, 16, 256), (2, 2), out_channels=256) == "xla"  # Stride 2: by pixels only.
 
 
+@pytest.mark.slow  # ~27 s on 2 cores: in `make test-slow`, to keep `make test` near 10 minutes.
 def test_auto_runs_winograd_forward_passes_within_a_chunk_and_inference_only_over_one(monkeypatch):
     """A large 3×3 CPU convolution is Winograd's where that pays; over one chunk, under `grad`, XLA's."""
     monkeypatch.setenv(conv.ENV_VAR, "auto")

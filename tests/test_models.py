@@ -239,6 +239,7 @@ def test_film_encodes_once_for_every_condition_with_the_same_outputs_and_gradien
         assert counts[1] - counts[0] == 2 * 3 * model.num_levels, counts
 
 
+@pytest.mark.slow  # ~54 s on 2 cores: in `make test-slow`, to keep `make test` near 10 minutes.
 def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
     """G_t's K·(K−1) translations from K encoder passes (one call, or one per source) equal the tiled pairs.
 
@@ -291,6 +292,7 @@ def test_translator_encodes_each_source_once_with_the_tiled_results(film_unet):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: in `make test-slow`, to keep `make test` near 10 minutes.
 def test_per_condition_and_pair_calls_keep_a_split_batch_split(film_unet, monkeypatch):
     """On 4 devices each device runs the networks on its own examples only: no gathered batch.
 
@@ -360,6 +362,7 @@ def _saved_activation_bytes(loss, *args) -> int:
     return total
 
 
+@pytest.mark.slow  # ~24 s on 2 cores: in `make test-slow`, to keep `make test` near 10 minutes.
 def test_remat_keeps_parameters_and_results_and_saves_fewer_activations(film_unet):
     """`remat=True` (a config's `model.remat`): same parameter tree, outputs and gradients, less kept."""
     from synth.models.unet import apply_per_condition, configured_remat
@@ -396,6 +399,7 @@ def test_remat_keeps_parameters_and_results_and_saves_fewer_activations(film_une
     assert segment.make_model(config, (16, 16)).remat
 
 
+@pytest.mark.slow  # ~21 s on 2 cores: in `make test-slow`, to keep `make test` near 10 minutes.
 def test_flow_unet_remat_keeps_results_and_saves_fewer_activations():
     """The flow velocity net's `remat` (`<stage>.flow.remat`): as the U-Net's."""
     from configs import phantom

@@ -239,6 +239,7 @@ def random_stage_b(phantom_data_dir):
     )
 
 
+@pytest.mark.slow  # ~44 s on 2 cores: in `make test-slow`, to keep `make test` near 10 minutes.
 def test_frozen_networks_take_no_gradient_but_pass_it_on(random_stage_b):
     b = random_stage_b
     terms = ("registration", "agreement", "lesion")
@@ -341,6 +342,7 @@ def test_frozen_translator_runs_per_source_once_its_batch_exceeds_a_chunk(random
     assert forms == [False, True]
 
 
+@pytest.mark.slow  # ~24 s on 2 cores: in `make test-slow`, to keep `make test` near 10 minutes.
 def test_generation_a_few_examples_at_a_time_equals_one_batched_call(random_stage_b, monkeypatch):
     """`generate`'s grouped form (CPU's) gives the batched call's images, on 1 device and over 4 shards."""
     from synth import sharding
