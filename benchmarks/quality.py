@@ -11,6 +11,8 @@ itself is in `DIR/run` (it resumes if interrupted). Keys of quality.json:
 
   stage_a.first_draw_acceptance, stage_a.edge_fraction_real, stage_a.edge_fraction_sampled,
   stage_a.core_edge_fraction_real, stage_a.core_edge_fraction_sampled (edges in the organs' cores)
+  stage_a.edge_pattern_distance_real, stage_a.edge_pattern_distance_sampled (the edges' 3×3 form against
+    the eval maps': real training maps', the draws'; synth.metrics.edges)
   ms_ssim.real_real, ms_ssim.real_synthetic   (means over modalities; per modality under per_modality)
   intermodality.real, intermodality.synthetic (MS-SSIM between the modalities of one sample)
   lesion.dice, lesion.chance                  (the real-trained segmentors on the synthetic images)
@@ -210,6 +212,8 @@ def write_markdown(out_dir: str, result: dict, run_dir: str) -> None:
         f"{result['stage_a']['edge_fraction_real']:.3f} | within 20 % |",
         f"| stage A core edge fraction sampled / real | {_pair(result['stage_a'], 'core_edge_fraction')} "
         "| within 20 % |",
+        "| stage A edge-pattern distance to the eval maps, sampled / real training maps | "
+        f"{_pair(result['stage_a'], 'edge_pattern_distance')} | ≤ 1.5× real's |",
         f"| MS-SSIM real↔synthetic / real↔real | {result['ms_ssim']['real_synthetic']:.3f} / "
         f"{result['ms_ssim']['real_real']:.3f} | ≥ 0.8× per modality |",
         f"| inter-modality MS-SSIM synthetic / real | {result['intermodality']['synthetic']:.3f} / "
@@ -314,6 +318,8 @@ def main() -> None:
             # Absent from the evaluations of runs before it existed (a reused stage A).
             "core_edge_fraction_real": stage_a.get("eval/core_edge_fraction_real"),
             "core_edge_fraction_sampled": stage_a.get("eval/core_edge_fraction_sampled"),
+            "edge_pattern_distance_real": stage_a.get("eval/edge_pattern_distance_real"),
+            "edge_pattern_distance_sampled": stage_a.get("eval/edge_pattern_distance_sampled"),
         },
         "ms_ssim": {"real_real": within["ms_ssim"], "real_synthetic": across["ms_ssim"]},
         "intermodality": {

@@ -196,6 +196,8 @@ def test_a_flow_pipeline_runs_stages_a_to_d_beside_the_same_frozen_networks(quic
     stage_a = json.loads((copy / "structure" / "last_eval.json").read_text())
     assert 0.0 <= stage_a["eval/acceptance_first_draw"] <= stage_a["eval/acceptance"] <= 1.0
     assert {"eval/edge_fraction_sampled", "eval/diversity", "eval/contour_mae_sampled"} <= set(stage_a)
+    assert 0.0 <= stage_a["eval/edge_pattern_distance_real"] <= 1.0
+    assert 0.0 <= stage_a["eval/edge_pattern_distance_sampled"] <= 1.0
     assert list((copy / "structure" / "samples").glob("samples_map_mask*.png"))
     last_eval = json.loads((copy / "synthesis" / "last_eval.json").read_text())
     assert {"eval/lesion_dice", "eval/lesion_dice_chance", "eval/translation_mse"} <= set(last_eval)

@@ -17,6 +17,7 @@ from equivalence import assert_same_training
 from host_init import random_like
 
 from synth import frozen, sharding, structure_filter, structure_nets, train
+from synth.metrics import edges as edge_form
 from synth.models import vae
 from synth.stages import structure
 
@@ -54,6 +55,8 @@ def test_reconstruction_loss_falls(trained):
     assert np.mean(recon[-3:]) < 0.75 * recon[0], recon
     evals = [r for r in rows if "eval/recon_error" in r]
     assert evals and 0.0 <= evals[-1]["eval/acceptance"] <= 1.0 and evals[-1]["eval/diversity"] > 0.0
+    for name in ("sampled", "real", "recon"):
+        assert 0.0 <= evals[-1][f"eval/edge_pattern_distance_{name}"] <= 1.0, evals[-1]
     assert list((workdir / "structure" / "samples").glob("samples_map_mask_*.png"))
 
 
@@ -177,6 +180,25 @@ def test_core_edge_fraction_sees_the_anatomy_the_edge_fraction_misses():
     empty = np.zeros_like(organ)
     assert structure.core_edge_fraction(np.stack([real, real]), np.stack([organ, empty])) == core
     assert structure.core_edge_fraction(real[None], empty[None]) == 0.0
+
+
+def test_edge_pattern_distance_sees_how_the_edges_are_drawn():
+    (thin, organ), (thick, _) = _head(ring=2), _head(ring=4)
+    shifted = np.roll(thin, (3, -2), axis=(0, 1))  # The same drawing elsewhere: the same patterns.
+    assert edge_form.edge_pattern_distance(thin[None], shifted[None]) == 0.0
+    speckle = np.random.default_rng(0).random(thin.shape) < 0.05
+    ragged = thin | (speckle & (organ > 0))
+    d_thick = edge_form.edge_pattern_distance(thick[None], thin[None])
+    d_ragged = edge_form.edge_pattern_distance(ragged[None], thin[None])
+    # Thick bands and speckle are far from thin lines although the edge fractions differ by less.
+    assert d_thick > 0.3 and d_ragged > 0.2
+    assert abs(ragged.mean() / thin.mean() - 1) < 0.6
+    # Symmetric, in [0, 1]; the histogram holds one pattern per edge pixel.
+    assert edge_form.edge_pattern_distance(thin[None], thick[None]) == pytest.approx(d_thick)
+    assert edge_form.edge_patterns(np.stack([thin, thick])).sum() == thin.sum() + thick.sum()
+    empty = np.zeros_like(thin)
+    assert edge_form.edge_pattern_distance(empty[None], thin[None]) == 1.0
+    assert edge_form.edge_pattern_distance(empty[None], empty[None]) == 0.0
 
 
 def test_unknown_update_mode_is_named(tiny_config):

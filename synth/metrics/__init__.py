@@ -9,13 +9,14 @@
 * :mod:`~synth.metrics.vessel`: DRIVE sensitivity, specificity, accuracy and AUC inside the field of view.
 * :mod:`~synth.metrics.classification`: accuracy and confusion matrix.
 * :mod:`~synth.metrics.detection`: VOC AP and mAP@0.5 from box lists.
+* :mod:`~synth.metrics.edges`: the form of stage A's drawn edges against real maps (3×3 patterns).
 
 The families other than segmentation are reached through their module (``metrics.image.psnr``,
 ``metrics.vessel.auc``), because some names recur with different meanings (``vessel.accuracy`` counts
 pixels, ``classification.accuracy`` counts images).
 """
 
-from synth.metrics import classification, detection, distribution, image, inception, vessel
+from synth.metrics import classification, detection, distribution, edges, image, inception, vessel
 from synth.metrics.segmentation import (
     BRATS_REGIONS,
     PARITY_SMOOTH,
@@ -36,6 +37,7 @@ __all__ = [
     "detection",
     "dice_per_class",
     "distribution",
+    "edges",
     "image",
     "inception",
     "parity_dice",

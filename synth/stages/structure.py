@@ -38,6 +38,7 @@ from synth import (
 )
 from synth import structure_losses as losses_a
 from synth import writer as writer_lib
+from synth.metrics import edges as edge_form
 from synth.models import vae
 
 NAME = "structure"
@@ -154,9 +155,17 @@ def core_edge_fraction(maps: np.ndarray, organs: np.ndarray, depth: float = CORE
 
 
 def _sampling_report(
-    real_maps: np.ndarray, real_organs: np.ndarray, sampled: dict[str, np.ndarray], num_samples: int
+    real_maps: np.ndarray,
+    real_organs: np.ndarray,
+    sampled: dict[str, np.ndarray],
+    num_samples: int,
+    train_maps: np.ndarray,
 ):
-    """Scalars and a grid of maps drawn through the §5.4 filter (`structure_filter.sample_filtered`)."""
+    """Scalars and a grid of maps drawn through the §5.4 filter (`structure_filter.sample_filtered`).
+
+    `real_maps`, `real_organs` are the eval split's; `train_maps` as many real training maps as draws, the
+    yardstick of the edge-pattern distance (how far real maps are from the eval ones at that count).
+    """
     scalars = {
         "edge_fraction_real": float(real_maps.mean()),
         "edge_fraction_sampled": float(sampled["maps"].mean()),
@@ -166,6 +175,10 @@ def _sampling_report(
         "acceptance": float(sampled["accepted"].mean()),
         "diversity": map_diversity(sampled["maps"]),
         "diversity_real": map_diversity(real_maps),  # The value a sampler that matches the data reaches.
+        # The local form of the drawn edges (synth.metrics.edges), against the eval maps; the training
+        # maps' distance is what a sampler that draws like the data reaches with as many maps.
+        "edge_pattern_distance_sampled": edge_form.edge_pattern_distance(sampled["maps"], real_maps),
+        "edge_pattern_distance_real": edge_form.edge_pattern_distance(train_maps, real_maps),
     }
     rows = [
         [sampled["maps"][i + j] if k == 0 else sampled["masks"][i + j] for j in range(2) for k in range(2)]
@@ -175,19 +188,32 @@ def _sampling_report(
     return scalars, grid
 
 
+def _first_images(config, split: str, count: int):
+    """The first `count` images of `split` (fewer if it is smaller), preprocessed and stacked."""
+    source = input_pipeline.open_source(config.data, split)
+    return jax.tree.map(
+        lambda *x: np.stack(x), *[preprocess(source[i]) for i in range(min(count, len(source)))]
+    )
+
+
 def _eval_images(config):
     """The first `config.structure.eval.num_examples` eval images, stacked, and the fixed sampling key."""
-    source = input_pipeline.open_source(config.data, config.data.eval_split)
-    n_real = min(config.structure.eval.num_examples, len(source))
-    real = jax.tree.map(lambda *x: np.stack(x), *[preprocess(source[i]) for i in range(n_real)])
+    real = _first_images(config, config.data.eval_split, config.structure.eval.num_examples)
     key = jax.random.fold_in(jax.random.key(config.seed), 7)  # Fixed draws: comparable across steps.
     return real, key
+
+
+def _training_maps(config, extract_fn) -> np.ndarray:
+    """Structure maps of the first `eval.num_samples` training images: the edge-pattern yardstick."""
+    train_images = _first_images(config, config.data.train_split, config.structure.eval.num_samples)
+    return np.asarray(jax.device_get(jax.jit(extract_fn)(train_images)[0]))[..., 0]
 
 
 def make_evaluator(config, *, models: structure_nets.Models, extract_fn, mesh):
     """Reconstruction error on eval images, sample acceptance rate and diversity, and a grid."""
     ev = config.structure.eval
     real, key = _eval_images(config)
+    train_maps = _training_maps(config, extract_fn)
     filter_params = structure_filter.FilterParams(**config.structure.filter)
 
     @jax.jit
@@ -210,10 +236,11 @@ def make_evaluator(config, *, models: structure_nets.Models, extract_fn, mesh):
             code_shape=code_shape,
             filter_params=filter_params,
         )
-        scalars, sample_grid = _sampling_report(s, organ, sampled, ev.num_samples)
+        scalars, sample_grid = _sampling_report(s, organ, sampled, ev.num_samples, train_maps)
         scalars.update(
             recon_error=float(np.mean(recon != s)),
             core_edge_fraction_recon=core_edge_fraction(recon, organ),
+            edge_pattern_distance_recon=edge_form.edge_pattern_distance(recon, s),
             mask_error=float(np.mean(mask != organ)),
             d_score_sampled=float(sampled["scores"].mean()),
         )
@@ -235,13 +262,14 @@ def make_flow_evaluator(config, *, models: structure_flow.Models, extract_fn, im
     real, key = _eval_images(config)
     filter_params = structure_filter.FilterParams(**config.structure.filter)
     s, organ = (np.asarray(x)[..., 0] for x in jax.device_get(jax.jit(extract_fn)(real)))
+    train_maps = _training_maps(config, extract_fn)
     generate_fn = structure_flow.make_generate_fn(models, config, image_hw)
 
     def evaluate(flow_state, step: int):
         sampled = structure_flow.sample_structures(
             flow_state.ema_params, key, ev.num_samples, generate_fn=generate_fn, filter_params=filter_params
         )
-        scalars, sample_grid = _sampling_report(s, organ, sampled, ev.num_samples)
+        scalars, sample_grid = _sampling_report(s, organ, sampled, ev.num_samples, train_maps)
         scalars["contour_mae_sampled"] = float(-sampled["scores"].mean())
         rows = [[s[i], organ[i]] for i in range(min(4, len(s)))]
         images = {
