@@ -11,8 +11,8 @@ itself is in `DIR/run` (it resumes if interrupted). Keys of quality.json:
 
   stage_a.first_draw_acceptance, stage_a.edge_fraction_real, stage_a.edge_fraction_sampled,
   stage_a.core_edge_fraction_real, stage_a.core_edge_fraction_sampled (edges in the organs' cores)
-  stage_a.edge_pattern_distance_real, stage_a.edge_pattern_distance_sampled (the edges' 3×3 form against
-    the eval maps': real training maps', the draws'; synth.metrics.edges)
+  stage_a.edge_pattern_distance_real, stage_a.edge_pattern_distance_sampled (how far the 3×3 form of the
+    edges of real training maps, and of the draws, is from the eval maps'; synth.metrics.edges)
   ms_ssim.real_real, ms_ssim.real_synthetic   (means over modalities; per modality under per_modality)
   intermodality.real, intermodality.synthetic (MS-SSIM between the modalities of one sample)
   lesion.dice, lesion.chance                  (the real-trained segmentors on the synthetic images)
